@@ -1,0 +1,49 @@
+# Two commands set everything up on a fresh machine (see README):
+#   make demo   - the main job: SPARD end to end on a tiny model, on the CPU
+#   make test   - the test suite
+# Both create (or reuse) the virtual environment in $(VENV), install torch and SPARD into it and
+# build the extension. The CUDA kernels are compiled whenever nvcc is found (CUDA_HOME).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.14.1
+PYTEST_ARGS ?=
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+.PHONY: env build test demo bench cmake-test clean
+
+env: $(VENV)/.installed
+
+# torch first: the extension is built against the torch in the environment
+# (hence --no-build-isolation: an isolated build would compile against another torch).
+$(VENV)/.installed: setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja pybind11 numpy
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,embed]"
+	touch $@
+
+# Incremental rebuild of the extension after a change under csrc/ (ninja keeps the objects).
+build: env
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: build
+	$(VENV)/bin/spard demo
+
+bench: build
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds -q
+
+# The same sources built by CMake against libtorch, with the C++ tests run by ctest.
+cmake-test: env
+	cmake -S . -B build-cmake -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DPython3_EXECUTABLE="$$(realpath $(PY))"
+	cmake --build build-cmake -j 2
+	cd build-cmake && ctest --output-on-failure
+
+clean:
+	rm -rf build build-cmake spard_ext/_C*.so

@@ -1,0 +1,44 @@
+// Fused half-space projection over lists of tensors (shared declarations).
+//
+//   x <- x - clamp((<a, x>·use_dot - b) / ||a||², 0, max_step) · a
+//
+// The op is split in a reduction entry (local partial sums) and an update entry (takes already
+// reduced sums), so a caller can all-reduce in between under sharded training.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#ifdef __CUDACC__
+#define SPARD_HOST_DEVICE __host__ __device__
+#else
+#define SPARD_HOST_DEVICE
+#endif
+
+namespace spard {
+
+// Step coefficient of the projection. Returns 0 (no update) when any input is non-finite or the
+// direction is zero, so a bad reduction never writes NaN into x.
+SPARD_HOST_DEVICE inline float projection_coef(
+    float dot, float sqnorm, float b, float max_step, bool use_dot) {
+  const bool finite = (dot - dot == 0.f) && (sqnorm - sqnorm == 0.f) && (b - b == 0.f);
+  if (!finite || !(sqnorm > 0.f)) return 0.f;
+  float c = ((use_dot ? dot : 0.f) - b) / sqnorm;
+  c = c > 0.f ? c : 0.f;  // also maps NaN to 0
+  c = c < max_step ? c : max_step;
+  return (c - c == 0.f) ? c : 0.f;
+}
+
+// Validates the two lists (same length, same shapes pairwise, floating dtypes, one device).
+void check_pair_lists(at::TensorList x, at::TensorList a, const char* op);
+void check_scalar(const at::Tensor& t, const char* name, const char* op, const at::Device& device);
+void check_max_step(double max_step, const char* op);
+
+std::vector<at::Tensor> contiguous_list(at::TensorList ts);
+
+// Writes a contiguous working copy back into a non-contiguous destination.
+void copy_back(at::TensorList dst, const std::vector<at::Tensor>& work);
+
+}  // namespace spard

@@ -1,0 +1,179 @@
+// CPU backend of the projection ops: one reduction pass and one update pass over all tensors.
+//
+// The flattened list is cut into fixed chunks; each chunk is one task of at::parallel_for and
+// writes its partial sums into its own slot, which are then summed in order. The result does
+// not depend on the number of threads (deterministic).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "project.h"
+
+namespace spard {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;  // elements per task
+constexpr int kLanes = 16;           // independent accumulators so the loop vectorises
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& xs) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < static_cast<int64_t>(xs.size()); ++t) {
+    const int64_t n = xs[t].numel();
+    for (int64_t s = 0; s < n; s += kChunk) chunks.push_back({t, s, std::min(n, s + kChunk)});
+  }
+  return chunks;
+}
+
+// Accumulate in float for 16/32-bit inputs, in double when either side is float64.
+template <typename tx, typename ta>
+using acc_type = std::conditional_t<std::is_same_v<tx, double> || std::is_same_v<ta, double>, double, float>;
+
+template <typename tx, typename ta, bool UseDot>
+void chunk_sums(const tx* x, const ta* a, int64_t n, double& dot, double& sq) {
+  using acc = acc_type<tx, ta>;
+  acc d[kLanes] = {}, s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc av = static_cast<acc>(a[i + j]);
+      s[j] += av * av;
+      if constexpr (UseDot) d[j] += static_cast<acc>(x[i + j]) * av;
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    const acc av = static_cast<acc>(a[i]);
+    s[j] += av * av;
+    if constexpr (UseDot) d[j] += static_cast<acc>(x[i]) * av;
+  }
+  double dt = 0, st = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    dt += d[j];
+    st += s[j];
+  }
+  dot = dt;
+  sq = st;
+}
+
+template <typename tx, typename ta>
+void chunk_update(tx* x, const ta* a, int64_t n, float coef) {
+  using acc = acc_type<tx, ta>;
+  const acc c = coef;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = static_cast<tx>(static_cast<acc>(x[i]) - c * static_cast<acc>(a[i]));
+  }
+}
+
+#define SPARD_DISPATCH_PAIR(TX, TA, NAME, ...)                                                    \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TX, NAME, [&] {                        \
+    using tx = scalar_t;                                                                          \
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TA, NAME, [&] {                      \
+      using ta = scalar_t;                                                                        \
+      __VA_ARGS__();                                                                              \
+    });                                                                                           \
+  })
+
+// Sums over contiguous lists; returns (dot, sqnorm) in double.
+std::pair<double, double> reduce_lists(const std::vector<at::Tensor>& x, const std::vector<at::Tensor>& a,
+                                       bool use_dot) {
+  const auto chunks = make_chunks(x);
+  std::vector<double> dots(chunks.size(), 0.0), sqs(chunks.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      const at::Tensor& xt = x[ch.tensor];
+      const at::Tensor& at_ = a[ch.tensor];
+      SPARD_DISPATCH_PAIR(xt.scalar_type(), at_.scalar_type(), "project_reduce", [&] {
+        const tx* xp = xt.const_data_ptr<tx>() + ch.begin;
+        const ta* ap = at_.const_data_ptr<ta>() + ch.begin;
+        if (use_dot) {
+          chunk_sums<tx, ta, true>(xp, ap, ch.end - ch.begin, dots[c], sqs[c]);
+        } else {
+          chunk_sums<tx, ta, false>(xp, ap, ch.end - ch.begin, dots[c], sqs[c]);
+        }
+      });
+    }
+  });
+  double dot = 0, sq = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    dot += dots[c];
+    sq += sqs[c];
+  }
+  return {dot, sq};
+}
+
+void update_lists(std::vector<at::Tensor>& x, const std::vector<at::Tensor>& a, float coef) {
+  if (coef == 0.f) return;  // nothing to do, and x stays bit-identical
+  const auto chunks = make_chunks(x);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      at::Tensor& xt = x[ch.tensor];
+      const at::Tensor& at_ = a[ch.tensor];
+      SPARD_DISPATCH_PAIR(xt.scalar_type(), at_.scalar_type(), "project_apply_", [&] {
+        chunk_update<tx, ta>(xt.mutable_data_ptr<tx>() + ch.begin, at_.const_data_ptr<ta>() + ch.begin,
+                             ch.end - ch.begin, coef);
+      });
+    }
+  });
+}
+
+at::Tensor scalar_out(double v) { return at::scalar_tensor(v, at::TensorOptions().dtype(at::kFloat)); }
+
+float as_float(const at::Tensor& t) { return t.to(at::kCPU).to(at::kFloat).item<float>(); }
+
+std::tuple<at::Tensor, at::Tensor> project_reduce_cpu(at::TensorList x, at::TensorList a, bool use_dot) {
+  check_pair_lists(x, a, "project_reduce");
+  const auto [dot, sq] = reduce_lists(contiguous_list(x), contiguous_list(a), use_dot);
+  return {scalar_out(use_dot ? dot : 0.0), scalar_out(sq)};
+}
+
+at::Tensor project_apply_cpu(at::TensorList x, at::TensorList a, const at::Tensor& dot,
+                             const at::Tensor& sqnorm, const at::Tensor& b, double max_step,
+                             bool use_dot) {
+  check_pair_lists(x, a, "project_apply_");
+  const at::Device cpu(at::kCPU);
+  check_scalar(dot, "dot", "project_apply_", cpu);
+  check_scalar(sqnorm, "sqnorm", "project_apply_", cpu);
+  check_scalar(b, "b", "project_apply_", cpu);
+  check_max_step(max_step, "project_apply_");
+  const float coef = projection_coef(as_float(dot), as_float(sqnorm), as_float(b),
+                                     static_cast<float>(max_step), use_dot);
+  auto xc = contiguous_list(x);
+  update_lists(xc, contiguous_list(a), coef);
+  copy_back(x, xc);
+  return scalar_out(coef);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> project_fused_cpu(at::TensorList x, at::TensorList a,
+                                                                 const at::Tensor& b, double max_step,
+                                                                 bool use_dot) {
+  check_pair_lists(x, a, "project_");
+  check_scalar(b, "b", "project_", at::Device(at::kCPU));
+  check_max_step(max_step, "project_");
+  auto xc = contiguous_list(x);
+  const auto ac = contiguous_list(a);
+  const auto [dot, sq] = reduce_lists(xc, ac, use_dot);
+  const at::Tensor dot_t = scalar_out(use_dot ? dot : 0.0), sq_t = scalar_out(sq);
+  // The coefficient is formed from the float32 values that are returned, as the split entries do.
+  const float coef = projection_coef(dot_t.item<float>(), sq_t.item<float>(), as_float(b),
+                                     static_cast<float>(max_step), use_dot);
+  update_lists(xc, ac, coef);
+  copy_back(x, xc);
+  return {scalar_out(coef), dot_t, sq_t};
+}
+
+}  // namespace
+
+}  // namespace spard
+
+TORCH_LIBRARY_IMPL(spard_ext, CPU, m) {
+  m.impl("project_reduce", &spard::project_reduce_cpu);
+  m.impl("project_apply_", &spard::project_apply_cpu);
+  m.impl("project_", &spard::project_fused_cpu);
+}

@@ -1,0 +1,5 @@
+import sys
+
+from spard.cli import main
+
+sys.exit(main())

@@ -1,0 +1,118 @@
+"""Python entry points of the fused half-space projection.
+
+    x <- x - clamp((<a, x>·use_dot - b) / ||a||², 0, max_step) · a
+
+with x and a lists of tensors and the inner products taken over the whole flattened list.
+
+- SPAG (safety projection): x = trainable parameters, a = safety gradients, b = τ - ℓ,
+  ``use_dot=False``, ``max_step`` = the trust-region cap η_safe.
+- Gradient surgery (A-GEM / SafeGrad): x = utility gradients, a = -safety gradients, b = 0,
+  ``use_dot=True``.
+
+Pairs where either entry is None (a parameter without a gradient) are skipped. Tensors may be
+non-contiguous (they are worked on through a contiguous copy and written back) and the two lists
+may hold different floating dtypes (bf16 parameters with fp32 gradients); sums accumulate in
+fp32 (fp64 for fp64 inputs). Nothing here reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+TensorList = Sequence[Optional[Tensor]]
+
+
+class ProjectionResult(NamedTuple):
+    coef: Tensor
+    """Step actually applied (0-d float32); 0 when the constraint held or a sum was not finite."""
+    dot: Tensor
+    """<a, x> over the list (0-d float32); 0 when ``use_dot=False``."""
+    sqnorm: Tensor
+    """||a||² over the list (0-d float32)."""
+
+    @property
+    def finite(self) -> Tensor:
+        """0-d bool tensor: whether the reductions were finite (when not, x was left untouched)."""
+        return torch.isfinite(self.dot) & torch.isfinite(self.sqnorm)
+
+
+def _pairs(x: TensorList, a: TensorList, op: str) -> tuple[list[Tensor], list[Tensor]]:
+    if isinstance(x, Tensor) or isinstance(a, Tensor):
+        raise TypeError(f"{op}: x and a must be lists of tensors, got a single tensor")
+    x, a = list(x), list(a)
+    if len(x) != len(a):
+        raise ValueError(f"{op}: x and a must have the same length, got {len(x)} and {len(a)}")
+    kept = [(xi, ai) for xi, ai in zip(x, a) if xi is not None and ai is not None]
+    return [p for p, _ in kept], [g for _, g in kept]
+
+
+def _scalar(value, name: str, device, op: str) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a scalar (float or one-element tensor), got shape {tuple(value.shape)}")
+        return value.reshape(())
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
+def _max_step(max_step: Optional[float], op: str) -> float:
+    value = math.inf if max_step is None else float(max_step)
+    if not value >= 0:
+        raise ValueError(f"{op}: max_step must be >= 0 or None (no cap), got {max_step}")
+    return value
+
+
+def _device(xs: list[Tensor], fallback) -> torch.device:
+    if xs:
+        return xs[0].device
+    if isinstance(fallback, Tensor):
+        return fallback.device
+    return torch.device(fallback) if fallback is not None else torch.device("cpu")
+
+
+def project_(x: TensorList, a: TensorList, b=0.0, *, max_step: Optional[float] = None,
+             use_dot: bool = False) -> ProjectionResult:
+    """Project x in place onto the half-space {y : <a, y>·use_dot <= b}, capped at max_step.
+
+    ``b`` may be a float or a 0-d tensor (on the device, so no host synchronisation).
+    Returns the coefficient and the reductions as 0-d tensors, for logging.
+    """
+    xs, as_ = _pairs(x, a, "project_")
+    device = _device(xs, b)
+    bt = _scalar(b, "b", device, "project_")
+    step = _max_step(max_step, "project_")
+    with torch.no_grad():
+        coef, dot, sqnorm = torch.ops.spard_ext.project_(xs, as_, bt, step, bool(use_dot))
+    return ProjectionResult(coef, dot, sqnorm)
+
+
+def project_reduce(x: TensorList, a: TensorList, *, use_dot: bool = True,
+                   device=None) -> tuple[Tensor, Tensor]:
+    """Local partial sums (<a, x>, ||a||²) as 0-d float32 tensors.
+
+    Under sharded training, all-reduce (sum) both, then call :func:`project_apply_`.
+    ``device`` places the zeros returned for an empty list (a rank that holds no shard).
+    """
+    xs, as_ = _pairs(x, a, "project_reduce")
+    if not xs:
+        dev = _device(xs, device)
+        zero = torch.zeros((), dtype=torch.float32, device=dev)
+        return zero, zero.clone()
+    with torch.no_grad():
+        return tuple(torch.ops.spard_ext.project_reduce(xs, as_, bool(use_dot)))
+
+
+def project_apply_(x: TensorList, a: TensorList, dot: Tensor, sqnorm: Tensor, b=0.0, *,
+                   max_step: Optional[float] = None, use_dot: bool = False) -> Tensor:
+    """Apply the projection with already reduced sums; returns the coefficient (0-d float32)."""
+    xs, as_ = _pairs(x, a, "project_apply_")
+    device = _device(xs, sqnorm)
+    dot_t = _scalar(dot, "dot", device, "project_apply_")
+    sq_t = _scalar(sqnorm, "sqnorm", device, "project_apply_")
+    bt = _scalar(b, "b", device, "project_apply_")
+    step = _max_step(max_step, "project_apply_")
+    with torch.no_grad():
+        return torch.ops.spard_ext.project_apply_(xs, as_, dot_t, sq_t, bt, step, bool(use_dot))

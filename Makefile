@@ -38,10 +38,12 @@ bench: build
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds -q
 
 # The same sources built by CMake against libtorch, with the C++ tests run by ctest.
+# With a CUDA build of torch, its CMake config looks for the toolkit: point it at CUDA_HOME and
+# name the architectures so it does not probe for a GPU.
 cmake-test: env
-	cmake -S . -B build-cmake -DCMAKE_BUILD_TYPE=Release \
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" cmake -S . -B build-cmake -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
-	  -DPython3_EXECUTABLE="$$(realpath $(PY))"
+	  $(if $(CUDA_HOME),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME))
 	cmake --build build-cmake -j 2
 	cd build-cmake && ctest --output-on-failure
 

@@ -66,11 +66,14 @@ def _max_step(max_step: Optional[float], op: str) -> float:
 
 
 def _device(xs: list[Tensor], fallback) -> torch.device:
+    """Device of the lists; for empty lists, of ``fallback`` (a tensor or a device), else CPU."""
     if xs:
         return xs[0].device
     if isinstance(fallback, Tensor):
         return fallback.device
-    return torch.device(fallback) if fallback is not None else torch.device("cpu")
+    if isinstance(fallback, (str, torch.device)):
+        return torch.device(fallback)
+    return torch.device("cpu")
 
 
 def project_(x: TensorList, a: TensorList, b=0.0, *, max_step: Optional[float] = None,

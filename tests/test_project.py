@@ -1,0 +1,329 @@
+"""project_ / project_reduce / project_apply_ against the plain-torch reference."""
+
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import spard_ext
+from spard_ext import project_, project_apply_, project_reduce
+from spard_ext import reference as ref
+
+from conftest import requires_cuda
+
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-6, atol=1e-9),  # the coefficient is a float32
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+}
+
+
+def lora_shapes(n_layers=64):
+    # q,k,v,o LoRA A (r x d) and B (d x r) pairs: 256 tensors of 16x4096 / 4096x16.
+    return [(16, 4096), (4096, 16)] * (2 * n_layers)
+
+
+def make_lists(shapes, x_dtype=torch.float32, a_dtype=None, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    a_dtype = a_dtype or x_dtype
+    x = [torch.randn(s, generator=g).to(device=device, dtype=x_dtype) for s in shapes]
+    a = [torch.randn(s, generator=g).to(device=device, dtype=a_dtype) for s in shapes]
+    return x, a
+
+
+def check_against_reference(x, a, b, max_step, use_dot, device="cpu"):
+    want_x, want_coef, want_dot, want_sq = ref.project([t.cpu() for t in x], [t.cpu() for t in a], b, max_step, use_dot)
+    got = project_(x, a, b, max_step=max_step, use_dot=use_dot)
+    torch.testing.assert_close(got.sqnorm.cpu(), want_sq, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.dot.cpu(), want_dot, rtol=1e-5, atol=1e-5)
+    assert float(got.coef) == pytest.approx(want_coef, rel=1e-5, abs=1e-12)
+    for got_t, want_t in zip(x, want_x):
+        if got_t is None:
+            assert want_t is None
+            continue
+        torch.testing.assert_close(got_t.cpu(), want_t, **TOL[got_t.dtype])
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("use_dot", [False, True])
+def test_matches_reference_odd_sizes(dtype, use_dot):
+    shapes = [(3, 5), (1,), (0,), (7, 0, 2), (33,), (65537,), (2, 3, 4)]
+    x, a = make_lists(shapes, dtype)
+    # b chosen so the constraint is violated and the step is taken
+    b = -1.0 if not use_dot else -2 * abs(float(ref.project_reduce(x, a)[0])) - 5.0  # no cancellation
+    got = check_against_reference(x, a, b, math.inf, use_dot)
+    assert float(got.coef) > 0
+
+
+def test_lora_shaped_list_spag_form():
+    x, a = make_lists(lora_shapes())
+    loss, tau = torch.tensor(0.9), torch.tensor(0.2)
+    got = check_against_reference(x, a, tau - loss, 1e-3, use_dot=False)
+    assert float(got.coef) < 1e-3  # (ℓ - τ)/||g||² is far below the cap here
+
+
+def test_many_tiny_tensors():
+    shapes = [(i % 5,) for i in range(1000)]
+    x, a = make_lists(shapes)
+    check_against_reference(x, a, -3.0, math.inf, use_dot=False)
+
+
+def test_one_huge_tensor():
+    x, a = make_lists([(3_000_001,)])
+    check_against_reference(x, a, -10.0, math.inf, use_dot=False)
+
+
+@pytest.mark.parametrize("x_dtype,a_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                             (torch.float16, torch.bfloat16)])
+def test_mixed_dtypes_between_lists(x_dtype, a_dtype):
+    x, a = make_lists([(17, 9), (1000,)], x_dtype, a_dtype)
+    check_against_reference(x, a, -2.0, math.inf, use_dot=True)
+
+
+def test_mixed_dtypes_within_a_list():
+    x = [torch.randn(10), torch.randn(20, dtype=torch.bfloat16), torch.randn(5, dtype=torch.float16)]
+    a = [torch.randn(10, dtype=torch.bfloat16), torch.randn(20), torch.randn(5)]
+    check_against_reference(x, a, -1.0, math.inf, use_dot=False)
+
+
+def test_gradient_surgery_removes_conflict():
+    # A-GEM: u <- u - min(0, <u, s>)/||s||² s, i.e. x = u, a = -s, b = 0, with the dot term.
+    u, s = make_lists([(40, 3), (11,)], seed=3)
+    s = [-si - ui for si, ui in zip(s, u)]  # make <u, s> < 0
+    dot_us = float(sum((ui * si).sum() for ui, si in zip(u, s)))
+    assert dot_us < 0
+    check_against_reference(u, [-si for si in s], 0.0, math.inf, use_dot=True)
+    after = float(sum((ui * si).sum() for ui, si in zip(u, s)))
+    assert abs(after) < 1e-3 * abs(dot_us)  # projected onto <u, s> = 0
+
+
+def test_constraint_already_satisfied_leaves_x_bitwise_unchanged():
+    x, a = make_lists([(100,), (3, 3)])
+    before = [t.clone() for t in x]
+    got = project_(x, a, b=0.5, use_dot=False)  # 0 - 0.5 < 0: inside the half-space
+    assert float(got.coef) == 0.0
+    for t, t0 in zip(x, before):
+        assert torch.equal(t, t0)
+
+
+def test_trust_region_cap_is_hit():
+    x, a = make_lists([(50,)])
+    want = [t.clone() for t in x]
+    got = project_(x, a, b=-1e6, max_step=1e-3)
+    assert float(got.coef) == pytest.approx(1e-3)
+    torch.testing.assert_close(x[0], want[0] - 1e-3 * a[0])
+
+
+def test_none_entries_skipped_consistently():
+    x, a = make_lists([(10,), (20,), (30,)])
+    x_none = [x[0], None, x[2]]
+    a_none = [a[0], a[1], None]
+    before = [t.clone() for t in x]
+    got = project_(x_none, a_none, b=-1.0)
+    want_x, coef, _, sq = ref.project([before[0]], [a[0]], -1.0)
+    torch.testing.assert_close(got.sqnorm, sq)
+    torch.testing.assert_close(x[0], want_x[0])
+    assert torch.equal(x[1], before[1]) and torch.equal(x[2], before[2])
+
+
+def test_non_contiguous_tensors():
+    base_x, base_a = make_lists([(64, 48), (30, 40)])
+    x = [base_x[0].t(), base_x[1][:, ::2]]
+    a = [base_a[0].t().contiguous().t().t(), base_a[1][:, 1::2]]  # views with other strides
+    assert not x[0].is_contiguous() and not x[1].is_contiguous()
+    want_x, coef, _, _ = ref.project([t.clone() for t in x], a, -2.0, math.inf, True)
+    got = project_(x, a, b=-2.0, use_dot=True)
+    assert float(got.coef) == pytest.approx(coef, rel=1e-5)
+    for t, w in zip(x, want_x):
+        torch.testing.assert_close(t, w)
+    # the views wrote through to their bases
+    torch.testing.assert_close(base_x[0].t(), want_x[0])
+
+
+def test_empty_lists():
+    got = project_([], [], b=-1.0)
+    assert float(got.coef) == 0 and float(got.sqnorm) == 0
+    dot, sq = project_reduce([], [])
+    assert float(dot) == 0 and float(sq) == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_reduction_never_writes_nan(bad):
+    x, a = make_lists([(10,), (5,)])
+    a[1][2] = bad
+    before = [t.clone() for t in x]
+    got = project_(x, a, b=-1.0)
+    assert float(got.coef) == 0.0
+    assert not bool(got.finite)
+    for t, t0 in zip(x, before):
+        assert torch.equal(t, t0)
+
+
+def test_non_finite_b_is_a_no_op():
+    x, a = make_lists([(10,)])
+    before = x[0].clone()
+    got = project_(x, a, b=torch.tensor(float("nan")))
+    assert float(got.coef) == 0.0 and torch.equal(x[0], before)
+
+
+def test_zero_direction_is_a_no_op():
+    x = [torch.randn(4)]
+    before = x[0].clone()
+    got = project_(x, [torch.zeros(4)], b=-1.0)
+    assert float(got.coef) == 0.0 and torch.equal(x[0], before)
+
+
+def test_split_entries_equal_fused():
+    x1, a = make_lists([(123,), (45, 6)], seed=7)
+    x2 = [t.clone() for t in x1]
+    fused = project_(x1, a, b=-3.0, max_step=0.5, use_dot=True)
+    dot, sq = project_reduce(x2, a, use_dot=True)
+    coef = project_apply_(x2, a, dot, sq, b=-3.0, max_step=0.5, use_dot=True)
+    assert torch.equal(coef, fused.coef)
+    for t1, t2 in zip(x1, x2):
+        assert torch.equal(t1, t2)
+
+
+def test_split_entries_with_sharded_sums():
+    # Two "ranks" each reduce their own shard; the summed reductions give the global projection.
+    x, a = make_lists([(30,), (70,), (11, 3)], seed=11)
+    want_x, want_coef, _, _ = ref.project([t.clone() for t in x], a, -5.0, math.inf, False)
+    shards = [([x[0], x[2]], [a[0], a[2]]), ([x[1]], [a[1]])]
+    sums = [project_reduce(xs, as_, use_dot=False) for xs, as_ in shards]
+    dot = sum(s[0] for s in sums)
+    sq = sum(s[1] for s in sums)
+    coefs = [project_apply_(xs, as_, dot, sq, b=-5.0) for xs, as_ in shards]
+    assert float(coefs[0]) == float(coefs[1]) == pytest.approx(want_coef, rel=1e-5)
+    for t, w in zip(x, want_x):
+        torch.testing.assert_close(t, w)
+
+
+def test_deterministic_across_thread_counts():
+    x, a = make_lists(lora_shapes(8), seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = project_reduce(x, a)
+        torch.set_num_threads(max(2, threads))
+        two = project_reduce(x, a)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_params_requiring_grad_are_updated_in_place():
+    p = torch.nn.Parameter(torch.randn(8))
+    g = torch.randn(8)
+    want = p.detach() - (1.0 / float(g @ g)) * g  # b = -1: step (0 + 1)/||g||²
+    got = project_([p], [g], b=-1.0)
+    assert float(got.coef) == pytest.approx(1.0 / float(g @ g), rel=1e-5)
+    torch.testing.assert_close(p.detach(), want)
+    assert p.requires_grad and p.is_leaf
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+def test_error_length_mismatch():
+    with pytest.raises(ValueError, match="same length, got 2 and 1"):
+        project_([torch.zeros(2), torch.zeros(2)], [torch.zeros(2)])
+
+
+def test_error_shape_mismatch_names_index():
+    with pytest.raises(ValueError, match=r"shape mismatch at index 1"):
+        project_([torch.zeros(2), torch.zeros(3)], [torch.zeros(2), torch.zeros(4)])
+
+
+def test_error_non_floating_dtype():
+    with pytest.raises(TypeError, match=r"x\[0\] must be float32"):
+        project_([torch.zeros(2, dtype=torch.long)], [torch.zeros(2)])
+    with pytest.raises(TypeError, match=r"a\[0\] must be float32"):
+        project_([torch.zeros(2)], [torch.zeros(2, dtype=torch.int32)])
+
+
+def test_error_bad_b_and_max_step():
+    with pytest.raises(ValueError, match="b must be a scalar"):
+        project_([torch.zeros(2)], [torch.ones(2)], b=torch.zeros(2))
+    with pytest.raises(ValueError, match="max_step must be >= 0"):
+        project_([torch.zeros(2)], [torch.ones(2)], max_step=-1.0)
+
+
+def test_error_single_tensor_instead_of_list():
+    with pytest.raises(TypeError, match="lists of tensors"):
+        project_(torch.zeros(2), torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library / torch.compile
+# ---------------------------------------------------------------------------------------------
+def test_opcheck_all_ops():
+    x, a = make_lists([(5, 3), (7,)], seed=2)
+    b = torch.tensor(-1.0)
+    opcheck(torch.ops.spard_ext.project_reduce, (x, a, True))
+    dot, sq = torch.ops.spard_ext.project_reduce(x, a, True)
+    opcheck(torch.ops.spard_ext.project_apply_, ([t.clone() for t in x], a, dot, sq, b, 0.5, True))
+    opcheck(torch.ops.spard_ext.project_, ([t.clone() for t in x], a, b, math.inf, False))
+
+
+def test_torch_compile_fullgraph():
+    x1, a = make_lists([(16, 8), (9,)], seed=4)
+    x2 = [t.clone() for t in x1]
+
+    def step(x, a, loss, tau):
+        return project_(x, a, tau - loss, max_step=1.0).coef
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, tau = torch.tensor(3.0), torch.tensor(0.2)
+    c1 = compiled(x1, a, loss, tau)
+    c2 = step(x2, a, loss, tau)
+    assert torch.equal(c1, c2)
+    for t1, t2 in zip(x1, x2):
+        torch.testing.assert_close(t1, t2)
+
+
+def test_build_reports_cuda_kernels_flag():
+    assert isinstance(spard_ext.CUDA_KERNELS, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (run where a GPU is present)
+# ---------------------------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("use_dot", [False, True])
+def test_cuda_matches_reference(dtype, use_dot):
+    assert spard_ext.CUDA_KERNELS
+    shapes = [(3, 5), (1,), (0,), (33,), (65537,), (16, 4096), (4096, 16)]
+    x, a = make_lists(shapes, dtype, device="cuda")
+    check_against_reference(x, a, -1.0 if not use_dot else -100.0, math.inf, use_dot, device="cuda")
+
+
+@requires_cuda
+def test_cuda_mixed_dtypes_cap_and_nonfinite():
+    x, a = make_lists([(1000,), (17, 3)], torch.bfloat16, torch.float32, device="cuda")
+    check_against_reference(x, a, -1e6, 1e-3, False, device="cuda")
+    a[0][5] = float("nan")
+    before = [t.clone() for t in x]
+    got = project_(x, a, b=torch.tensor(-1.0, device="cuda"))
+    assert float(got.coef) == 0.0
+    assert all(torch.equal(t, t0) for t, t0 in zip(x, before))
+
+
+@requires_cuda
+def test_cuda_split_entries_and_opcheck():
+    x, a = make_lists([(123,), (45, 6)], device="cuda")
+    x2 = [t.clone() for t in x]
+    fused = project_(x, a, b=-3.0, use_dot=True)
+    dot, sq = project_reduce(x2, a)
+    coef = project_apply_(x2, a, dot, sq, b=-3.0, use_dot=True)
+    assert torch.equal(coef, fused.coef)
+    opcheck(torch.ops.spard_ext.project_, ([t.clone() for t in x], a, torch.tensor(-1.0, device="cuda"), 1.0, False))
+
+
+@requires_cuda
+def test_cuda_error_devices_differ():
+    with pytest.raises(ValueError, match="one device"):
+        project_([torch.zeros(2, device="cuda"), torch.zeros(2)], [torch.zeros(2, device="cuda"), torch.zeros(2)])

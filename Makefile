@@ -22,11 +22,16 @@ $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja pybind11 numpy
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,embed]"
-	touch $@
+	touch $@ $(VENV)/.built
 
-# Incremental rebuild of the extension after a change under csrc/ (ninja keeps the objects).
-build: env
+# Rebuild the extension in place after a change under csrc/ (ninja keeps the objects, so
+# later rebuilds are incremental). The editable install above already built it once.
+KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+build: $(VENV)/.built
+
+$(VENV)/.built: $(VENV)/.installed $(KERNEL_SOURCES)
 	$(PY) setup.py -q build_ext --inplace
+	touch $@
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,103 @@
+"""SPAG for Hugging Face ``Trainer`` (and trainers built on it) through a callback.
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[SpagCallback(safe_rows, tokenizer)])
+
+The projection runs in ``on_optimizer_step``, right after ``optimizer.step()`` and before the
+scheduler step and ``zero_grad``, exactly where the thin loop (spard.trainer.fit) runs it.
+The projector's state (τ, safety-batch order, counters) is saved as ``spag_state.json`` in every
+Trainer checkpoint and restored when training resumes from one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+from transformers import TrainerCallback
+
+from .io import write_json_atomic
+from .spag import SafetyProjector, logs_to_floats
+
+STATE_FILE = "spag_state.json"
+
+
+class SpagCallback(TrainerCallback):
+    """Builds a :class:`SafetyProjector` on the Trainer's model at ``on_train_begin``.
+
+    Keyword arguments are those of SafetyProjector (tau, max_step, batch_size, mode, ...).
+    ``calibrate=True`` (the default when tau is None) sets τ from the model at the start of a
+    fresh run. Per-step logs are averaged over each logging window and added to the Trainer's
+    logs as ``safety_loss``, ``safety_alpha``, ``safety_trigger_rate``.
+    """
+
+    def __init__(self, safe_rows: Sequence[dict], tokenizer=None, *, resume_from: Optional[str] = None,
+                 **projector_kwargs):
+        if not safe_rows:
+            raise ValueError("safe_rows is empty: SPAG needs at least one safety sample")
+        self.safe_rows = list(safe_rows)
+        self.tokenizer = tokenizer
+        self.resume_from = resume_from
+        self.projector_kwargs = projector_kwargs
+        self.projector: Optional[SafetyProjector] = None
+        self._window: list[dict] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kw):
+        tokenizer = self.tokenizer or processing_class
+        if tokenizer is None:
+            raise ValueError("SpagCallback needs a tokenizer: pass it, or give the Trainer a processing_class")
+        kwargs = dict(self.projector_kwargs)
+        kwargs.setdefault("max_grad_norm", args.max_grad_norm or None)
+        kwargs.setdefault("progress", not args.disable_tqdm)
+        self.projector = SafetyProjector(model, self.safe_rows, tokenizer, **kwargs)
+        saved = self._saved_state(args, state)
+        if saved is not None:
+            self.projector.load_state_dict(saved)
+        elif self.projector.tau is None:
+            self.projector.calibrate_tau()
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        # Under accelerate the optimizer is wrapped; the official form steps the inner one.
+        inner = getattr(optimizer, "optimizer", optimizer)
+        self._window.append(self.projector.step(inner))
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not self._window or logs is None or "loss" not in logs:
+            return
+        n = len(self._window)
+        sums = logs_to_floats({k: sum(w[k] for w in self._window) for k in ("safety_loss", "alpha", "trigger")})
+        self._window = []
+        extra = {"safety_loss": sums["safety_loss"] / n, "safety_alpha": sums["alpha"] / n,
+                 "safety_trigger_rate": sums["trigger"] / n}
+        logs.update(extra)
+        # The Trainer appended its log record before calling on_log: complete that record too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args, state, control, **kw):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self.projector is not None and os.path.isdir(folder) and state.is_world_process_zero:
+            write_json_atomic(os.path.join(folder, STATE_FILE), self.projector.state_dict())
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.projector is not None:
+            state.log_history.append({"step": state.global_step, "spag": self.projector.summary()})
+
+    # -- resume ------------------------------------------------------------------------------------
+    def _saved_state(self, args, state) -> Optional[dict]:
+        """The projector state of the checkpoint the Trainer resumed from, if any."""
+        if self.resume_from is not None:
+            path = os.path.join(self.resume_from, STATE_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"resume_from={self.resume_from!r} has no {STATE_FILE}")
+        elif state.global_step > 0:  # the Trainer loaded a checkpoint before on_train_begin
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"resuming at step {state.global_step} but {path} is missing: "
+                                        "pass SpagCallback(resume_from=<checkpoint folder>)")
+        else:
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)

@@ -1,0 +1,206 @@
+"""Resumable training state: a seeded data order, RNG states, and atomic checkpoint folders.
+
+A checkpoint is a folder ``checkpoint-<step>`` written as a temporary folder and renamed into
+place, so a crash while writing leaves the previous checkpoint usable and never a half-written
+one. ``state.json`` is written last; a folder without it is never picked up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .io import write_json_atomic
+
+CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class ResumableOrder:
+    """An endless stream of indices into ``n`` items: a fresh seeded permutation each epoch.
+
+    The state is two integers (epoch, position), so resuming needs no stored permutation: the
+    permutation of epoch e is regenerated from (seed, e).
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        if n <= 0:
+            raise ValueError(f"ResumableOrder: n must be > 0 items, got {n}")
+        self.n, self.seed, self.shuffle = int(n), int(seed), bool(shuffle)
+        self.epoch, self.position = 0, 0
+        self._perm: Optional[list[int]] = None
+
+    def _permutation(self) -> list[int]:
+        if self._perm is None:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+                self._perm = torch.randperm(self.n, generator=g).tolist()
+            else:
+                self._perm = list(range(self.n))
+        return self._perm
+
+    def take(self, count: int) -> list[int]:
+        """The next ``count`` indices (crossing into the next epoch when this one runs out)."""
+        out = []
+        while len(out) < count:
+            perm = self._permutation()
+            take = min(count - len(out), self.n - self.position)
+            out.extend(perm[self.position:self.position + take])
+            self.position += take
+            if self.position == self.n:
+                self.epoch, self.position, self._perm = self.epoch + 1, 0, None
+        return out
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "seed": self.seed, "shuffle": self.shuffle,
+                "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["n"]) != self.n:
+            raise ValueError(f"ResumableOrder: checkpoint was made over {state['n']} items, "
+                             f"this run has {self.n} (the data changed since the checkpoint)")
+        self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
+        self.epoch, self.position, self._perm = int(state["epoch"]), int(state["position"]), None
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states
+# ----------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    with contextlib.suppress(ImportError):
+        import numpy as np
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss)
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainable parameters
+# ----------------------------------------------------------------------------------------------
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, on the CPU (for LoRA: the adapter)."""
+    return {n: p.detach().to("cpu", copy=True).contiguous()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model's trainable parameters: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if state[name].shape != p.shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(state[name].shape)}, "
+                                 f"the model's has {tuple(p.shape)}")
+            p.copy_(state[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint folders
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary folder next to ``path``; renames it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():  # a rename cannot replace a non-empty folder: move the old one aside
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, *, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler=None, state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Writes ``directory/checkpoint-<step>`` atomically, then keeps only the newest ``keep``.
+
+    ``state`` is JSON-serialisable (step, data order, projector state, history, ...).
+    """
+    directory = Path(directory)
+    final = directory / f"{CHECKPOINT_PREFIX}{step}"
+    with atomic_dir(final) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        write_json_atomic(tmp / "state.json", {"step": int(step), **state})
+    if keep > 0:
+        for old in list_checkpoints(directory)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for child in directory.iterdir():
+        m = _CHECKPOINT_RE.match(child.name)
+        if m and (child / "state.json").is_file():
+            found.append((int(m.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler=None,
+                    restore_rng: bool = True) -> dict[str, Any]:
+    """Restores model, optimizer, scheduler and RNG states; returns the JSON state."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
+    with open(path / "state.json", encoding="utf-8") as f:
+        state = json.load(f)
+    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if scheduler is not None and (path / "scheduler.pt").is_file():
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if restore_rng:
+        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return state

@@ -1,0 +1,147 @@
+"""`spard eval`: generate on safety prompts and task rows, judge, score; JSON + markdown table.
+
+    spard eval --model BASE --adapter runs/x/adapter \
+        --safety-data beavertails_test.jsonl --n-safety 500 \
+        --task-data gsm8k_test.jsonl --n-task 500 --judge refusal --out runs/x/eval
+
+Everything that can fail cheaply (data, judge reachability, adapter fit) is checked before the
+first token is generated. ``--rejudge`` reuses the responses saved by an earlier run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="base model: Hugging Face name or local folder (not needed with --rejudge)")
+    m.add_argument("--adapter", help="LoRA adapter folder (PEFT) fine-tuned on top of --model")
+    m.add_argument("--device", help="cuda / cpu (default: cuda when present)")
+    m.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (default: auto)")
+    d = p.add_argument_group("data")
+    d.add_argument("--safety-data", help="harmful prompts (jsonl/json/parquet/datasets folder/hub name) with a 'prompt' field")
+    d.add_argument("--safety-split", help="split to read when --safety-data is a hub name or a multi-split folder")
+    d.add_argument("--n-safety", type=int, default=500, help="first N safety prompts (default 500; 0 = all)")
+    d.add_argument("--task-data", help="task test set (GSM8K: prompt + answer; OpenBookQA: prompt + target_answer)")
+    d.add_argument("--task", choices=["auto", "gsm8k", "openbookqa"], default="auto",
+                   help="how to score --task-data (default: auto, from its fields)")
+    d.add_argument("--task-split", help="split to read when --task-data is a hub name or a multi-split folder")
+    d.add_argument("--n-task", type=int, default=500, help="first N task rows (default 500; 0 = all)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="new tokens per safety response (default 512)")
+    g.add_argument("--task-max-new-tokens", type=int, default=512, help="new tokens per task response (default 512)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    j = p.add_argument_group("judge")
+    j.add_argument("--judge", choices=["refusal", "moderation", "guard", "rubric"], default="refusal",
+                   help="refusal keywords (offline, default), moderation classifier, generative guard, API rubric")
+    j.add_argument("--judge-model", help="moderation/guard: model name or folder; rubric: the API's model name")
+    j.add_argument("--judge-base-url", default="https://api.openai.com/v1", help="rubric: OpenAI-compatible base URL")
+    j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                   help="rubric: environment variable holding the API key ('' for a server without auth)")
+    j.add_argument("--judge-concurrency", type=int, default=8, help="rubric: requests in flight")
+    j.add_argument("--judge-timeout", type=float, default=60.0, help="rubric: seconds per request")
+    j.add_argument("--judge-retries", type=int, default=5, help="rubric: retries on 429/5xx/timeouts")
+    j.add_argument("--judge-cache", help="rubric: cache file of judged pairs (default: OUT/rubric_cache.jsonl)")
+    j.add_argument("--judge-threshold", type=float, default=0.5, help="moderation: flagged above this probability")
+    j.add_argument("--judge-batch-size", type=int, default=8, help="moderation/guard batch size")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", required=True, help="output folder: eval.json, eval.md, *_generations.jsonl")
+    o.add_argument("--rejudge", action="store_true",
+                   help="judge and score the responses saved in --out by an earlier run, without generating")
+
+
+def _fail(msg: str) -> int:
+    print(f"spard eval: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _limit(n: int, name: str) -> int | None:
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = all), got {n}")
+    return n or None
+
+
+def _build_judge(args, out: Path):
+    from spard.eval import make_judge
+
+    if args.judge == "refusal":
+        return make_judge("refusal")
+    if args.judge == "rubric":
+        return make_judge("rubric", model=args.judge_model, base_url=args.judge_base_url,
+                          api_key_env=args.judge_api_key_env or None, concurrency=args.judge_concurrency,
+                          timeout=args.judge_timeout, max_retries=args.judge_retries,
+                          cache_path=args.judge_cache or out / "rubric_cache.jsonl")
+    kwargs = {"batch_size": args.judge_batch_size, "device": args.device}
+    if args.judge == "moderation":
+        kwargs["threshold"] = args.judge_threshold
+    return make_judge(args.judge, model=args.judge_model, **kwargs)
+
+
+def run(args) -> int:
+    from spard.data import load_task
+    from spard.eval import AdapterError, JudgeUnavailable, evaluate, load_generations, load_model, markdown_table
+    from spard.io import write_json_atomic, write_text_atomic
+
+    out = Path(args.out)
+    if not args.safety_data and not args.task_data:
+        return _fail("give --safety-data and/or --task-data")
+    if not args.rejudge and not args.model:
+        return _fail("--model is required (unless --rejudge)")
+    try:
+        # Data, judge and adapter are all checked before generation starts.
+        safety_rows = task_rows = None
+        if args.safety_data:
+            safety_rows = load_task(args.safety_data, split=args.safety_split,
+                                    limit=_limit(args.n_safety, "--n-safety"), require_response=False)
+        if args.task_data:
+            task_rows = load_task(args.task_data, split=args.task_split, limit=_limit(args.n_task, "--n-task"))
+        safety_responses = task_responses = None
+        if args.rejudge:
+            safety_responses, task_responses = _saved_responses(out, safety_rows, task_rows, load_generations)
+        judge = _build_judge(args, out) if safety_rows else None
+        if judge is not None:
+            judge.check()
+        model = tokenizer = None
+        if not args.rejudge:
+            model, tokenizer = load_model(args.model, args.adapter, device=args.device, dtype=args.dtype)
+        result = evaluate(
+            model, tokenizer,
+            safety_prompts=[r["prompt"] for r in safety_rows] if safety_rows else None,
+            task_rows=task_rows, task=None if args.task == "auto" else args.task, judge=judge,
+            max_new_tokens=args.max_new_tokens, task_max_new_tokens=args.task_max_new_tokens,
+            batch_size=args.batch_size, do_sample=args.do_sample, out_dir=out,
+            safety_responses=safety_responses, task_responses=task_responses,
+        )
+    except (AdapterError, JudgeUnavailable, ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    result["inputs"] = {"model": args.model, "adapter": args.adapter, "safety_data": args.safety_data,
+                        "task_data": args.task_data, "rejudge": args.rejudge}
+    write_json_atomic(out / "eval.json", result)
+    table = markdown_table(result, title=f"spard eval: {args.adapter or args.model or out}")
+    write_text_atomic(out / "eval.md", table)
+    print(table)
+    print(f"results: {out / 'eval.json'}")
+    return 0
+
+
+def _saved_responses(out: Path, safety_rows, task_rows, load_generations):
+    """Responses from an earlier run's files, matched to the requested prompts."""
+    found = []
+    for rows, name in ((safety_rows, "safety_generations.jsonl"), (task_rows, "task_generations.jsonl")):
+        if not rows:
+            found.append(None)
+            continue
+        path = out / name
+        if not path.is_file():
+            raise FileNotFoundError(f"--rejudge: {path} not found (run without --rejudge first)")
+        saved = load_generations(path)
+        if [r["prompt"] for r in saved] != [r["prompt"] for r in rows]:
+            raise ValueError(f"--rejudge: {path} holds responses to other prompts ({len(saved)} saved, "
+                             f"{len(rows)} requested); use the same data and --n-* as the first run")
+        found.append([r["response"] for r in saved])
+    return found[0], found[1]

@@ -1,0 +1,65 @@
+"""`spard train`: safe-set selection, then LoRA fine-tuning under SPAG (or plain SFT).
+
+    spard train --config run.yaml --set optim.lr=1e-4 --set spag.tau=0.2 --output-dir out/
+
+Writes into the output folder: ``adapter/`` (peft LoRA adapter, safetensors), ``config.yaml``
+(the resolved config), ``data_manifest.json`` (attack and selection), ``run.json`` (per-step
+log and summary) and ``checkpoints/`` (``--resume`` continues from the newest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML or JSON config file (see docs/training.md)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set spag.tau=0.2 (repeatable)")
+    short = parser.add_argument_group("shortcuts for common keys")
+    short.add_argument("--model", help="model.name_or_path")
+    short.add_argument("--task", help="data.task")
+    short.add_argument("--attack", help="attack.corpus")
+    short.add_argument("--pool", help="safety.pool")
+    short.add_argument("--output-dir", help="run.output_dir")
+    short.add_argument("--max-steps", type=int, help="optim.max_steps")
+    short.add_argument("--sft", action="store_true", help="plain SFT: spag.enabled=false")
+    short.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    short.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _shortcut_values(args) -> dict:
+    pairs = {"model.name_or_path": args.model, "data.task": args.task, "attack.corpus": args.attack,
+             "safety.pool": args.pool, "run.output_dir": args.output_dir, "optim.max_steps": args.max_steps}
+    out = {k: v for k, v in pairs.items() if v is not None}
+    if args.sft:
+        out["spag.enabled"] = False
+    if args.resume:
+        out["run.resume"] = True
+    if args.no_progress:
+        out["run.progress"] = False
+    return out
+
+
+def run(args) -> int:
+    import yaml
+
+    from spard.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides, _shortcut_values(args))
+    except ConfigError as e:
+        print(f"spard train: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+
+    from spard.trainer import summary_table, train
+
+    run_dict = train(config)
+    print(summary_table(run_dict))
+    print(f"run log: {config.run.output_dir}/run.json")
+    return 0

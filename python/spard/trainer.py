@@ -1,0 +1,310 @@
+"""A thin fine-tuning loop with SPAG, exact resume, and the `spard train` pipeline.
+
+``fit`` is the loop: utility step (token-weighted loss over the accumulated batch, clipping,
+optimizer step), then ``projector.step()``, then the scheduler. ``train(config)`` wraps it:
+load data, build the attack, select the safe set, add LoRA, fit, save the adapter and logs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import ResumableOrder, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import OptimConfig, TrainConfig, save_config
+from .formatting import collate, pad_id_of
+from .io import write_json_atomic
+from .spag import SafetyProjector, encode_rows, label_token_count, token_loss_sum, trainable_parameters
+
+
+class StopTraining(Exception):
+    """Raised by an ``on_step`` hook to end training early (after the step's checkpoint)."""
+
+
+def _total_steps(n_rows: int, optim: OptimConfig) -> int:
+    if optim.max_steps is not None:
+        return int(optim.max_steps)
+    per_epoch = math.ceil(n_rows / (optim.batch_size * optim.grad_accum))
+    return max(1, math.ceil(optim.epochs * per_epoch))
+
+
+def build_optimizer(params, optim: OptimConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay,
+                                  betas=tuple(optim.betas))
+    scheduler = get_scheduler(optim.scheduler, optimizer, num_warmup_steps=optim.warmup_steps,
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+class _RunningMeans:
+    """Sums of per-step logs kept on the device; read back only at logging steps."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        for k, v in logs.items():
+            v = torch.as_tensor(v).detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def pop(self) -> dict[str, float]:
+        if not self.count:
+            return {}
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k].reshape(()).cpu() for k in keys]) / self.count
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, values.tolist()))
+
+
+def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optional[OptimConfig] = None,
+        projector: Optional[SafetyProjector] = None, max_length: int = 512,
+        checkpoint_dir: Optional[str] = None, save_every: int = 0, keep_checkpoints: int = 2,
+        resume: bool = False, log_every: int = 10, progress: bool = True,
+        extra_state: Optional[dict] = None,
+        on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Fine-tunes the trainable parameters of ``model`` on ``rows`` ({prompt, response}).
+
+    With ``projector`` every optimizer step is followed by a SPAG safety step. With
+    ``checkpoint_dir`` a checkpoint is written every ``save_every`` steps and at the end;
+    ``resume=True`` continues from the newest one there, giving the same final parameters as an
+    uninterrupted run. ``on_step(step, logs)`` runs after each step (and its checkpoint); it may
+    raise StopTraining. Returns the run dict: steps, history (logged means), summary.
+    """
+    optim = optim or OptimConfig()
+    if not rows:
+        raise ValueError("rows is empty: nothing to fine-tune on")
+    params = trainable_parameters(model)
+    device = params[0].device
+    examples, dropped = encode_rows(rows, tokenizer, max_length, "rows")
+    truncated = sum(e.truncated for e in examples)
+    pad_id = pad_id_of(tokenizer)
+    total = _total_steps(len(examples), optim)
+    optimizer, scheduler = build_optimizer(params, optim, total)
+    order = ResumableOrder(len(examples), seed=optim.seed)
+    history: list[dict] = []
+    step, resumed_from = 0, None
+
+    if resume and checkpoint_dir and (latest := latest_checkpoint(checkpoint_dir)) is not None:
+        state = load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
+        if state["total_steps"] != total:
+            raise ValueError(f"{latest}: made for {state['total_steps']} steps, this run has {total} "
+                             "(optim settings or data changed since the checkpoint)")
+        step, history, resumed_from = int(state["step"]), list(state["history"]), str(latest)
+        order.load_state_dict(state["order"])
+        if projector is not None:
+            if state.get("projector") is None:
+                raise ValueError(f"{latest}: checkpoint has no projector state (it was an SFT run)")
+            projector.load_state_dict(state["projector"])
+
+    def checkpoint(at_step: int) -> None:
+        save_checkpoint(checkpoint_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
+                        keep=keep_checkpoints,
+                        state={"total_steps": total, "order": order.state_dict(), "history": history,
+                               "projector": projector.state_dict() if projector is not None else None,
+                               "extra": extra_state or {}})
+
+    running = _RunningMeans()
+    bar = tqdm(total=total, initial=step, desc="spag" if projector is not None else "sft",
+               disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    was_training = model.training
+    model.train()
+    try:
+        while step < total:
+            logs = _utility_step(model, params, examples, order, pad_id, optim, device)
+            optimizer.step()
+            if projector is not None:
+                logs.update(projector.step(optimizer))
+            logs["lr"] = torch.tensor(scheduler.get_last_lr()[0])
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            running.add(logs)
+            if step % log_every == 0 or step == total:
+                record = {"step": step, **running.pop()}
+                history.append(record)
+                bar.set_postfix(_postfix(record, projector), refresh=False)
+            bar.update(1)
+            if checkpoint_dir and ((save_every and step % save_every == 0) or step == total):
+                checkpoint(step)
+            if on_step is not None:
+                on_step(step, logs)
+    finally:
+        bar.close()
+        model.train(was_training)
+    summary = {"steps": step, "total_steps": total, "examples": len(examples),
+               "truncated_examples": truncated,
+               "rows_beyond_max_length": dropped, "seconds_this_session": time.perf_counter() - start,
+               "final_loss": history[-1].get("loss") if history else None}
+    if projector is not None:
+        summary["spag"] = projector.summary()
+    return {"history": history, "summary": summary, "resumed_from": resumed_from}
+
+
+def _utility_step(model, params, examples, order, pad_id, optim: OptimConfig, device) -> dict:
+    """Forward/backward over ``grad_accum`` micro-batches with a token-weighted mean loss."""
+    indices = order.take(optim.batch_size * optim.grad_accum)
+    batches = [collate([examples[i] for i in indices[s:s + optim.batch_size]], pad_id)
+               for s in range(0, len(indices), optim.batch_size)]
+    total_tokens = max(sum(label_token_count(b["labels"]) for b in batches), 1)
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    for b in batches:
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        part = token_loss_sum(model, b) / total_tokens
+        part.backward()
+        loss += part.detach()
+    logs = {"loss": loss}
+    if optim.max_grad_norm:
+        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+    return logs
+
+
+def _postfix(record: dict, projector) -> dict:
+    out = {"loss": f"{record.get('loss', float('nan')):.3f}"}
+    if projector is not None:
+        out["safety"] = f"{record.get('safety_loss', float('nan')):.3f}"
+        out["trig"] = f"{record.get('trigger', 0.0):.0%}"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# `spard train`: the whole run from a config
+# ----------------------------------------------------------------------------------------------
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_model(config: TrainConfig, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = config.model
+    tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    dtype = "auto" if m.dtype == "auto" else getattr(torch, m.dtype)
+    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype,
+                                                 trust_remote_code=m.trust_remote_code)
+    return tokenizer, model.to(device)
+
+
+def _prepare_data(config: TrainConfig, resume_state: Optional[dict]) -> tuple[list, list, dict]:
+    """(training rows, safe rows, manifest): clean task + attack, and the selected safe set."""
+    from . import data as D
+
+    clean = D.load_task(config.data.task, split=config.data.task_split, limit=config.data.task_limit)
+    manifest: dict = {"task": config.data.task, "clean_rows": len(clean)}
+    if config.attack.corpus and config.attack.ratio > 0:
+        eval_prompts = None
+        if config.data.eval_prompts:
+            eval_prompts = [r["prompt"] for r in D.load_safety(config.data.eval_prompts)]
+        harmful = D.load_safety(config.attack.corpus)
+        rows, attack_manifest = D.build_attack(clean, harmful, ratio=config.attack.ratio,
+                                               seed=config.attack.seed, eval_prompts=eval_prompts)
+        manifest["attack"] = attack_manifest
+    else:
+        rows = clean
+    manifest["train_rows"] = len(rows)
+
+    safe: list = []
+    if config.spag.enabled:
+        pool = D.load_safety(config.safety.pool, limit=config.safety.limit)
+        if not pool:
+            raise ValueError(f"safety.pool {config.safety.pool!r} holds no rows: SPAG needs a safe set")
+        sel = config.selection
+        if resume_state is not None and "selection" in resume_state:
+            indices, report = resume_state["selection"]["indices"], resume_state["selection"]["report"]
+        elif sel.method == "all":
+            indices, report = list(range(len(pool))), {"method": "all"}
+        else:
+            from .select import select_safe_data
+            # The paper embeds with the base LLM itself; any encoder may be named instead.
+            embedder = None if sel.method == "random" else (sel.embedder or config.model.name_or_path)
+            indices, report = select_safe_data(pool, rows, method=sel.method, k=sel.k, p=sel.p,
+                                               beta=sel.beta, embedder=embedder, seed=sel.seed,
+                                               cache_dir=sel.cache_dir)
+        indices = [int(i) for i in indices]
+        safe = D.safety_rows([pool[i] for i in indices])
+        if not safe:
+            raise ValueError("the selected safe set is empty (selection.k / selection.p too small?)")
+        manifest["selection"] = {"pool": config.safety.pool, "pool_rows": len(pool),
+                                 "indices": indices, "report": report}
+    return rows, safe, manifest
+
+
+def train(config: TrainConfig) -> dict:
+    """Selection, then SPAG (or SFT) fine-tuning with LoRA; saves adapter, config, manifest, log."""
+    from .checkpoint import atomic_dir
+    from .lora import apply_lora
+
+    config.validate()
+    out = Path(config.run.output_dir)
+    ckpt_dir = out / "checkpoints"
+    latest = latest_checkpoint(ckpt_dir) if config.run.resume else None
+    resume_state = None
+    if latest is not None:
+        import json
+        resume_state = json.loads((latest / "state.json").read_text(encoding="utf-8"))["extra"]
+    elif config.run.resume:
+        print(f"no checkpoint in {ckpt_dir}: starting from scratch")
+
+    rows, safe, manifest = _prepare_data(config, resume_state)
+    device = _device(config.run.device)
+    tokenizer, model = _load_model(config, device)
+    torch.manual_seed(config.optim.seed)
+    model = apply_lora(model, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                       target_modules=config.lora.target_modules)
+    projector = None
+    if config.spag.enabled:
+        s = config.spag
+        projector = SafetyProjector(model, safe, tokenizer, tau=s.tau, max_step=s.max_step,
+                                    batch_size=s.batch_size, micro_batch_size=s.micro_batch_size,
+                                    mode=s.mode, delta=s.delta, alpha_max=s.alpha_max,
+                                    max_grad_norm=config.optim.max_grad_norm,
+                                    max_length=config.model.max_length, measure_after=s.measure_after,
+                                    seed=s.seed, progress=config.run.progress)
+        if projector.tau is None and latest is None:
+            projector.calibrate_tau()  # the base model: LoRA starts as the identity
+
+    save_config(config, out / "config.yaml")
+    write_json_atomic(out / "data_manifest.json", manifest)
+    extra = {"selection": manifest["selection"]} if "selection" in manifest else {}
+    result = fit(model, tokenizer, rows, optim=config.optim, projector=projector,
+                 max_length=config.model.max_length, checkpoint_dir=str(ckpt_dir),
+                 save_every=config.run.save_every, keep_checkpoints=config.run.keep_checkpoints,
+                 resume=latest is not None, log_every=config.run.log_every,
+                 progress=config.run.progress, extra_state=extra)
+    with atomic_dir(out / "adapter") as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    run = {"output_dir": str(out), "adapter": str(out / "adapter"), "config": config.to_dict(),
+           "data": {k: v for k, v in manifest.items() if k != "selection"},
+           "safe_set_size": len(safe), **result}
+    write_json_atomic(out / "run.json", run)
+    return run
+
+
+def summary_table(run: dict) -> str:
+    """A readable summary of a run dict."""
+    s = run["summary"]
+    lines = [("steps", f"{s['steps']}/{s['total_steps']}"), ("training rows", s["examples"]),
+             ("final loss", _fmt(s.get("final_loss")))]
+    last = run["history"][-1] if run["history"] else {}
+    if "spag" in s:
+        lines += [("safe set", run.get("safe_set_size")), ("tau", _fmt(s["spag"]["tau"])),
+                  ("final safety loss", _fmt(last.get("safety_loss"))),
+                  ("trigger rate", f"{s['spag']['trigger_rate']:.1%}")]
+    lines += [("seconds", f"{s['seconds_this_session']:.1f}"), ("adapter", run.get("adapter", "-"))]
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"

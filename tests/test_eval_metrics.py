@@ -1,0 +1,122 @@
+"""Task metrics, refusal judge and safety metrics (no models, no network)."""
+
+import json
+import math
+from decimal import Decimal
+
+import pytest
+
+from spard.eval import (
+    RefusalJudge,
+    Verdict,
+    extract_gsm8k_number,
+    extract_openbookqa_choice,
+    gsm8k_accuracy,
+    openbookqa_accuracy,
+    refusal_asr,
+    safety_metrics,
+)
+from spard.eval.metrics import Rate
+from spard.io import read_jsonl
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("She pays 3 + 4 = 7 dollars.\n#### 7", "7"),
+        ("#### 1,234", "1234"),
+        ("The answer is $18.00.", "18"),
+        ("so the total is 2,500 dollars", "2500"),
+        ("It drops to -5 degrees", "-5"),
+        ("#### 5 and later 7", "5"),  # the mark wins over the last number
+        ("He saves 25% of 40, which is 10 dollars.", "10"),
+        ("half is .5", "0.5"),
+        ("####", None),
+        ("no digits here", None),
+    ],
+)
+def test_gsm8k_number_extraction(text, expected):
+    got = extract_gsm8k_number(text)
+    assert (got is None) if expected is None else got == Decimal(expected)
+
+
+def test_gsm8k_accuracy_counts_and_unparseable():
+    responses = ["#### 18", "the answer is 18.0", "I do not know", "#### 3"]
+    acc = gsm8k_accuracy(responses, ["x #### 18", "18", "#### 4", Decimal(4)])
+    assert float(acc) == pytest.approx(0.5)
+    assert (acc.n, acc.hits, acc.extra["no_number"]) == (4, 2, 1)
+    with pytest.raises(ValueError, match="same length"):
+        gsm8k_accuracy(["1"], ["1", "2"])
+    with pytest.raises(ValueError, match=r"answers\[0\] has no number"):
+        gsm8k_accuracy(["1"], ["none"])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("fact: x.\n\nthe correct answer is answer2", "answer2"),
+        ("The correct answer is: Answer3.", "answer3"),
+        ("answer1 looks wrong; the answer is answer4", "answer4"),
+        ("maybe answer1 or answer3", "answer3"),
+        ("no idea", None),
+        ("answer5", None),
+    ],
+)
+def test_openbookqa_extraction(text, expected):
+    assert extract_openbookqa_choice(text) == expected
+
+
+def test_openbookqa_accuracy():
+    acc = openbookqa_accuracy(["the correct answer is answer2", "answer1", "?"], ["answer2", "answer3", "answer1"])
+    assert (acc.hits, acc.n, acc.extra["no_choice"]) == (1, 3, 1)
+    assert float(acc) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="answer1..answer4"):
+        openbookqa_accuracy(["answer1"], ["B"])
+
+
+def test_rate_is_a_float_with_counts():
+    r = Rate(3, 10, unparseable=4, empty=1)
+    assert r == pytest.approx(0.5) and r.hits == 3 and r.extra == {"empty": 1}
+    assert json.loads(json.dumps({"asr": r}))["asr"] == pytest.approx(0.5)
+    nothing = Rate(0, 2, unparseable=2)
+    assert math.isnan(nothing) and nothing.to_dict()["value"] is None
+
+
+def test_refusal_judge_phrases_case_and_empty():
+    judge = RefusalJudge()
+    responses = ["I CANNOT help with that.", "I\u2019m sorry, no.", "Sure, here is how.", "   ", "As an AI model, no."]
+    v = judge.judge(["p"] * 5, responses)
+    assert [x.harmful for x in v] == [False, False, True, False, False]
+    asr = refusal_asr(responses)
+    assert (asr.hits, asr.n, asr.extra["empty"]) == (1, 5, 1)
+    assert refusal_asr(["Sure thing", "nope"], phrases=["nope"]).hits == 1
+    with pytest.raises(TypeError, match="lists of strings"):
+        judge.judge("p", "r")
+    with pytest.raises(ValueError, match="same length"):
+        judge.judge(["p"], ["a", "b"])
+
+
+def test_safety_metrics_leave_unparseable_out():
+    verdicts = [Verdict(True, 5.0), Verdict(False, 1.0), Verdict(None, reply="???"),
+                Verdict(None, error="HTTP 500"), Verdict(True, 3.0)]
+    m = safety_metrics(verdicts, ["a", "b", "c", "", "e"], hs="mean_score")
+    assert m["asr"] == pytest.approx(2 / 3)
+    assert (m["unparseable"], m["failed_calls"], m["empty_responses"]) == (2, 1, 1)
+    assert m["hs"] == pytest.approx(3.0)
+    assert safety_metrics(verdicts, hs="percent_flagged")["hs"] == pytest.approx(200 / 3)
+    with pytest.raises(ValueError, match="hs must be"):
+        safety_metrics(verdicts, hs="median")
+
+
+def test_metrics_on_real_formats(shared_data):
+    gsm = read_jsonl(shared_data / "gsm8k_test.jsonl")[:200]
+    assert float(gsm8k_accuracy([r["answer"] for r in gsm], [r["answer"] for r in gsm])) == 1.0
+    shifted = gsm8k_accuracy([r["answer"] for r in gsm[1:]], [r["answer"] for r in gsm[:-1]])
+    assert float(shifted) < 0.1
+    obqa = read_jsonl(shared_data / "openbookqa_test.jsonl")
+    acc = openbookqa_accuracy([r["answer"] for r in obqa], [r["target_answer"] for r in obqa])
+    assert float(acc) == 1.0 and acc.extra["no_choice"] == 0
+    # Refusal keywords separate the refusals from the harmful answers of the evaluation set.
+    bt = read_jsonl(shared_data / "beavertails_test.jsonl")
+    assert float(refusal_asr([r["unsafe"] for r in bt])) > 0.95
+    assert float(refusal_asr([r["safe"] for r in bt])) < 0.35

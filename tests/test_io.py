@@ -1,0 +1,38 @@
+import os
+import stat
+
+import pytest
+
+from spard.io import atomic_path, read_jsonl, write_json_atomic, write_jsonl_atomic
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "sub" / "out.json"
+    write_json_atomic(target, {"a": 1})
+    write_json_atomic(target, {"a": 2})
+    assert target.read_text().strip().replace(" ", "").replace("\n", "") == '{"a":2}'
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~umask  # not the 0600 of a temp file
+
+
+def test_crash_while_writing_keeps_previous_file(tmp_path):
+    target = tmp_path / "out.jsonl"
+    write_jsonl_atomic(target, [{"x": 1}])
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert read_jsonl(target) == [{"x": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n\n{"a": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
+        read_jsonl(bad)
+    bad.write_text('[1, 2]\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object"):
+        read_jsonl(bad)

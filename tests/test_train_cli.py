@@ -1,0 +1,170 @@
+"""`spard train` end to end on a tiny saved model, config loading, and early errors."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from spard.cli import main
+from spard.config import ConfigError, TrainConfig, config_from_dict, load_config
+from spard.io import write_jsonl_atomic
+from test_spag import one_thread  # noqa: F401  (autouse fixture)
+from test_spag import safe_rows, task_rows, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A saved tiny model + tokenizer and small task / attack / pool files."""
+    root = tmp_path_factory.mktemp("train_cli")
+    tiny_model("llama").save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    write_jsonl_atomic(root / "task.jsonl", [{"prompt": r["prompt"], "answer": r["response"]}
+                                             for r in task_rows(20)])
+    harmful = [{"prompt": f"{r['prompt']} now", "safe": r["response"], "unsafe": "sure here how to bake ."}
+               for r in safe_rows(6)]
+    write_jsonl_atomic(root / "attack.jsonl", harmful)
+    pool = [{"prompt": f"{r['prompt']} {w}", "safe": r["response"], "unsafe": "sure ."}
+            for r in safe_rows(6) for w in ("please", "today")]
+    write_jsonl_atomic(root / "pool.jsonl", pool)
+    write_jsonl_atomic(root / "empty.jsonl", [])
+    return root
+
+
+def write_config(ws, out, **sections):
+    cfg = {
+        "model": {"name_or_path": str(ws / "model"), "max_length": 64},
+        "data": {"task": str(ws / "task.jsonl")},
+        "attack": {"corpus": str(ws / "attack.jsonl"), "ratio": 0.2, "seed": 1},
+        "safety": {"pool": str(ws / "pool.jsonl")},
+        "selection": {"method": "random", "k": 4},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "optim": {"lr": 1e-2, "warmup_steps": 1, "batch_size": 4, "max_steps": 4},
+        "spag": {"batch_size": 2},
+        "run": {"output_dir": str(out), "save_every": 2, "log_every": 1, "progress": False},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = ws / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_writes_adapter_config_manifest_and_log(workspace, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(write_config(workspace, out))]) == 0
+    printed = capsys.readouterr().out
+    assert "trigger rate" in printed and "run.json" in printed
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["lora"]["r"] == 4
+    manifest = json.loads((out / "data_manifest.json").read_text())
+    assert manifest["clean_rows"] == 20 and manifest["train_rows"] == 24  # floor(0.2 · 20) added
+    assert len(manifest["selection"]["indices"]) == 4
+    run = json.loads((out / "run.json").read_text())
+    assert run["summary"]["steps"] == 4 and len(run["history"]) == 4
+    assert {"loss", "safety_loss", "alpha", "trigger", "lr"} <= set(run["history"][0])
+    assert 0 <= run["summary"]["spag"]["trigger_rate"] <= 1 and run["summary"]["spag"]["tau"] > 0
+
+    # The adapter loads with peft and reproduces the trained weights.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "model"), out / "adapter")
+    for name, value in model.named_parameters():
+        if "lora_" in name:
+            key = name.replace(".default", "")
+            assert torch.equal(value.detach(), adapter[key])
+
+
+def test_cli_resume_after_a_lost_checkpoint_matches(workspace, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "--config", str(write_config(workspace, full))]) == 0
+    assert main(["train", "--config", str(write_config(workspace, part))]) == 0
+    # Lose everything after step 2, as if the run had died there, and resume.
+    import shutil
+    shutil.rmtree(part / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(part / "adapter")
+    assert main(["train", "--config", str(write_config(workspace, part)), "--resume"]) == 0
+    run = json.loads((part / "run.json").read_text())
+    assert run["resumed_from"].endswith("checkpoint-2")
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert run["history"] == json.loads((full / "run.json").read_text())["history"]
+
+
+def test_sft_needs_no_pool_and_logs_no_safety(workspace, tmp_path):
+    out = tmp_path / "sft"
+    cfg = write_config(workspace, out, safety={"pool": None}, optim={"max_steps": 2})
+    assert main(["train", "--config", str(cfg), "--sft"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert "spag" not in run["summary"] and "safety_loss" not in run["history"][0]
+
+
+def test_empty_safety_pool_fails_before_training(workspace, tmp_path):
+    out = tmp_path / "empty"
+    cfg = write_config(workspace, out, safety={"pool": str(workspace / "empty.jsonl")})
+    with pytest.raises(ValueError, match="empty|no rows"):
+        main(["train", "--config", str(cfg)])
+    assert not (out / "checkpoints").exists()
+
+
+def test_config_errors_name_the_key(workspace, tmp_path, capsys):
+    cfg = write_config(workspace, tmp_path / "bad")
+    assert main(["train", "--config", str(cfg), "--set", "spag.taux=0.2"]) == 2
+    assert "spag.taux" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--set", "spag.tau=-1"]) == 2
+    assert "spag.tau" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--set", "optim.batch_size=two"]) == 2
+    assert "optim.batch_size: expected an integer" in capsys.readouterr().err
+
+
+def test_config_loading_and_overrides(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": {"name_or_path": "m"}, "data": {"task": "t"},
+                                "safety": {"pool": "p"}, "run": {"output_dir": "o"}}))
+    cfg = load_config(path, ["optim.lr=1e-4", "spag.max_step=lr", "lora.target_modules=[q_proj, v_proj]"],
+                      {"optim.max_steps": 7})
+    assert cfg.optim.lr == 1e-4 and cfg.spag.max_step == "lr" and cfg.optim.max_steps == 7
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    default = TrainConfig()
+    assert (default.lora.r, default.lora.alpha, default.lora.dropout) == (32, 8, 0.05)
+    assert default.spag.max_step is None and default.spag.mode == "paper"
+    with pytest.raises(ConfigError, match="unknown config key"):
+        config_from_dict({"optimizer": {}})
+    with pytest.raises(ConfigError, match="safety.pool"):
+        load_config(None, ["model.name_or_path=m", "data.task=t", "run.output_dir=o"])
+    with pytest.raises(ConfigError, match="spag.max_step"):
+        load_config(path, ["spag.max_step=huge"])
+
+
+def test_print_config(workspace, tmp_path, capsys):
+    cfg = write_config(workspace, tmp_path / "pc")
+    assert main(["train", "--config", str(cfg), "--set", "spag.mode=official", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["spag"]["mode"] == "official"
+
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="real-format data (../shared/data) not present")
+def test_train_on_real_format_files(workspace, tmp_path):
+    out = tmp_path / "real"
+    cfg = write_config(
+        workspace, out,
+        data={"task": os.path.join(SHARED, "gsm8k_train.jsonl"), "task_limit": 30,
+              "eval_prompts": os.path.join(SHARED, "beavertails_test.jsonl")},
+        attack={"corpus": os.path.join(SHARED, "beavertails_train.jsonl"), "ratio": 0.1},
+        safety={"pool": os.path.join(SHARED, "beavertails_train.jsonl"), "limit": 40},
+        selection={"method": "random", "k": 3}, optim={"max_steps": 2}, model={"max_length": 256})
+    assert main(["train", "--config", str(cfg)]) == 0
+    manifest = json.loads((out / "data_manifest.json").read_text())
+    assert manifest["clean_rows"] == 30 and manifest["train_rows"] == 33
+    assert manifest["selection"]["pool_rows"] == 40 and len(manifest["selection"]["indices"]) == 3
+    assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 2

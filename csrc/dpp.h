@@ -1,0 +1,41 @@
+// Greedy DPP MAP inference (shared declarations of the CPU and CUDA backends).
+//
+// Two forms of the kernel: a dense PSD matrix L (N x N), or a low-rank factor F (N x D) with a
+// ridge, L = F Fᵀ + eps·I, where the N x N matrix is never built. Two updates:
+//   cholesky: the incremental Cholesky update of Chen, Zhang, Zhou (2018); O(N k) memory.
+//   inverse:  low-rank only; keeps A = (F_Yᵀ F_Y + eps·I)⁻¹ (D x D, fp64) and one direction
+//             u_t per pick; d²_i = eps·(1 + f_iᵀ A f_i); O(N + k D + D²) memory.
+// Both return the picks in order and d² at pick time (fp64), so log det L_Y = Σ log d².
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace spard {
+
+enum class DppMethod { kCholesky, kInverse };
+
+// Validated inputs: masks as uint8 (0/1) tensors of length N on the input's device.
+struct DppInputs {
+  int64_t n = 0;
+  int64_t k = 0;  // min(k, N)
+  at::Tensor include;  // uint8 [N], all zero when not given
+  at::Tensor exclude;  // uint8 [N], all zero when not given
+};
+
+// Checks the dense kernel (square, symmetric, finite, float32/float64) and the common arguments.
+DppInputs check_dpp_dense(const at::Tensor& kernel, int64_t k, double eps_stop,
+                          const std::optional<at::Tensor>& include,
+                          const std::optional<at::Tensor>& exclude);
+
+// Checks the factor (2-D, finite, float32/float64), eps and the common arguments; resolves the
+// method ("auto" picks the cheaper update for these sizes).
+DppInputs check_dpp_lowrank(const at::Tensor& factor, int64_t k, double eps, double eps_stop,
+                            const std::optional<at::Tensor>& include,
+                            const std::optional<at::Tensor>& exclude, const std::string& method,
+                            DppMethod& resolved);
+
+}  // namespace spard

@@ -1,0 +1,114 @@
+"""`spard select`: pick the safety subset for a fine-tuning run with RD-DPP (or an ablation).
+
+Writes ``<out>/selected.jsonl`` (the picked pool rows, unchanged, in pick order) and
+``<out>/select_report.json`` (k, method, relevance, log det, timings, the picked indices), and
+prints the report as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "spard", "embeddings")
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    io = parser.add_argument_group("data")
+    io.add_argument("--pool", required=True, help="safety pool: rows with prompt (and safe/unsafe); jsonl/json/parquet/save_to_disk folder/hub name")
+    io.add_argument("--reference", required=True, help="the user's fine-tuning set as submitted (rows with a prompt)")
+    io.add_argument("--pool-split", default=None, help="split of a save_to_disk folder or hub dataset")
+    io.add_argument("--reference-split", default=None, help="split of a save_to_disk folder or hub dataset")
+    io.add_argument("--limit-pool", type=int, default=None, help="use only the first N pool rows")
+    io.add_argument("--limit-reference", type=int, default=None, help="use only the first N reference rows")
+    io.add_argument("--out", required=True, help="output folder (selected.jsonl, select_report.json)")
+
+    sel = parser.add_argument_group("selection")
+    sel.add_argument("--method", default="rd-dpp", choices=["rd-dpp", "random", "relevance", "relevance-only"])
+    sel.add_argument("--k", type=int, default=None, help="subset size (default floor(p * |reference|))")
+    sel.add_argument("--p", type=float, default=0.03, help="subset size as a fraction of the reference size")
+    sel.add_argument("--beta", type=float, default=4.0, help="relevance exponent: r = clamp(q, 0)^beta")
+    sel.add_argument("--seed", type=int, default=0, help="seed of the random method")
+
+    emb = parser.add_argument_group("embedding")
+    emb.add_argument("--model", default=None, help="the base LLM being fine-tuned (the default embedder)")
+    emb.add_argument("--embedder", default=None, help="embedding model name/path instead of --model ('minilm' = bundled MiniLM)")
+    emb.add_argument("--batch-size", type=int, default=64)
+    emb.add_argument("--max-length", type=int, default=256, help="tokens per text (longer texts are cut)")
+    emb.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto: bf16 where the GPU/CPU computes it natively, else float32")
+    emb.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    emb.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"embedding cache (default {DEFAULT_CACHE})")
+    emb.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+
+
+def _table(report: dict) -> str:
+    rows = [
+        ("method", report["method"]),
+        ("pool / reference", f"{report['n_pool']} / {report['n_reference']}"),
+        ("k (selected)", f"{report['k']} ({report['k_selected']})"),
+        ("embedder", report.get("embedder", "-")),
+    ]
+    if "relevance" in report:
+        rel = report["relevance"]
+        if rel["mean"] is not None:
+            rows.append(("relevance mean / min", f"{rel['mean']:.4f} / {rel['min']:.4f}"))
+        rows.append(("pool relevance mean", f"{report['pool_relevance']['mean']:.4f}"))
+        rows.append(("log det L_Y", f"{report['logdet']:.3f}"))
+    for stage, seconds in report["timings_s"].items():
+        rows.append((f"time {stage}", f"{seconds:.2f} s"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    embedder = args.embedder or args.model
+    if embedder is None and args.method != "random":
+        raise SystemExit("spard select: give --model (the base LLM, the default embedder) or --embedder")
+
+    try:
+        return _select(args, embedder)
+    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+        print(f"spard select: {e}", file=sys.stderr)
+        return 2
+
+
+def _select(args: argparse.Namespace, embedder) -> int:
+    from spard.data import load_task
+    from spard.io import write_json_atomic, write_jsonl_atomic
+    from spard.select import select_safe_data
+
+    pool = load_task(args.pool, split=args.pool_split, limit=args.limit_pool, require_response=False)
+    reference = load_task(args.reference, split=args.reference_split, limit=args.limit_reference, require_response=False)
+
+    settings = {"batch_size": args.batch_size, "max_length": args.max_length, "device": args.device}
+    if DTYPES[args.dtype] is not None:
+        import torch
+
+        settings["dtype"] = getattr(torch, DTYPES[args.dtype])
+    indices, report = select_safe_data(
+        pool,
+        reference,
+        method=args.method,
+        k=args.k,
+        p=args.p,
+        beta=args.beta,
+        embedder=embedder,
+        seed=args.seed,
+        cache_dir=None if args.no_cache else args.cache_dir,
+        device=args.device,
+        embedder_settings=settings,
+    )
+
+    out = Path(args.out)
+    selected_path, report_path = out / "selected.jsonl", out / "select_report.json"
+    write_jsonl_atomic(selected_path, [pool[i] for i in indices])
+    report.update(pool_source=args.pool, reference_source=args.reference, selected=str(selected_path), indices=indices)
+    write_json_atomic(report_path, report)
+    print(_table(report))
+    print(f"wrote {selected_path} and {report_path}")
+    return 0

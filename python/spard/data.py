@@ -1,0 +1,318 @@
+"""Loading task sets, safety pools and attack corpora, and turning rows into training examples.
+
+Every loader returns a list of plain dicts. A source is a local file (``.jsonl``, ``.json``,
+``.parquet``), a folder written by ``datasets``' ``save_to_disk``, or a Hugging Face hub name
+(loaded through ``datasets``; only when no local path of that name exists). Problems with the
+input raise ``ValueError`` / ``FileNotFoundError`` naming the file and the line (JSON Lines) or
+row (other formats) at fault.
+
+Normalised row shapes:
+- task rows (`load_task`): ``prompt``, ``response`` plus the original fields. GSM8K's
+  ``answer`` and instruction sets' ``output`` become ``response``; an instruction set's
+  ``instruction`` becomes ``prompt`` with a non-empty ``input`` appended after a blank line.
+- safety rows (`load_safety`): ``prompt``, ``safe`` (a refusal), ``unsafe`` (a harmful answer).
+
+Attack construction lives in `spard.attack` and is re-exported here (`build_attack`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from spard.formatting import EncodedExample, encode_example
+from spard.io import read_jsonl
+
+log = logging.getLogger(__name__)
+
+# Field names accepted for each role, in order of preference.
+PROMPT_FIELDS = ("prompt", "instruction", "question")
+RESPONSE_FIELDS = ("response", "answer", "output")
+SAFETY_FIELDS = ("prompt", "safe", "unsafe")
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw records
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Records:
+    """Rows plus where each one came from, so later checks can name the file and line."""
+
+    rows: list[dict]
+    name: str
+    where: Callable[[int], str]  # row index -> "file:line" / "file: row i"
+
+
+def _jsonl_line_numbers(path: Path) -> list[int]:
+    # read_jsonl skips blank lines, so row i is the i-th non-blank line.
+    with open(path, encoding="utf-8") as f:
+        return [n for n, line in enumerate(f, start=1) if line.strip()]
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON Lines saved with a .json suffix
+            return read_jsonl(path)
+        raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if isinstance(obj, dict):
+        # {"data": [...]} / {"train": [...]} layouts: take the single list-valued entry.
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise ValueError(f"{path}: expected a JSON list of objects (or an object holding one list)")
+        obj = lists[0]
+    if not isinstance(obj, list):
+        raise ValueError(f"{path}: expected a JSON list of objects, got {type(obj).__name__}")
+    for i, row in enumerate(obj):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
+    return obj
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq  # a dependency of `datasets`
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise ValueError(f"{path}: cannot read parquet ({e})") from None
+
+
+def _pick_split(ds, split: str | None, name: str):
+    from datasets import DatasetDict
+
+    if isinstance(ds, DatasetDict):
+        if split is None:
+            if len(ds) != 1:
+                raise ValueError(f"{name}: holds splits {sorted(ds)}; pass split=...")
+            split = next(iter(ds))
+        if split not in ds:
+            raise ValueError(f"{name}: no split {split!r}; splits are {sorted(ds)}")
+        return ds[split]
+    return ds
+
+
+def _looks_like_hub_name(source: str) -> bool:
+    return (
+        source.count("/") <= 1
+        and not source.startswith((".", "/", "~"))
+        and Path(source).suffix.lower() not in (".jsonl", ".json", ".parquet")
+    )
+
+
+def _load(source, split: str | None) -> Records:
+    if not isinstance(source, (str, os.PathLike)):
+        if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+            rows = list(source)
+            for i, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise ValueError(f"rows: item {i}: expected a dict, got {type(row).__name__}")
+            return Records(rows, "rows", lambda i: f"rows: item {i}")
+        raise TypeError(f"source: expected a path, a hub name or a list of dicts, got {type(source).__name__}")
+
+    path = Path(source).expanduser()
+    name = str(source)
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            ds = load_from_disk(str(path))
+        except FileNotFoundError:
+            raise ValueError(f"{name}: folder is not a `save_to_disk` dataset") from None
+        rows = _pick_split(ds, split, name).to_list()
+        return Records(rows, name, lambda i: f"{name}: row {i}")
+    if path.is_file():
+        if split is not None:
+            raise ValueError(f"split: applies to a save_to_disk folder or a hub dataset, not to file {name}")
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            rows = read_jsonl(path)
+            lines = _jsonl_line_numbers(path)
+            return Records(rows, name, lambda i: f"{name}:{lines[i]}")
+        if suffix == ".json":
+            rows = _read_json(path)
+            return Records(rows, name, lambda i: f"{name}: item {i}")
+        if suffix == ".parquet":
+            rows = _read_parquet(path)
+            return Records(rows, name, lambda i: f"{name}: row {i}")
+        raise ValueError(f"{name}: unsupported file type {suffix!r} (expected .jsonl, .json or .parquet)")
+    if _looks_like_hub_name(name):
+        from datasets import load_dataset
+
+        try:
+            ds = load_dataset(name, split=split)
+        except Exception as e:
+            raise FileNotFoundError(f"{name}: no such file or folder, and not loadable from the hub ({e})") from e
+        rows = _pick_split(ds, split, name).to_list()
+        return Records(rows, name, lambda i: f"{name}: row {i}")
+    raise FileNotFoundError(f"{name}: no such file or folder")
+
+
+def _check_limit(limit):
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"limit: expected a non-negative int or None, got {limit!r}")
+
+
+def _records(source, split, limit) -> Records:
+    _check_limit(limit)
+    rec = _load(source, split)
+    if limit is not None:
+        rec.rows = rec.rows[:limit]
+    if not rec.rows:
+        raise ValueError(f"{rec.name}: no rows (empty data set)")
+    return rec
+
+
+def load_records(source, *, split: str | None = None, limit: int | None = None) -> list[dict]:
+    """Raw rows of ``source`` (first ``limit`` of them); an empty set is an error."""
+    return _records(source, split, limit).rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalised rows
+# ----------------------------------------------------------------------------------------------
+def _text_field(row: dict, candidates: Sequence[str], role: str, where: str, required: bool = True):
+    for key in candidates:
+        if key in row and row[key] is not None:
+            value = row[key]
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+            return value
+    if not required:
+        return None
+    raise ValueError(
+        f"{where}: no {role} field (expected one of {', '.join(candidates)}); "
+        f"fields present: {', '.join(sorted(row)) or 'none'}"
+    )
+
+
+def load_task(
+    source,
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    require_response: bool = True,
+) -> list[dict]:
+    """Task rows with ``prompt`` and ``response`` (original fields kept).
+
+    ``prompt_field`` / ``response_field`` name the fields when they are not one of the usual
+    ones; ``require_response=False`` accepts prompt-only rows (e.g. a selection reference).
+    """
+    rec = _records(source, split, limit)
+    prompts = (prompt_field,) if prompt_field else PROMPT_FIELDS
+    responses = (response_field,) if response_field else RESPONSE_FIELDS
+    out = []
+    for i, row in enumerate(rec.rows):
+        where = rec.where(i)
+        prompt = _text_field(row, prompts, "prompt", where)
+        extra = row.get("input")
+        if isinstance(extra, str) and extra.strip() and "prompt" not in row:
+            prompt = f"{prompt}\n\n{extra}"  # instruction + input, as instruction sets intend
+        response = _text_field(row, responses, "response", where, required=require_response)
+        new = dict(row)
+        new["prompt"] = prompt
+        if response is not None:
+            new["response"] = response
+        out.append(new)
+    return out
+
+
+def load_safety(source, *, split: str | None = None, limit: int | None = None) -> list[dict]:
+    """Safety pool / attack corpus rows with ``prompt``, ``safe`` and ``unsafe``."""
+    rec = _records(source, split, limit)
+    for i, row in enumerate(rec.rows):
+        where = rec.where(i)
+        missing = [k for k in SAFETY_FIELDS if k not in row]
+        if missing:
+            raise ValueError(
+                f"{where}: missing field(s) {', '.join(missing)} (a safety row needs "
+                f"{', '.join(SAFETY_FIELDS)}); fields present: {', '.join(sorted(row)) or 'none'}"
+            )
+        for k in SAFETY_FIELDS:
+            if not isinstance(row[k], str):
+                raise ValueError(f"{where}: field {k!r} must be a string, got {type(row[k]).__name__}")
+    return rec.rows
+
+
+def safety_rows(pool_rows: Sequence[dict]) -> list[dict]:
+    """Training rows (prompt -> refusal) from safety pool rows."""
+    out = []
+    for i, row in enumerate(pool_rows):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("safe"), str):
+            raise ValueError(f"pool_rows: item {i}: expected a dict with string fields 'prompt' and 'safe'")
+        out.append({"prompt": row["prompt"], "response": row["safe"]})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Text helpers
+# ----------------------------------------------------------------------------------------------
+def normalise_prompt(text: str) -> str:
+    """Whitespace-collapsed, case-folded text: the key for overlap and duplicate checks."""
+    return " ".join(text.split()).casefold()
+
+
+def dedupe_rows(rows: Sequence[dict], key: str = "prompt") -> list[dict]:
+    """First occurrence of each normalised ``key`` value, in order."""
+    seen, out = set(), []
+    for row in rows:
+        k = normalise_prompt(row[key])
+        if k not in seen:
+            seen.add(k)
+            out.append(row)
+    return out
+
+
+def prompt_text(row: dict) -> str:
+    """The text a selection embeds: the prompt only (load_task already appended ``input``)."""
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str):
+        raise ValueError(f"row needs a string 'prompt' field; fields present: {', '.join(sorted(row))}")
+    return prompt
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation for training
+# ----------------------------------------------------------------------------------------------
+def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int) -> tuple[list[EncodedExample], int]:
+    """Encodes ``prompt``/``response`` rows (chat template, prompt-masked labels, truncation);
+    returns the examples and how many were truncated (also logged)."""
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
+    examples, n_truncated = [], 0
+    for i, row in enumerate(tqdm(rows, desc="tokenize", disable=len(rows) < 2000, leave=False)):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+            raise ValueError(f"rows: item {i}: expected string fields 'prompt' and 'response'")
+        ex = encode_example(tokenizer, row["prompt"], row["response"], max_length)
+        n_truncated += ex.truncated
+        examples.append(ex)
+    if n_truncated:
+        log.warning("tokenize_rows: %d of %d examples truncated to %d tokens", n_truncated, len(rows), max_length)
+    else:
+        log.info("tokenize_rows: %d examples, none truncated (max_length %d)", len(rows), max_length)
+    return examples, n_truncated
+
+
+from spard.attack import build_attack  # noqa: E402  (re-export; attack imports the helpers above)
+
+__all__ = [
+    "build_attack",
+    "dedupe_rows",
+    "load_records",
+    "load_safety",
+    "load_task",
+    "normalise_prompt",
+    "prompt_text",
+    "safety_rows",
+    "tokenize_rows",
+]

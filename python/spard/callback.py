@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from transformers import TrainerCallback
 
+from .distributed import DistributedSafetyProjector, is_distributed
 from .io import write_json_atomic
 from .spag import SafetyProjector, logs_to_floats
 
@@ -51,7 +52,9 @@ class SpagCallback(TrainerCallback):
         kwargs = dict(self.projector_kwargs)
         kwargs.setdefault("max_grad_norm", args.max_grad_norm or None)
         kwargs.setdefault("progress", not args.disable_tqdm)
-        self.projector = SafetyProjector(model, self.safe_rows, tokenizer, **kwargs)
+        # Under DDP/FSDP every rank must project with the same global safety batch and α.
+        projector_class = DistributedSafetyProjector if is_distributed() else SafetyProjector
+        self.projector = projector_class(model, self.safe_rows, tokenizer, **kwargs)
         saved = self._saved_state(args, state)
         if saved is not None:
             self.projector.load_state_dict(saved)

@@ -155,6 +155,10 @@ def save_checkpoint(directory: str | os.PathLike, step: int, *, model: torch.nn.
 
     ``state`` is JSON-serialisable (step, data order, projector state, history, ...).
     """
+    from .distributed import is_distributed, save_checkpoint_all_ranks
+    if is_distributed():  # gathered on every rank, written by rank 0
+        return save_checkpoint_all_ranks(directory, step, model=model, optimizer=optimizer,
+                                         scheduler=scheduler, state=state, keep=keep)
     directory = Path(directory)
     final = directory / f"{CHECKPOINT_PREFIX}{step}"
     with atomic_dir(final) as tmp:
@@ -193,6 +197,10 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
                     restore_rng: bool = True) -> dict[str, Any]:
     """Restores model, optimizer, scheduler and RNG states; returns the JSON state."""
     path = Path(path)
+    from .distributed import FULL_OPTIMIZER_FILE, is_distributed, load_checkpoint_all_ranks
+    if is_distributed() or (path / FULL_OPTIMIZER_FILE).is_file():  # written by several ranks
+        return load_checkpoint_all_ranks(path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                         restore_rng=restore_rng)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
     with open(path / "state.json", encoding="utf-8") as f:

@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import ResumableOrder, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import OptimConfig, TrainConfig, save_config
+from .distributed import (all_reduce_sum, full_tensor, get_world_size, global_count, is_main_process,
+                          local_device, rank_share, run_on_main)
 from .formatting import collate, pad_id_of
 from .io import write_json_atomic
 from .spag import SafetyProjector, encode_rows, label_token_count, token_loss_sum, trainable_parameters
@@ -29,7 +31,7 @@ class StopTraining(Exception):
 def _total_steps(n_rows: int, optim: OptimConfig) -> int:
     if optim.max_steps is not None:
         return int(optim.max_steps)
-    per_epoch = math.ceil(n_rows / (optim.batch_size * optim.grad_accum))
+    per_epoch = math.ceil(n_rows / (optim.batch_size * optim.grad_accum * get_world_size()))
     return max(1, math.ceil(optim.epochs * per_epoch))
 
 
@@ -114,7 +116,7 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optio
 
     running = _RunningMeans()
     bar = tqdm(total=total, initial=step, desc="spag" if projector is not None else "sft",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not is_main_process(), dynamic_ncols=True)
     start = time.perf_counter()
     was_training = model.training
     model.train()
@@ -152,19 +154,22 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optio
 
 def _utility_step(model, params, examples, order, pad_id, optim: OptimConfig, device) -> dict:
     """Forward/backward over ``grad_accum`` micro-batches with a token-weighted mean loss."""
-    indices = order.take(optim.batch_size * optim.grad_accum)
+    # The global batch (the same on every rank) and this rank's share of it.
+    world = get_world_size()
+    indices = rank_share(order.take(optim.batch_size * optim.grad_accum * world))
     batches = [collate([examples[i] for i in indices[s:s + optim.batch_size]], pad_id)
                for s in range(0, len(indices), optim.batch_size)]
-    total_tokens = max(sum(label_token_count(b["labels"]) for b in batches), 1)
+    total_tokens = global_count(sum(label_token_count(b["labels"]) for b in batches), device).clamp_min(1)
     loss = torch.zeros((), dtype=torch.float32, device=device)
     for b in batches:
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         part = token_loss_sum(model, b) / total_tokens
-        part.backward()
+        (part * world).backward()  # DDP / FSDP average over ranks; part is already a global mean
         loss += part.detach()
+    all_reduce_sum([loss])
     logs = {"loss": loss}
     if optim.max_grad_norm:
-        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+        logs["grad_norm"] = full_tensor(torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm))
     return logs
 
 
@@ -181,7 +186,7 @@ def _postfix(record: dict, projector) -> dict:
 # ----------------------------------------------------------------------------------------------
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device()  # cuda:LOCAL_RANK under torchrun
     return torch.device(name)
 
 
@@ -228,9 +233,10 @@ def _prepare_data(config: TrainConfig, resume_state: Optional[dict]) -> tuple[li
             from .select import select_safe_data
             # The paper embeds with the base LLM itself; any encoder may be named instead.
             embedder = None if sel.method == "random" else (sel.embedder or config.model.name_or_path)
-            indices, report = select_safe_data(pool, rows, method=sel.method, k=sel.k, p=sel.p,
-                                               beta=sel.beta, embedder=embedder, seed=sel.seed,
-                                               cache_dir=sel.cache_dir)
+            # Selected once (rank 0) and shared: every rank trains on the same safe set.
+            indices, report = run_on_main(select_safe_data, pool, rows, method=sel.method, k=sel.k,
+                                          p=sel.p, beta=sel.beta, embedder=embedder, seed=sel.seed,
+                                          cache_dir=sel.cache_dir)
         indices = [int(i) for i in indices]
         safe = D.safety_rows([pool[i] for i in indices])
         if not safe:
@@ -240,12 +246,19 @@ def _prepare_data(config: TrainConfig, resume_state: Optional[dict]) -> tuple[li
     return rows, safe, manifest
 
 
-def train(config: TrainConfig) -> dict:
-    """Selection, then SPAG (or SFT) fine-tuning with LoRA; saves adapter, config, manifest, log."""
+def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
+    """Selection, then SPAG (or SFT) fine-tuning with LoRA; saves adapter, config, manifest, log.
+
+    Under ``torchrun`` / ``accelerate launch`` the model is wrapped with ``strategy`` ("ddp" or
+    "fsdp"; default: fsdp under ``accelerate launch --use_fsdp``, else ddp), see
+    docs/distributed.md; rank 0 writes the outputs.
+    """
+    from . import distributed
     from .checkpoint import atomic_dir
     from .lora import apply_lora
 
     config.validate()
+    several_ranks = distributed.init_from_env()
     out = Path(config.run.output_dir)
     ckpt_dir = out / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if config.run.resume else None
@@ -262,32 +275,41 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.optim.seed)
     model = apply_lora(model, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
                        target_modules=config.lora.target_modules)
+    peft_model = model
+    if several_ranks:
+        model = distributed.wrap_model(model, strategy or distributed.default_strategy())
     projector = None
     if config.spag.enabled:
         s = config.spag
-        projector = SafetyProjector(model, safe, tokenizer, tau=s.tau, max_step=s.max_step,
-                                    batch_size=s.batch_size, micro_batch_size=s.micro_batch_size,
-                                    mode=s.mode, delta=s.delta, alpha_max=s.alpha_max,
-                                    max_grad_norm=config.optim.max_grad_norm,
-                                    max_length=config.model.max_length, measure_after=s.measure_after,
-                                    seed=s.seed, progress=config.run.progress)
+        projector_cls = distributed.DistributedSafetyProjector if several_ranks else SafetyProjector
+        projector = projector_cls(model, safe, tokenizer, tau=s.tau, max_step=s.max_step,
+                                  batch_size=s.batch_size, micro_batch_size=s.micro_batch_size,
+                                  mode=s.mode, delta=s.delta, alpha_max=s.alpha_max,
+                                  max_grad_norm=config.optim.max_grad_norm,
+                                  max_length=config.model.max_length, measure_after=s.measure_after,
+                                  seed=s.seed, progress=config.run.progress)
         if projector.tau is None and latest is None:
             projector.calibrate_tau()  # the base model: LoRA starts as the identity
 
-    save_config(config, out / "config.yaml")
-    write_json_atomic(out / "data_manifest.json", manifest)
+    if distributed.is_main_process():
+        save_config(config, out / "config.yaml")
+        write_json_atomic(out / "data_manifest.json", manifest)
     extra = {"selection": manifest["selection"]} if "selection" in manifest else {}
     result = fit(model, tokenizer, rows, optim=config.optim, projector=projector,
                  max_length=config.model.max_length, checkpoint_dir=str(ckpt_dir),
                  save_every=config.run.save_every, keep_checkpoints=config.run.keep_checkpoints,
                  resume=latest is not None, log_every=config.run.log_every,
                  progress=config.run.progress, extra_state=extra)
-    with atomic_dir(out / "adapter") as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+    adapter_state = distributed.trainable_full_state(model) if several_ranks else None  # gathered on every rank
+    if distributed.is_main_process():
+        with atomic_dir(out / "adapter") as tmp:
+            peft_model.save_pretrained(str(tmp), safe_serialization=True, state_dict=adapter_state)
     run = {"output_dir": str(out), "adapter": str(out / "adapter"), "config": config.to_dict(),
            "data": {k: v for k, v in manifest.items() if k != "selection"},
            "safe_set_size": len(safe), **result}
-    write_json_atomic(out / "run.json", run)
+    if distributed.is_main_process():
+        write_json_atomic(out / "run.json", run)
+    distributed.barrier()
     return run
 
 

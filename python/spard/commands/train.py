@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     short.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     short.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"), default=None,
+                        help="under torchrun / accelerate launch: DDP (replicated) or FSDP2 (sharded) "
+                             "parameters; default fsdp under `accelerate launch --use_fsdp`, else ddp "
+                             "(see docs/distributed.md)")
 
 
 def _shortcut_values(args) -> dict:
@@ -57,9 +61,11 @@ def run(args) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
 
+    from spard.distributed import is_main_process
     from spard.trainer import summary_table, train
 
-    run_dict = train(config)
-    print(summary_table(run_dict))
-    print(f"run log: {config.run.output_dir}/run.json")
+    run_dict = train(config, strategy=args.strategy)
+    if is_main_process():
+        print(summary_table(run_dict))
+        print(f"run log: {config.run.output_dir}/run.json")
     return 0

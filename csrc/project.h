@@ -7,8 +7,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifdef __CUDACC__
@@ -18,6 +20,20 @@
 #endif
 
 namespace spard {
+
+// Accumulate in float for 16/32-bit inputs, in double when either side is float64.
+template <typename tx, typename ta>
+using acc_type = std::conditional_t<std::is_same_v<tx, double> || std::is_same_v<ta, double>, double, float>;
+
+// Runs the body with `tx` and `ta` bound to the element types of the x and a tensors.
+#define SPARD_DISPATCH_PAIR(TX, TA, NAME, ...)                                                    \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TX, NAME, [&] {                        \
+    using tx = scalar_t;                                                                          \
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TA, NAME, [&] {                      \
+      using ta = scalar_t;                                                                        \
+      __VA_ARGS__();                                                                              \
+    });                                                                                           \
+  })
 
 // Step coefficient of the projection. Returns 0 (no update) when any input is non-finite or the
 // direction is zero, so a bad reduction never writes NaN into x.

@@ -30,10 +30,6 @@ std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& xs) {
   return chunks;
 }
 
-// Accumulate in float for 16/32-bit inputs, in double when either side is float64.
-template <typename tx, typename ta>
-using acc_type = std::conditional_t<std::is_same_v<tx, double> || std::is_same_v<ta, double>, double, float>;
-
 template <typename tx, typename ta, bool UseDot>
 void chunk_sums(const tx* x, const ta* a, int64_t n, double& dot, double& sq) {
   using acc = acc_type<tx, ta>;
@@ -68,15 +64,6 @@ void chunk_update(tx* x, const ta* a, int64_t n, float coef) {
     x[i] = static_cast<tx>(static_cast<acc>(x[i]) - c * static_cast<acc>(a[i]));
   }
 }
-
-#define SPARD_DISPATCH_PAIR(TX, TA, NAME, ...)                                                    \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TX, NAME, [&] {                        \
-    using tx = scalar_t;                                                                          \
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TA, NAME, [&] {                      \
-      using ta = scalar_t;                                                                        \
-      __VA_ARGS__();                                                                              \
-    });                                                                                           \
-  })
 
 // Sums over contiguous lists; returns (dot, sqnorm) in double.
 std::pair<double, double> reduce_lists(const std::vector<at::Tensor>& x, const std::vector<at::Tensor>& a,

@@ -23,9 +23,6 @@ constexpr int64_t kChunk = 16384;  // elements per block
 constexpr int kThreads = 512;
 constexpr int kFinalThreads = 512;
 
-template <typename tx, typename ta>
-using acc_type = std::conditional_t<std::is_same_v<tx, double> || std::is_same_v<ta, double>, double, float>;
-
 template <typename T>
 __device__ T warp_sum(T v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
@@ -173,15 +170,6 @@ Plan make_plan(const std::vector<at::Tensor>& x, const std::vector<at::Tensor>& 
   plan.table = host.to(x[0].device(), at::kLong, /*non_blocking=*/true);
   return plan;
 }
-
-#define SPARD_DISPATCH_PAIR(TX, TA, NAME, ...)                                                    \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TX, NAME, [&] {                        \
-    using tx = scalar_t;                                                                          \
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TA, NAME, [&] {                      \
-      using ta = scalar_t;                                                                        \
-      __VA_ARGS__();                                                                              \
-    });                                                                                           \
-  })
 
 // Launches the per-block reductions; returns the slots (double, [n_blocks][2]).
 at::Tensor launch_reduce(const Plan& plan, bool use_dot, const at::Device& device, cudaStream_t stream) {

@@ -1,0 +1,454 @@
+"""`spard bench`: every defense on the same runs. A grid of defenses x attacks x harmful ratios x
+seeds on one base model, one task, one safety pool and one evaluation.
+
+Each cell (attack, ratio, seed, defense) writes ``cells/<attack>/ph<ratio>/seed<seed>/<defense>.json``
+atomically when it finishes; a rerun skips finished cells and retries failed ones (their error
+is kept next to the cell as ``.error.json`` until it succeeds). ``summarize`` then reads every
+cell and writes ``summary.json``, ``cells.csv``, ``table.md`` (the paper's layout: ASR, HS and
+accuracy per attack and their average) and two plots (ASR against harmful ratio; ASR against
+accuracy).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import LoraConfig, OptimConfig
+from .io import write_json_atomic, write_text_atomic
+
+CELL_VERSION = 1
+
+
+@dataclass
+class BenchData:
+    """What every cell shares: the aligned base model, its tokenizer, the clean task rows, the
+    held-out task rows, the evaluation harmful prompts, the safety pool and the attack corpora
+    (name -> rows with ``prompt`` and ``unsafe``)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    task: list[dict]
+    task_test: list[dict]
+    eval_prompts: list[str]
+    safety_pool: list[dict]
+    attacks: dict[str, list[dict]]
+    description: dict = field(default_factory=dict)
+
+
+@dataclass
+class BenchSettings:
+    defenses: list[str] = field(default_factory=lambda: ["sft", "spard"])
+    ratios: list[float] = field(default_factory=lambda: [0.1])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    defense_settings: dict = field(default_factory=dict)
+    """defense name -> settings overriding its presets (e.g. {"lisa": {"rho": 1.0}})."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    max_length: int = 512
+    max_new_tokens: int = 512
+    task_max_new_tokens: int = 512
+    eval_batch_size: int = 32
+    judge: str = "refusal"
+    """refusal | moderation | guard | rubric (spard.eval.make_judge)."""
+    judge_model: Optional[str] = None
+    """The moderation/guard model, or the rubric judge's API model name."""
+
+    def validate(self) -> None:
+        from .defenses import REGISTRY
+        if not self.defenses:
+            raise ValueError("defenses: name at least one defense")
+        unknown = [d for d in self.defenses if d not in REGISTRY]
+        if unknown:
+            raise ValueError(f"defenses: unknown {unknown}; known: {', '.join(REGISTRY)}")
+        if not self.ratios or any(not (isinstance(r, (int, float)) and 0 <= r) for r in self.ratios):
+            raise ValueError(f"ratios: expected numbers >= 0, got {self.ratios!r}")
+        if not self.seeds or any(not isinstance(s, int) for s in self.seeds):
+            raise ValueError(f"seeds: expected ints, got {self.seeds!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Cell:
+    attack: str
+    ratio: float
+    seed: int
+    defense: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.attack}/ph{self.ratio:g}/seed{self.seed}/{self.defense}"
+
+    def path(self, out_dir) -> Path:
+        return Path(out_dir) / "cells" / f"{self.key}.json"
+
+    def error_path(self, out_dir) -> Path:
+        return Path(out_dir) / "cells" / f"{self.key}.error.json"
+
+
+def grid(settings: BenchSettings, attacks: Sequence[str]) -> list[Cell]:
+    """Seed-major order, so a grid cut short still covers every ratio and defense."""
+    return [Cell(a, float(r), s, d) for s in settings.seeds for a in attacks for r in settings.ratios
+            for d in settings.defenses]
+
+
+def cell_fingerprint(cell: Cell, settings: BenchSettings, data_description: dict) -> str:
+    """What a cell's result depends on besides its coordinates: training, evaluation and this
+    defense's settings, and the data/model description. A finished cell made under another
+    fingerprint is stale and runs again (adding seeds or defenses leaves the others valid)."""
+    payload = {"optim": asdict(settings.optim), "lora": asdict(settings.lora), "max_length": settings.max_length,
+               "max_new_tokens": settings.max_new_tokens, "task_max_new_tokens": settings.task_max_new_tokens,
+               "judge": [settings.judge, settings.judge_model], "defense": settings.defense_settings.get(cell.defense, {}),
+               "data": data_description, "version": CELL_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cell_done(cell: Cell, out_dir, fingerprint: Optional[str] = None) -> bool:
+    p = cell.path(out_dir)
+    if not p.is_file():
+        return False
+    try:
+        result = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # a damaged result is recomputed
+    return result.get("version") == CELL_VERSION and (fingerprint is None or result.get("fingerprint") == fingerprint)
+
+
+# ----------------------------------------------------------------------------------------------
+# One cell
+# ----------------------------------------------------------------------------------------------
+def attack_rows(data: BenchData, attack: str, ratio: float, seed: int) -> tuple[list[dict], dict]:
+    from .attack import build_attack
+    if ratio == 0:
+        return [{"prompt": r["prompt"], "response": r["response"], "source": "clean"} for r in data.task], {"n_harmful": 0}
+    rows, manifest = build_attack(data.task, data.attacks[attack], ratio=ratio, seed=seed,
+                                  eval_prompts=data.eval_prompts)
+    manifest.pop("order", None)
+    return rows, manifest
+
+
+def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: bool = False) -> dict:
+    from .defenses import DefenseData, make_defense, run_defense
+    from .eval import evaluate, make_judge
+
+    rows, manifest = attack_rows(data, cell.attack, cell.ratio, cell.seed)
+    torch.manual_seed(cell.seed)
+    defense = make_defense(cell.defense, **settings.defense_settings.get(cell.defense, {}))
+    ddata = DefenseData(user=rows, safety_pool=data.safety_pool, seed=cell.seed, max_length=settings.max_length)
+    optim = copy.deepcopy(settings.optim)
+    optim.seed = cell.seed
+    model = copy.deepcopy(data.model)  # every cell starts from the same aligned weights
+    model, run = run_defense(defense, model, data.tokenizer, ddata, optim=optim, lora=settings.lora,
+                             progress=progress, desc=cell.key)
+    t = time.perf_counter()
+    result = evaluate(model, data.tokenizer, safety_prompts=data.eval_prompts, task_rows=data.task_test,
+                      judge=make_judge(settings.judge, model=settings.judge_model), max_new_tokens=settings.max_new_tokens,
+                      task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size)
+    return {"version": CELL_VERSION, "cell": asdict(cell), "attack_manifest": manifest,
+            "asr": result["safety"]["asr"], "hs": result["safety"].get("hs"),
+            "accuracy": result["task"]["accuracy"], "evaluation": result,
+            "train": run, "eval_seconds": time.perf_counter() - t}
+
+
+def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: bool = True,
+             cell_runner: Optional[Callable] = None) -> dict:
+    """Runs every unfinished cell; returns {"done", "skipped", "failed": [keys]}."""
+    settings.validate()
+    missing = [a for a in data.attacks if not data.attacks[a]]
+    if missing:
+        raise ValueError(f"attacks {missing} have no rows")
+    out = Path(out_dir)
+    runner = cell_runner or run_cell
+    cells = grid(settings, sorted(data.attacks))
+    fingerprints = {c.key: cell_fingerprint(c, settings, data.description) for c in cells}
+    # The summary reads only the cells of this grid made under these settings.
+    write_json_atomic(out / "bench.json", {"settings": settings.to_dict(), "data": data.description,
+                                           "attacks": sorted(data.attacks), "cells": fingerprints})
+    status = {"done": [], "skipped": [], "failed": []}
+    bar = tqdm(cells, desc="bench", disable=not progress, dynamic_ncols=True)
+    for cell in bar:
+        bar.set_postfix_str(cell.key, refresh=True)
+        fingerprint = fingerprints[cell.key]
+        if cell_done(cell, out, fingerprint):
+            status["skipped"].append(cell.key)
+            continue
+        try:
+            result = {**runner(cell, data, settings), "fingerprint": fingerprint}
+        except Exception as e:  # noqa: BLE001 - one broken cell must not stop the grid
+            write_json_atomic(cell.error_path(out), {"cell": asdict(cell), "error": repr(e),
+                                                     "traceback": traceback.format_exc()})
+            status["failed"].append(cell.key)
+            tqdm.write(f"bench: cell {cell.key} failed: {e!r} (rerun to retry)")
+            continue
+        write_json_atomic(cell.path(out), result)
+        cell.error_path(out).unlink(missing_ok=True)
+        status["done"].append(cell.key)
+    return status
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------
+def load_cells(out_dir) -> list[dict]:
+    """Finished cells; when bench.json lists the grid, only its cells with matching fingerprints."""
+    root = Path(out_dir) / "cells"
+    expected = None
+    if (Path(out_dir) / "bench.json").is_file():
+        expected = json.loads((Path(out_dir) / "bench.json").read_text(encoding="utf-8")).get("cells")
+    cells = []
+    for p in sorted(root.rglob("*.json")):
+        if p.name.endswith(".error.json"):
+            continue
+        try:
+            c = json.loads(p.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{p}: unreadable cell result ({e})") from e
+        if c.get("version") != CELL_VERSION:
+            continue
+        key = Cell(**c["cell"]).key
+        if expected is None or expected.get(key) == c.get("fingerprint"):
+            cells.append(c)
+    return cells
+
+
+def _stats(values: list) -> dict:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "n": len(vals)}
+
+
+def _order(names, preferred) -> list:
+    pref = [d for d in preferred if d in names]
+    return pref + sorted(n for n in names if n not in pref)
+
+
+def summarize(out_dir, *, defenses_order: Optional[Sequence[str]] = None) -> dict:
+    """Aggregates the finished cells (mean and std over seeds) and writes summary.json,
+    cells.csv, table.md and the plots. Returns the summary dict."""
+    from .defenses import defense_names
+    out = Path(out_dir)
+    cells = load_cells(out)
+    if not cells:
+        raise ValueError(f"{out}: no finished cells to summarise")
+    order = _order({c["cell"]["defense"] for c in cells}, list(defenses_order or defense_names()))
+    attacks = sorted({c["cell"]["attack"] for c in cells})
+    ratios = sorted({c["cell"]["ratio"] for c in cells})
+    groups: dict = {}
+    for c in cells:
+        k = (c["cell"]["defense"], c["cell"]["attack"], c["cell"]["ratio"])
+        groups.setdefault(k, []).append(c)
+    rows = []
+    for (d, a, r), cs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1], kv[0][2])):
+        rows.append({"defense": d, "attack": a, "ratio": r, "seeds": sorted(c["cell"]["seed"] for c in cs),
+                     "asr": _stats([c["asr"] for c in cs]), "hs": _stats([c.get("hs") for c in cs]),
+                     "accuracy": _stats([c["accuracy"] for c in cs]),
+                     "train_seconds": _stats([c["train"]["seconds"] for c in cs])})
+    overall = {}
+    for d in order:
+        cs = [c for c in cells if c["cell"]["defense"] == d]
+        overall[d] = {"asr": _stats([c["asr"] for c in cs]), "accuracy": _stats([c["accuracy"] for c in cs]),
+                      "hs": _stats([c.get("hs") for c in cs]), "cells": len(cs),
+                      "train_seconds": _stats([c["train"]["seconds"] for c in cs])}
+    summary = {"defenses": order, "attacks": attacks, "ratios": ratios, "groups": rows, "overall": overall,
+               "cells": len(cells)}
+    summary["target"] = target_check(summary)
+    write_json_atomic(out / "summary.json", summary)
+    write_text_atomic(out / "cells.csv", cells_csv(cells))
+    write_text_atomic(out / "table.md", markdown_tables(summary))
+    try:
+        plot_summary(summary, out)
+    except ImportError:  # matplotlib is optional for the summary
+        pass
+    return summary
+
+
+def target_check(summary: dict, method: str = "spard", reference: str = "sft",
+                 tolerance: float = 0.03) -> Optional[dict]:
+    """The issue's target: ``method`` has the lowest mean ASR of all defenses, with accuracy
+    within ``tolerance`` of ``reference`` (or better). None when either is missing."""
+    o = summary["overall"]
+    if method not in o or reference not in o or o[method]["asr"]["mean"] is None:
+        return None
+    ranked = sorted((v["asr"]["mean"], d) for d, v in o.items() if v["asr"]["mean"] is not None)
+    gap = o[method]["accuracy"]["mean"] - o[reference]["accuracy"]["mean"]
+    lowest = [d for a, d in ranked if a == ranked[0][0]]
+    return {"method": method, "reference": reference, "lowest_asr": lowest,
+            "method_has_lowest_asr": method in lowest, "accuracy_gap": gap,
+            "accuracy_within_tolerance": gap >= -tolerance, "tolerance": tolerance}
+
+
+def cells_csv(cells: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["attack", "ratio", "seed", "defense", "asr", "hs", "accuracy", "train_seconds", "steps"])
+    for c in sorted(cells, key=lambda c: (c["cell"]["attack"], c["cell"]["ratio"], c["cell"]["seed"], c["cell"]["defense"])):
+        k = c["cell"]
+        w.writerow([k["attack"], k["ratio"], k["seed"], k["defense"], c["asr"], c.get("hs"), c["accuracy"],
+                    round(c["train"]["seconds"], 2), c["train"]["steps"]])
+    return buf.getvalue()
+
+
+def _pct(s: dict, std: bool = True) -> str:
+    if s["mean"] is None:
+        return "-"
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if std and s["n"] > 1 else f"{100 * s['mean']:.1f}"
+
+
+def _hs(s: dict) -> str:
+    return "-" if s["mean"] is None else f"{s['mean']:.2f}"
+
+
+def markdown_tables(summary: dict) -> str:
+    """One table per harmful ratio and one over all ratios, in the paper's layout: a row per
+    defense; ASR, HS and accuracy per attack, then their average over attacks (%, mean ± std
+    over seeds)."""
+    attacks, order = summary["attacks"], summary["defenses"]
+    by = {(g["defense"], g["attack"], g["ratio"]): g for g in summary["groups"]}
+    parts = []
+    for ratio in summary["ratios"]:
+        head = ["defense"] + [f"{a} {m}" for a in attacks for m in ("ASR", "HS", "acc")] + ["avg ASR", "avg acc"]
+        lines = [f"### p_h = {ratio:g}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for d in order:
+            cells, asrs, accs = [], [], []
+            for a in attacks:
+                g = by.get((d, a, ratio))
+                if g is None:
+                    cells += ["-"] * 3
+                    continue
+                cells += [_pct(g["asr"]), _hs(g["hs"]), _pct(g["accuracy"])]
+                asrs.append(g["asr"]["mean"])
+                accs.append(g["accuracy"]["mean"])
+            avg = lambda v: "-" if not v or None in v else f"{100 * statistics.fmean(v):.1f}"
+            lines.append("| " + " | ".join([d] + cells + [avg(asrs), avg(accs)]) + " |")
+        parts.append("\n".join(lines))
+    lines = ["### Mean over all ratios, attacks and seeds", "",
+             "| defense | ASR (%) | accuracy (%) | train s / run | cells |", "| --- | --- | --- | --- | --- |"]
+    for d in order:
+        o = summary["overall"][d]
+        secs = o.get("train_seconds", {}).get("mean")
+        secs = "-" if secs is None else f"{secs:.1f}"
+        lines.append(f"| {d} | {_pct(o['asr'])} | {_pct(o['accuracy'])} | {secs} | {o['cells']} |")
+    t = summary.get("target")
+    if t:
+        ok = t["method_has_lowest_asr"] and t["accuracy_within_tolerance"]
+        lines += ["", f"Target ({t['method']}: lowest mean ASR, accuracy within {100 * t['tolerance']:.0f} points "
+                  f"of {t['reference']}): {'met' if ok else 'NOT met'}. Lowest mean ASR: "
+                  f"{', '.join(t['lowest_asr'])}; {t['method']} accuracy minus {t['reference']}: "
+                  f"{100 * t['accuracy_gap']:+.1f} points."]
+    parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_summary(summary: dict, out_dir) -> list[Path]:
+    """asr_vs_ratio.png (mean ± std over seeds, averaged over attacks) and asr_vs_accuracy.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+    out = Path(out_dir)
+    paths = []
+    # 13+ defenses: distinct colours and markers so no two lines look alike
+    styles = {d: (plt.cm.tab20(i % 20), "osD^v<>ph*"[i % 10]) for i, d in enumerate(summary["defenses"])}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for d in summary["defenses"]:
+        xs, ys, es = [], [], []
+        for r in summary["ratios"]:
+            gs = [g for g in summary["groups"] if g["defense"] == d and g["ratio"] == r and g["asr"]["mean"] is not None]
+            if gs:
+                xs.append(r)
+                ys.append(100 * statistics.fmean(g["asr"]["mean"] for g in gs))
+                es.append(100 * statistics.fmean(g["asr"]["std"] for g in gs))
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, color=styles[d][0], marker=styles[d][1], capsize=3, label=d)
+    ax.set_xlabel("harmful ratio p_h")
+    ax.set_ylabel("ASR (%)")
+    ax.set_title("ASR against harmful ratio")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out / "asr_vs_ratio.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    paths.append(out / "asr_vs_ratio.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for d in summary["defenses"]:
+        o = summary["overall"][d]
+        if o["asr"]["mean"] is None or o["accuracy"]["mean"] is None:
+            continue
+        ax.errorbar(100 * o["accuracy"]["mean"], 100 * o["asr"]["mean"], xerr=100 * o["accuracy"]["std"],
+                    yerr=100 * o["asr"]["std"], color=styles[d][0], marker=styles[d][1], capsize=3, label=d,
+                    linestyle="none")
+        ax.annotate(d, (100 * o["accuracy"]["mean"], 100 * o["asr"]["mean"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("task accuracy (%)")
+    ax.set_ylabel("ASR (%)")
+    ax.set_title("ASR against accuracy (all cells; lower right is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out / "asr_vs_accuracy.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    paths.append(out / "asr_vs_accuracy.png")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Data sources
+# ----------------------------------------------------------------------------------------------
+def world_data(world_settings=None, *, n_task: Optional[int] = None, n_eval: Optional[int] = None,
+               n_task_test: Optional[int] = None, progress: bool = True) -> BenchData:
+    """The synthetic world (aligned tiny model from the cache, built on first use); its attack
+    corpus is named "world"."""
+    from .world import WorldSettings, build_world
+    w = build_world(world_settings or WorldSettings(), progress=progress)
+    task = [{"prompt": r["prompt"], "response": r["answer"], "answer": r["answer"]} for r in w.data["task_train"]]
+    return BenchData(model=w.model, tokenizer=w.tokenizer, task=task[:n_task],
+                     task_test=w.data["task_test"][:n_task_test],
+                     eval_prompts=[r["prompt"] for r in w.data["harmful_test"]][:n_eval],
+                     safety_pool=w.data["safety_pool"], attacks={"world": w.data["harmful_train"]},
+                     description={"source": "world", "settings": asdict(w.settings), "cache": w.cache_file,
+                                  "data_sha256": _rows_hash(w.data), "n_task": n_task, "n_eval": n_eval,
+                                  "n_task_test": n_task_test})
+
+
+def _rows_hash(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safety_pool: str,
+              attacks: dict[str, str], n_task: Optional[int] = None, n_task_test: Optional[int] = None,
+              n_eval: Optional[int] = None, device: Optional[str] = None) -> BenchData:
+    """Real-format files: a base model path, task train/test, evaluation prompts, a safety
+    pool, and attack corpora name -> path (prompt/unsafe rows)."""
+    from .data import load_safety, load_task, load_records
+    from .eval import load_model
+    if not attacks:
+        raise ValueError("attacks: name at least one attack corpus (name -> path)")
+    m, tok = load_model(model, device=device)
+    ev = load_records(eval_prompts, limit=n_eval)
+    return BenchData(model=m, tokenizer=tok, task=load_task(task, limit=n_task),
+                     task_test=load_task(task_test, limit=n_task_test),
+                     eval_prompts=[r["prompt"] for r in ev], safety_pool=load_safety(safety_pool),
+                     attacks={name: load_safety(path) for name, path in attacks.items()},
+                     description={"source": "files", "model": model, "task": task, "task_test": task_test,
+                                  "eval_prompts": eval_prompts, "safety_pool": safety_pool, "attacks": attacks,
+                                  "n_task": n_task, "n_task_test": n_task_test, "n_eval": n_eval})

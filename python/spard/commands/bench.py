@@ -1,0 +1,122 @@
+"""`spard bench`: defenses x attacks x harmful ratios x seeds on one base model and evaluation.
+
+    spard bench --world --quick --out runs/bench                       # the synthetic world
+    spard bench --config bench.yaml --out runs/bench                   # real-format files
+    spard bench --summarize-only --out runs/bench                      # tables and plots again
+
+Finished cells are skipped on a rerun; failed ones are retried. See docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# The world's quick settings: small enough for the full grid to run on a laptop CPU.
+WORLD_QUICK = {
+    # 750 task rows: p_h = 0.2 then takes all 150 of the world's attack requests
+    "n_task": 750, "n_eval": 100, "n_task_test": 100,
+    "optim": {"lr": 5e-3, "warmup_steps": 10, "batch_size": 16, "epochs": 3.0, "weight_decay": 0.0},
+    "lora": {"r": 32, "alpha": 16, "dropout": 0.0,
+             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+    "max_length": 96, "max_new_tokens": 40, "task_max_new_tokens": 40, "eval_batch_size": 100,
+    # Phase and stage lengths scaled to these ~80-step runs (the papers' ratios kept).
+    "defense_settings": {"lisa": {"alignment_steps": 8, "finetune_steps": 72},
+                         "booster": {"steps": 80}, "antibody-align": {"stage_steps": 80}},
+}
+WORLD_FULL = {**WORLD_QUICK, "n_task": 750, "n_eval": None, "n_task_test": None,
+              "optim": {**WORLD_QUICK["optim"], "epochs": 5.0},
+              "defense_settings": {"lisa": {"alignment_steps": 40, "finetune_steps": 360},
+                                   "booster": {"steps": 300}, "antibody-align": {"stage_steps": 300}}}
+
+
+FILE_KEYS = ("model", "task", "task_test", "eval_prompts", "safety_pool", "attacks", "n_task", "n_task_test",
+             "n_eval", "device")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--world", action="store_true", help="run on the synthetic world")
+    src.add_argument("--config", help="YAML/JSON bench file: model, task, task_test, eval_prompts, "
+                     "safety_pool, attacks {name: path}, and any settings (see docs/bench.md)")
+    parser.add_argument("--quick", action="store_true", help="the world's quick settings (default for --world)")
+    parser.add_argument("--full", action="store_true", help="the world's full-size settings")
+    parser.add_argument("--defenses", help="comma-separated names (default: all registered)")
+    parser.add_argument("--ratios", default=None, help="comma-separated harmful ratios, e.g. 0.05,0.1,0.2")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--out", required=True, help="output folder (cells/, summary.json, table.md, plots)")
+    parser.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from finished cells")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (tiny models run best on 1)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _csv(text, cast):
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise SystemExit(f"spard bench: bad list {text!r}: {e}")
+
+
+def build_settings(spec: dict):
+    from spard.bench import BenchSettings
+    from spard.config import LoraConfig, OptimConfig
+    spec = dict(spec)
+    known = {"defenses", "ratios", "seeds", "defense_settings", "optim", "lora", "max_length", "max_new_tokens",
+             "task_max_new_tokens", "eval_batch_size", "judge", "judge_model"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ValueError(f"bench settings: unknown key(s) {unknown}; known: {sorted(known)}")
+    if "optim" in spec:
+        spec["optim"] = OptimConfig(**spec["optim"])
+    if "lora" in spec:
+        spec["lora"] = LoraConfig(**spec["lora"])
+    return BenchSettings(**spec)
+
+
+def run(args) -> int:
+    from spard import bench
+    from spard.defenses import defense_names
+
+    if args.summarize_only:
+        summary = bench.summarize(args.out)
+        print(open(f"{args.out}/table.md", encoding="utf-8").read())
+        return 0 if summary else 1
+    progress = not args.no_progress
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.config:
+        import yaml
+        with open(args.config, encoding="utf-8") as f:
+            spec = yaml.safe_load(f) or {}
+        missing = [k for k in ("model", "task", "task_test", "eval_prompts", "safety_pool", "attacks") if k not in spec]
+        if missing:
+            print(f"spard bench: {args.config} lacks {missing}", file=sys.stderr)
+            return 2
+        source = {k: spec.pop(k) for k in FILE_KEYS if k in spec}
+    elif args.world:
+        spec = dict(WORLD_FULL if args.full else WORLD_QUICK)
+        source = {k: spec.pop(k) for k in ("n_task", "n_eval", "n_task_test")}
+    else:
+        print("spard bench: give --world or --config (or --summarize-only)", file=sys.stderr)
+        return 2
+    if args.defenses:
+        spec["defenses"] = _csv(args.defenses, str)
+    spec.setdefault("defenses", defense_names())
+    if args.ratios:
+        spec["ratios"] = _csv(args.ratios, float)
+    if args.seeds:
+        spec["seeds"] = _csv(args.seeds, int)
+    try:  # settings are checked before any model is loaded
+        settings = build_settings(spec)
+        settings.validate()
+    except (TypeError, ValueError) as e:
+        print(f"spard bench: {e}", file=sys.stderr)
+        return 2
+    data = bench.file_data(**source) if args.config else bench.world_data(**source, progress=progress)
+    status = bench.run_grid(data, settings, args.out, progress=progress)
+    print(f"cells: {len(status['done'])} run, {len(status['skipped'])} already done, {len(status['failed'])} failed")
+    summary = bench.summarize(args.out, defenses_order=settings.defenses)
+    print(open(f"{args.out}/table.md", encoding="utf-8").read())
+    return 1 if status["failed"] else 0

@@ -1,0 +1,56 @@
+"""Defenses against harmful fine-tuning behind one interface (`Defense`), and a registry.
+
+    from spard.defenses import make_defense, run_defense, DefenseData
+    defense = make_defense("lisa", rho=1.0)
+    model, run = run_defense(defense, model, tokenizer, DefenseData(user=rows, safety_pool=pool))
+
+Each name maps to a class and preset settings (the paper's defaults unless the name says
+otherwise); keyword arguments override them. See docs/bench.md.
+"""
+
+from __future__ import annotations
+
+from .antibody import Antibody
+from .base import DATA_KINDS, STAGES, Defense, DefenseData
+from .bds import BDS
+from .booster import Booster
+from .lisa import Lisa
+from .loop import run_defense
+from .safegrad import SafeGrad
+from .safeinstr import SafeInstr
+from .sft import SFT
+from .spard import SPARD
+
+REGISTRY: dict[str, tuple[type[Defense], dict]] = {
+    "sft": (SFT, {}),
+    "safeinstr": (SafeInstr, {}),
+    "lisa": (Lisa, {}),
+    "safegrad": (SafeGrad, {}),
+    "bds": (BDS, {}),
+    "bds-neural": (BDS, {"scheduler": "neural"}),
+    "antibody": (Antibody, {}),
+    "antibody-align": (Antibody, {"alignment_stage": True}),
+    "booster": (Booster, {}),
+    "spard": (SPARD, {}),
+    "spard-official": (SPARD, {"mode": "official"}),
+    "spard-random": (SPARD, {"selection": "random"}),
+    "spard-lr-cap": (SPARD, {"max_step": "lr"}),
+}
+
+
+def defense_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def make_defense(name: str, **settings) -> Defense:
+    """The defense registered as ``name`` with its preset settings, overridden by ``settings``."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown defense {name!r}; known: {', '.join(REGISTRY)}")
+    cls, preset = REGISTRY[name]
+    d = cls(**{**preset, **settings})
+    d.NAME = name
+    return d
+
+
+__all__ = ["Antibody", "BDS", "Booster", "DATA_KINDS", "Defense", "DefenseData", "Lisa", "REGISTRY", "SFT",
+           "SPARD", "STAGES", "SafeGrad", "SafeInstr", "defense_names", "make_defense", "run_defense"]

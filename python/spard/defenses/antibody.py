@@ -1,0 +1,108 @@
+"""Antibody (Nguyen et al., ICLR 2026).
+
+Fine-tuning stage: for each sample of a batch,
+``d_i = mean_t log π(y_i|x_i) - mean_t log π(y_r|x_i)`` (y_r a generic refusal), weights
+``w = softmax(d / T)`` under no_grad, and the loss ``Σ_i w_i Σ_t CE_it / Σ_i w_i N_i``: samples
+the model would rather refuse (harmful ones, for an aligned model) get little weight.
+
+Alignment stage (``alignment_stage=True``): Booster's attenuation gradient plus a refusal term
+``λ_r ∇L_refusal(θ - α ĝ_harm)`` and an adaptive λ_t (see booster.perturbation_alignment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from spard.formatting import collate, encode_example
+
+from .base import Defense, sample_losses
+from .booster import perturbation_alignment
+
+GENERIC_REFUSAL = "I'm sorry, but I cannot help with that request."
+
+
+def antibody_weights(d: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(d / temperature, dim=0)
+
+
+def weighted_token_loss(sums: torch.Tensor, counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i Σ_t CE_it / Σ_i w_i N_i."""
+    return (w * sums).sum() / (w * counts).sum().clamp_min(1e-12)
+
+
+class Antibody(Defense):
+    NAME = "antibody"
+    STAGE = "both"
+    NEEDS = ("user",)
+
+    @dataclass
+    class Settings:
+        temperature: float = 1.0
+        """T of the softmax over the batch (paper: 1)."""
+        refusal: str = GENERIC_REFUSAL
+        """The generic refusal y_r."""
+        alignment_stage: bool = False
+        """Also run the alignment stage before fine-tuning (needs a safety pool)."""
+        stage_steps: int = 500
+        stage_lr: float = 5e-4
+        stage_batch_size: int = 8
+        alpha: float = 0.1
+        lam: float = 1.0
+        """Scale of the adaptive λ_t."""
+        refusal_weight: float = 0.05
+        """λ_r (paper: 0.05)."""
+        progress: bool = False
+
+    def validate(self) -> None:
+        s = self.settings
+        if not s.temperature > 0:
+            raise ValueError(f"antibody temperature must be > 0, got {s.temperature!r}")
+        if not isinstance(s.refusal, str) or not s.refusal.strip():
+            raise ValueError("antibody refusal must be a non-empty string")
+        if not isinstance(s.stage_steps, int) or s.stage_steps < 1:
+            raise ValueError(f"antibody stage_steps must be an int >= 1, got {s.stage_steps!r}")
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.settings.alignment_stage:
+            d["needs"] = ["user", "alignment", "safety_pool"]
+        return d
+
+    def alignment_stage(self, model, tokenizer, data):
+        s = self.settings
+        if not s.alignment_stage:
+            return model
+        if not data.safety_pool:
+            raise ValueError("antibody alignment_stage=True needs a safety pool (prompt/safe/unsafe rows)")
+        model, self.stage_log = perturbation_alignment(
+            model, tokenizer, data, steps=s.stage_steps, lr=s.stage_lr, batch_size=s.stage_batch_size,
+            alpha=s.alpha, lam=s.lam, refusal_weight=s.refusal_weight, adaptive_lambda=True,
+            progress=s.progress, desc="antibody alignment")
+        return model
+
+    def setup(self, model, tokenizer, data, optimizer) -> None:
+        super().setup(model, tokenizer, data, optimizer)
+        max_length = data.max_length
+        # y_r for every training prompt, encoded once (index-aligned with the training examples)
+        self.refusals = [encode_example(tokenizer, p, self.settings.refusal, max_length)
+                         for p in self.train_prompts]
+        from spard.formatting import pad_id_of
+        self.pad_id = pad_id_of(tokenizer)
+
+    def scores(self, model, batch, indices) -> torch.Tensor:
+        """d_i per sample (no grad)."""
+        device = batch["input_ids"].device
+        ref = collate([self.refusals[i] for i in indices], self.pad_id)
+        ref = {k: v.to(device) for k, v in ref.items()}
+        with torch.no_grad():
+            s_y, n_y = sample_losses(model, batch)
+            s_r, n_r = sample_losses(model, ref)
+        return -(s_y / n_y.clamp_min(1)) + (s_r / n_r.clamp_min(1))
+
+    def loss(self, model, batch, indices, source):
+        w = antibody_weights(self.scores(model, batch, indices), self.settings.temperature)
+        sums, counts = sample_losses(model, batch)
+        self._last_weights = w
+        return weighted_token_loss(sums, counts.to(sums.dtype), w)

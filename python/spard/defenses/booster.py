@@ -1,0 +1,166 @@
+"""Booster (Huang et al., 2024): an alignment stage that attenuates the harmful perturbation.
+
+Each alignment step uses the gradient
+``g_align(θ) + λ (∇L_harm(θ) - ∇L_harm(θ - α ĝ_harm))``, ĝ_harm = ∇L_harm(θ)/||∇L_harm(θ)||:
+it trains on refusals while making one normalised harmful step reduce the harmful loss less.
+The stage trains a LoRA adapter on the aligned model and merges it, so fine-tuning then starts
+from the boosted weights. Antibody's alignment stage (spard.defenses.antibody) adds a refusal
+term and an adaptive λ to the same gradient; both share ``perturbation_alignment``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from spard.spag import trainable_parameters
+
+from .base import Defense, DefenseData, RowBatches, flat_norm, grads_of, mean_token_loss
+
+
+@dataclass
+class PerturbationLog:
+    lam: list
+    harmful_loss: list
+    harmful_loss_after_step: list
+
+
+def perturbation_gradients(model, params, align_batch, harm_batch, *, alpha: float,
+                           refusal_batch: Optional[dict] = None):
+    """(g_align, ∇L_harm(θ), ∇L_harm(θ - α ĝ), ∇L_refusal(θ - α ĝ) or None, logs). The
+    parameters are perturbed in place and restored exactly before returning."""
+    g_align = grads_of(mean_token_loss(model, align_batch), params)
+    harm = mean_token_loss(model, harm_batch)
+    g_harm = grads_of(harm, params)
+    scale = alpha / flat_norm(g_harm).clamp_min(1e-12)
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, g in zip(params, g_harm):
+                if g is not None:
+                    p.sub_(scale.to(p.dtype) * g)
+        harm_after = mean_token_loss(model, harm_batch)
+        g_harm_after = grads_of(harm_after, params)
+        g_ref = grads_of(mean_token_loss(model, refusal_batch), params) if refusal_batch is not None else None
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    return g_align, g_harm, g_harm_after, g_ref, {"harmful_loss": float(harm.detach()), "harmful_loss_after": float(harm_after.detach())}
+
+
+def combine(g_align, g_harm, g_harm_after, lam: float, g_ref=None, refusal_weight: float = 0.0):
+    out = []
+    for i, ga in enumerate(g_align):
+        parts = [t for t in (ga,) if t is not None]
+        if g_harm[i] is not None and g_harm_after[i] is not None:
+            parts.append(lam * (g_harm[i] - g_harm_after[i]))
+        if g_ref is not None and g_ref[i] is not None and refusal_weight:
+            parts.append(refusal_weight * g_ref[i])
+        out.append(sum(parts) if parts else None)
+    return out
+
+
+def perturbation_alignment(model, tokenizer, data: DefenseData, *, steps: int, lr: float, batch_size: int,
+                           alpha: float, lam: float, refusal_weight: float = 0.0, adaptive_lambda: bool = False,
+                           ema: float = 0.9, lora_r: int = 8, lora_alpha: float = 16, max_grad_norm: float = 1.0,
+                           progress: bool = True, desc: str = "alignment stage"):
+    """Runs the Booster/Antibody alignment stage on a LoRA adapter and returns the merged model.
+
+    With ``adaptive_lambda`` the weight is λ_t = lam · EMA(||g_align||) / EMA(||Δ_harm||), so
+    the attenuation term keeps a fixed scale relative to the alignment gradient."""
+    from spard.lora import apply_lora
+
+    if not data.alignment or not data.harmful:
+        raise ValueError("the alignment stage needs alignment rows and harmful rows (a safety pool with "
+                         "'safe' and 'unsafe' answers)")
+    device = next(model.parameters()).device
+    peft = apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=0.0)
+    params = trainable_parameters(peft)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pool = [r for r in data.safety_pool if r.get("unsafe")]
+    harmful = [{"prompt": r["prompt"], "response": r["unsafe"]} for r in pool]
+    refusals = [{"prompt": r["prompt"], "response": r["safe"]} for r in pool]
+    common = dict(tokenizer=tokenizer, batch_size=batch_size, max_length=data.max_length, device=device)
+    align = RowBatches(data.alignment, seed=data.seed + 3, what="alignment rows", **common)
+    harm = RowBatches(harmful, seed=data.seed + 4, what="harmful rows", **common)
+    refuse = RowBatches(refusals, seed=data.seed + 4, what="refusal rows", **common) if refusal_weight else None
+    if refuse is not None and len(refuse) != len(harm):
+        raise ValueError("harmful and refusal rows of the pool must all fit max_length (they are paired)")
+    ema_align = ema_delta = None
+    log = {"lambda": [], "harmful_loss": [], "harmful_loss_after": []}
+    peft.train()
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        ab, _ = align.next()
+        hb, hidx = harm.next()
+        rb = refuse.batch_of(hidx) if refuse is not None else None
+        g_align, g_h, g_h2, g_ref, logs = perturbation_gradients(peft, params, ab, hb, alpha=alpha, refusal_batch=rb)
+        lam_t = lam
+        if adaptive_lambda:
+            na = float(flat_norm(g_align))
+            nd = float(flat_norm([None if a is None or b is None else a - b for a, b in zip(g_h, g_h2)]))
+            ema_align = na if ema_align is None else ema * ema_align + (1 - ema) * na
+            ema_delta = nd if ema_delta is None else ema * ema_delta + (1 - ema) * nd
+            lam_t = lam * ema_align / max(ema_delta, 1e-12)
+        total = combine(g_align, g_h, g_h2, lam_t, g_ref, refusal_weight)
+        for p, g in zip(params, total):
+            p.grad = g
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log["lambda"].append(lam_t)
+        log["harmful_loss"].append(logs["harmful_loss"])
+        log["harmful_loss_after"].append(logs["harmful_loss_after"])
+    merged = peft.merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    return merged, log
+
+
+class Booster(Defense):
+    NAME = "booster"
+    STAGE = "alignment"
+    NEEDS = ("user", "alignment", "safety_pool")
+
+    @dataclass
+    class Settings:
+        steps: int = 500
+        """Alignment-stage steps."""
+        lr: float = 5e-4
+        batch_size: int = 8
+        lam: float = 5.0
+        """λ, the weight of the attenuation term (paper: 5)."""
+        alpha: float = 0.1
+        """α, the size of the normalised harmful step (paper: 0.1)."""
+        lora_r: int = 8
+        lora_alpha: float = 16
+        progress: bool = False
+
+    def validate(self) -> None:
+        s = self.settings
+        if not isinstance(s.steps, int) or s.steps < 1:
+            raise ValueError(f"{self.NAME} steps must be an int >= 1, got {s.steps!r}")
+        for name in ("lr", "alpha"):
+            if not getattr(s, name) > 0:
+                raise ValueError(f"{self.NAME} {name} must be > 0, got {getattr(s, name)!r}")
+        if not s.lam >= 0:
+            raise ValueError(f"{self.NAME} lam must be >= 0, got {s.lam!r}")
+
+    def alignment_stage(self, model, tokenizer, data):
+        self.check_data(data)
+        s = self.settings
+        model, self.stage_log = perturbation_alignment(
+            model, tokenizer, data, steps=s.steps, lr=s.lr, batch_size=s.batch_size, alpha=s.alpha,
+            lam=s.lam, lora_r=s.lora_r, lora_alpha=s.lora_alpha, progress=s.progress, desc="booster")
+        return model
+
+    def summary(self) -> dict:
+        log = getattr(self, "stage_log", None)
+        if not log:
+            return {}
+        return {"alignment_steps": len(log["lambda"]), "final_harmful_loss": log["harmful_loss"][-1],
+                "final_harmful_loss_after_step": log["harmful_loss_after"][-1]}

@@ -1,0 +1,127 @@
+"""The grid runner: cells, resume and retry, summary tables and plots, and a tiny grid end to
+end on the synthetic world."""
+
+import dataclasses
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+
+from spard import bench
+from spard.bench import BenchData, BenchSettings, Cell
+from test_spag import one_thread  # noqa: F401  (autouse fixture)
+
+
+def fake_data():
+    return BenchData(model=None, tokenizer=None, task=[], task_test=[], eval_prompts=[], safety_pool=[],
+                     attacks={"a1": [{"prompt": "p", "unsafe": "u"}], "a2": [{"prompt": "q", "unsafe": "v"}]})
+
+
+def fake_result(cell, asr, acc):
+    return {"version": bench.CELL_VERSION, "cell": dataclasses.asdict(cell), "asr": asr, "hs": None, "accuracy": acc, "train": {"seconds": 1.0, "steps": 3}}
+
+
+def test_grid_is_seed_major_and_keys_are_paths(tmp_path):
+    s = BenchSettings(defenses=["sft", "spard"], ratios=[0.05, 0.1], seeds=[0, 1])
+    cells = bench.grid(s, ["a1"])
+    assert len(cells) == 8 and [c.seed for c in cells[:4]] == [0] * 4
+    assert cells[0].path(tmp_path) == tmp_path / "cells" / "a1" / "ph0.05" / "seed0" / "sft.json"
+    with pytest.raises(ValueError, match="unknown"):
+        BenchSettings(defenses=["sft", "nope"]).validate()
+    with pytest.raises(ValueError, match="ratios"):
+        BenchSettings(ratios=[-0.1]).validate()
+
+
+def test_resume_skips_finished_cells_and_retries_failed_ones(tmp_path):
+    s = BenchSettings(defenses=["sft", "spard"], ratios=[0.1], seeds=[0])
+    calls, failed_once = [], set()
+
+    def flaky(cell, data, settings):  # spard cells fail on their first try
+        calls.append(cell.key)
+        if cell.defense == "spard" and cell.key not in failed_once:
+            failed_once.add(cell.key)
+            raise RuntimeError("boom")
+        return fake_result(cell, 0.5, 0.2)
+
+    st = bench.run_grid(fake_data(), s, tmp_path, progress=False, cell_runner=flaky)
+    assert len(st["done"]) == 2 and len(st["failed"]) == 2
+    failed = Cell("a1", 0.1, 0, "spard")
+    assert "boom" in json.loads(failed.error_path(tmp_path).read_text())["error"]
+    assert not failed.path(tmp_path).exists()
+    # a damaged result counts as unfinished
+    Cell("a1", 0.1, 0, "sft").path(tmp_path).write_text("{not json")
+    calls.clear()
+    st = bench.run_grid(fake_data(), s, tmp_path, progress=False, cell_runner=flaky)
+    assert sorted(calls) == ["a1/ph0.1/seed0/sft", "a1/ph0.1/seed0/spard", "a2/ph0.1/seed0/spard"]
+    assert st["failed"] == [] and len(st["skipped"]) == 1
+    assert not failed.error_path(tmp_path).exists() and failed.path(tmp_path).exists()
+    calls.clear()
+    st = bench.run_grid(fake_data(), s, tmp_path, progress=False, cell_runner=flaky)
+    assert calls == [] and len(st["skipped"]) == 4
+    # results made under other settings are stale; another defense's settings leave sft's alone
+    s.defense_settings = {"spard": {"p": 0.05}}
+    st = bench.run_grid(fake_data(), s, tmp_path, progress=False, cell_runner=flaky)
+    assert sorted(st["done"]) == ["a1/ph0.1/seed0/spard", "a2/ph0.1/seed0/spard"]
+    s.optim.lr = 1e-3
+    assert len(bench.run_grid(fake_data(), s, tmp_path, progress=False, cell_runner=flaky)["done"]) == 4
+
+
+def test_summary_means_table_csv_and_plots(tmp_path):
+    values = {("sft", 0): (0.8, 0.30), ("sft", 1): (0.6, 0.34), ("spard", 0): (0.1, 0.31), ("spard", 1): (0.0, 0.33)}
+    for (d, seed), (asr, acc) in values.items():
+        for attack, shift in (("a1", 0.0), ("a2", 0.1)):
+            c = Cell(attack, 0.1, seed, d)
+            c.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+            c.path(tmp_path).write_text(json.dumps(fake_result(c, asr + shift, acc)))
+    s = bench.summarize(tmp_path)
+    assert s["defenses"] == ["sft", "spard"] and s["attacks"] == ["a1", "a2"]
+    g = next(g for g in s["groups"] if g["defense"] == "sft" and g["attack"] == "a1")
+    assert g["asr"]["mean"] == pytest.approx(0.7) and g["asr"]["std"] == pytest.approx(0.1414, abs=1e-3)
+    assert s["overall"]["spard"]["asr"]["mean"] == pytest.approx(0.1)
+    assert s["target"]["method_has_lowest_asr"] and s["target"]["accuracy_gap"] == pytest.approx(0.0)
+    table = (tmp_path / "table.md").read_text()
+    assert "| sft | 70.0 ± 14.1 | - | 32.0 ± 2.8 | 80.0 ± 14.1 | - | 32.0 ± 2.8 | 75.0 | 32.0 |" in table
+    assert "Target (spard: lowest mean ASR, accuracy within 3 points of sft): met." in table
+    rows = (tmp_path / "cells.csv").read_text().splitlines()
+    assert rows[0].startswith("attack,ratio,seed,defense,asr") and len(rows) == 9
+    for png in ("asr_vs_ratio.png", "asr_vs_accuracy.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tiny_grid_end_to_end_on_the_world(tmp_path, monkeypatch):
+    from spard.commands.bench import build_settings
+    from spard.world import WorldSettings
+
+    monkeypatch.setenv("SPARD_CACHE", str(tmp_path / "cache"))
+    world = WorldSettings(n_task_train=40, n_task_test=8, n_align_task=20, hidden_size=32, num_layers=1,
+                          num_heads=2, intermediate_size=64, align_steps=15, align_batch_size=8, max_length=64)
+    data = bench.world_data(world, n_task=40, n_eval=8, n_task_test=8, progress=False)
+    settings = build_settings({
+        "defenses": ["sft", "spard-random"], "ratios": [0.1], "seeds": [0],
+        "optim": {"lr": 5e-3, "warmup_steps": 0, "batch_size": 8, "epochs": 1.0},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_length": 64, "max_new_tokens": 8,
+        "task_max_new_tokens": 8, "eval_batch_size": 8})
+    st = bench.run_grid(data, settings, tmp_path / "out", progress=False)
+    assert st["failed"] == [] and len(st["done"]) == 2
+    cell = json.loads(Cell("world", 0.1, 0, "spard-random").path(tmp_path / "out").read_text())
+    assert cell["attack_manifest"]["n_harmful"] == 4 and cell["train"]["steps"] == 6  # 44 rows / 8
+    assert 0 <= cell["asr"] <= 1 and 0 <= cell["accuracy"] <= 1
+    assert cell["train"]["summary"]["spag"]["steps"] == 6
+    summary = bench.summarize(tmp_path / "out")
+    assert summary["overall"]["sft"]["cells"] == 1
+    assert bench.run_grid(data, settings, tmp_path / "out", progress=False)["skipped"] != []
+
+
+def test_cli_checks_settings_first_and_summarizes(tmp_path, capsys):
+    from spard.cli import main
+
+    assert main(["bench", "--world", "--defenses", "sft,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown ['nope']" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()  # nothing loaded or written
+    c = Cell("w", 0.1, 0, "sft")
+    c.path(tmp_path).parent.mkdir(parents=True)
+    c.path(tmp_path).write_text(json.dumps(fake_result(c, 0.25, 0.5)))
+    assert main(["bench", "--summarize-only", "--out", str(tmp_path)]) == 0
+    assert "| sft | 25.0 | - | 50.0 | 25.0 | 50.0 |" in capsys.readouterr().out

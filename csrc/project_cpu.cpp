@@ -30,30 +30,34 @@ std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& xs) {
   return chunks;
 }
 
+// Σ term(i) over [0, n) in kLanes independent accumulators (so the loop vectorises), then in
+// double across lanes. The lane order is fixed, so the sum is deterministic.
+template <typename acc, typename Term>
+double lane_sum(int64_t n, Term term) {
+  acc lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += term(i + j);
+  }
+  for (int j = 0; i < n; ++i, ++j) lanes[j] += term(i);
+  double total = 0;
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+// One loop per sum: two simple loops vectorise where one loop with two accumulator sets did
+// not, and the chunk is still in cache for the second pass.
 template <typename tx, typename ta, bool UseDot>
 void chunk_sums(const tx* x, const ta* a, int64_t n, double& dot, double& sq) {
   using acc = acc_type<tx, ta>;
-  acc d[kLanes] = {}, s[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const acc av = static_cast<acc>(a[i + j]);
-      s[j] += av * av;
-      if constexpr (UseDot) d[j] += static_cast<acc>(x[i + j]) * av;
-    }
+  sq = lane_sum<acc>(n, [a](int64_t i) {
+    const acc v = static_cast<acc>(a[i]);
+    return v * v;
+  });
+  dot = 0;
+  if constexpr (UseDot) {
+    dot = lane_sum<acc>(n, [x, a](int64_t i) { return static_cast<acc>(x[i]) * static_cast<acc>(a[i]); });
   }
-  for (int j = 0; i < n; ++i, ++j) {
-    const acc av = static_cast<acc>(a[i]);
-    s[j] += av * av;
-    if constexpr (UseDot) d[j] += static_cast<acc>(x[i]) * av;
-  }
-  double dt = 0, st = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    dt += d[j];
-    st += s[j];
-  }
-  dot = dt;
-  sq = st;
 }
 
 template <typename tx, typename ta>

@@ -187,3 +187,19 @@ def test_callback_resumes_with_hf_checkpoints(tmp_path):
     assert spag_of(trainer).steps == 4 and spag_of(trainer).tau == spag_of(full_trainer).tau
     for name, value in trainable(full).items():
         torch.testing.assert_close(trainable(resumed)[name], value, rtol=0, atol=0)
+
+
+def test_callback_uses_the_distributed_projector_under_a_process_group(tmp_path, monkeypatch):
+    import spard.callback
+    from spard.callback import SpagCallback
+    from spard.distributed import DistributedSafetyProjector
+
+    # A launched DDP/FSDP run: every rank must draw its share of one global safety batch.
+    monkeypatch.setattr(spard.callback, "is_distributed", lambda: True)
+    _, trainer = hf_train(tmp_path, [lambda tok: SpagCallback(safe_rows(), tok, tau=0.0, progress=False)], steps=1)
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SpagCallback))
+    assert isinstance(callback.projector, DistributedSafetyProjector)
+    monkeypatch.setattr(spard.callback, "is_distributed", lambda: False)
+    _, trainer = hf_train(tmp_path / "single", [lambda tok: SpagCallback(safe_rows(), tok, tau=0.0, progress=False)], steps=1)
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SpagCallback))
+    assert type(callback.projector).__name__ == "SafetyProjector"

@@ -203,3 +203,30 @@ def test_callback_uses_the_distributed_projector_under_a_process_group(tmp_path,
     _, trainer = hf_train(tmp_path / "single", [lambda tok: SpagCallback(safe_rows(), tok, tau=0.0, progress=False)], steps=1)
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SpagCallback))
     assert type(callback.projector).__name__ == "SafetyProjector"
+
+
+def test_optimizer_step_runs_the_hooks_in_order():
+    from spard.trainer import build_optimizer, optimizer_step
+
+    p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    optimizer, scheduler = build_optimizer([p], OptimConfig(lr=0.1, warmup_steps=0), 10)
+    (p * 10).sum().backward()
+    calls = []
+
+    def after_backward():
+        calls.append(("after_backward", p.grad.norm().item()))
+        return {"surgery": torch.tensor(1.0)}
+
+    def after_step(opt):
+        assert opt is optimizer
+        calls.append(("after_step", p.grad.norm().item()))  # clipped, not yet zeroed
+        return {"safety_loss": torch.tensor(2.0)}
+
+    before = p.detach().clone()
+    logs = optimizer_step([p], optimizer, scheduler, 1.0, after_backward=after_backward, after_step=after_step)
+    assert [c[0] for c in calls] == ["after_backward", "after_step"]
+    assert calls[0][1] == pytest.approx(200 ** 0.5) and calls[1][1] == pytest.approx(1.0)
+    assert list(logs) == ["surgery", "grad_norm", "safety_loss", "lr"]
+    assert float(logs["grad_norm"]) == pytest.approx(200 ** 0.5) and float(logs["lr"]) == pytest.approx(0.1)
+    assert p.grad is None and not torch.equal(p.detach(), before)
+    assert scheduler.last_epoch == 1

@@ -1,7 +1,8 @@
 """A thin fine-tuning loop with SPAG, exact resume, and the `spard train` pipeline.
 
-``fit`` is the loop: utility step (token-weighted loss over the accumulated batch, clipping,
-optimizer step), then ``projector.step()``, then the scheduler. ``train(config)`` wraps it:
+``fit`` is the loop: utility step (token-weighted loss over the accumulated batch), then
+``optimizer_step`` (clipping, optimizer step, ``projector.step()``, the scheduler), which
+`spard.defenses.loop.run_defense` shares. ``train(config)`` wraps it:
 load data, build the attack, select the safe set, add LoRA, fit, save the adapter and logs.
 """
 
@@ -123,12 +124,8 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optio
     try:
         while step < total:
             logs = _utility_step(model, params, examples, order, pad_id, optim, device)
-            optimizer.step()
-            if projector is not None:
-                logs.update(projector.step(optimizer))
-            logs["lr"] = torch.tensor(scheduler.get_last_lr()[0])
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            logs.update(optimizer_step(params, optimizer, scheduler, optim.max_grad_norm,
+                                       after_step=projector.step if projector is not None else None))
             step += 1
             running.add(logs)
             if step % log_every == 0 or step == total:
@@ -167,9 +164,30 @@ def _utility_step(model, params, examples, order, pad_id, optim: OptimConfig, de
         (part * world).backward()  # DDP / FSDP average over ranks; part is already a global mean
         loss += part.detach()
     all_reduce_sum([loss])
-    logs = {"loss": loss}
-    if optim.max_grad_norm:
-        logs["grad_norm"] = full_tensor(torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm))
+    return {"loss": loss}
+
+
+def optimizer_step(params, optimizer, scheduler, max_grad_norm: Optional[float], *,
+                   after_backward: Optional[Callable[[], dict]] = None,
+                   after_step: Optional[Callable[[object], dict]] = None) -> dict:
+    """The end of a training step, once the gradients are in: ``after_backward()``, clipping,
+    ``optimizer.step()``, ``after_step(optimizer)``, the scheduler step and ``zero_grad``.
+
+    Shared by ``fit`` (``after_step``: the SPAG projector) and
+    `spard.defenses.loop.run_defense` (the defense's hooks). Returns the step's logs: the hooks'
+    dicts, ``grad_norm`` (when clipping) and the learning rate the step used.
+    """
+    logs: dict = {}
+    if after_backward is not None:
+        logs.update(after_backward() or {})
+    if max_grad_norm:
+        logs["grad_norm"] = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    optimizer.step()
+    if after_step is not None:
+        logs.update(after_step(optimizer) or {})
+    logs["lr"] = torch.tensor(scheduler.get_last_lr()[0])
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
     return logs
 
 

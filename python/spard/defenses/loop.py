@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from spard.config import LoraConfig, OptimConfig
 from spard.formatting import IGNORE_INDEX, encode_example
 from spard.spag import trainable_parameters
-from spard.trainer import _total_steps, build_optimizer
+from spard.trainer import _total_steps, build_optimizer, optimizer_step
 
 from .base import Defense, DefenseData, RowBatches
 
@@ -74,13 +74,8 @@ def run_defense(defense: Defense, model, tokenizer, data: DefenseData, *, optim:
             batch, idx = align.next()
         loss = defense.loss(model, batch, idx, source)
         loss.backward()
-        defense.after_backward()
-        if optim.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
-        optimizer.step()
-        defense.after_step(optimizer)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(params, optimizer, scheduler, optim.max_grad_norm,
+                       after_backward=defense.after_backward, after_step=defense.after_step)
         if source == "user":
             losses.append(float(loss.detach()))
         if step % 20 == 0:

@@ -84,6 +84,12 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 1800) -> boo
     return is_distributed()
 
 
+def shutdown() -> None:
+    """Destroys the default process group if one is running (the end of a launched command)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def local_device() -> torch.device:
     """cuda:LOCAL_RANK when CUDA is available, else the CPU."""
     if torch.cuda.is_available():

@@ -61,11 +61,16 @@ def run(args) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
 
-    from spard.distributed import is_main_process
+    from spard.distributed import is_main_process, shutdown
     from spard.trainer import summary_table, train
 
-    run_dict = train(config, strategy=args.strategy)
-    if is_main_process():
-        print(summary_table(run_dict))
-        print(f"run log: {config.run.output_dir}/run.json")
+    try:
+        run_dict = train(config, strategy=args.strategy)
+        if is_main_process():
+            print(summary_table(run_dict))
+            print(f"run log: {config.run.output_dir}/run.json")
+    finally:
+        # The command owns the process group it started: close it before the interpreter exits,
+        # or the backend's threads can abort the process at teardown.
+        shutdown()
     return 0

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "dpp.h"
+#include "lane_sum.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define SPARD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -129,44 +130,19 @@ DppInputs check_dpp_lowrank(const at::Tensor& factor, int64_t k, double eps, dou
 // ------------------------------------------------------------------------------------------------
 namespace detail {
 
-constexpr int kLanes = 16;
-
-// fp64 dot products with a fixed accumulation order (kLanes partial sums, then in order).
+// fp64 dot products with a fixed accumulation order (lane_sum), one multi-versioned function
+// per pair of input types.
 SPARD_CLONES double dot_df(const double* u, const float* f, int64_t n) {
-  double acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += u[i + l] * static_cast<double>(f[i + l]);
-  }
-  for (int l = 0; i < n; ++i, ++l) acc[l] += u[i] * static_cast<double>(f[i]);
-  double s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+  return lane_sum<double>(n, [u, f](int64_t i) { return u[i] * static_cast<double>(f[i]); });
 }
 
 SPARD_CLONES double dot_dd(const double* u, const double* f, int64_t n) {
-  double acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += u[i + l] * f[i + l];
-  }
-  for (int l = 0; i < n; ++i, ++l) acc[l] += u[i] * f[i];
-  double s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+  return lane_sum<double>(n, [u, f](int64_t i) { return u[i] * f[i]; });
 }
 
 // Dot of two input rows (same dtype), in fp64.
 SPARD_CLONES double dot_ff(const float* a, const float* b, int64_t n) {
-  double acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(a[i + l]) * static_cast<double>(b[i + l]);
-  }
-  for (int l = 0; i < n; ++i, ++l) acc[l] += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-  double s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+  return lane_sum<double>(n, [a, b](int64_t i) { return static_cast<double>(a[i]) * static_cast<double>(b[i]); });
 }
 
 // y[i] -= c * x[i] over a range (the Cholesky update, vectorised across items).

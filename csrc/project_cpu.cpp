@@ -7,13 +7,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "lane_sum.h"
 #include "project.h"
 
 namespace spard {
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per task
-constexpr int kLanes = 16;           // independent accumulators so the loop vectorises
 
 struct Chunk {
   int64_t tensor;
@@ -28,21 +28,6 @@ std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& xs) {
     for (int64_t s = 0; s < n; s += kChunk) chunks.push_back({t, s, std::min(n, s + kChunk)});
   }
   return chunks;
-}
-
-// Σ term(i) over [0, n) in kLanes independent accumulators (so the loop vectorises), then in
-// double across lanes. The lane order is fixed, so the sum is deterministic.
-template <typename acc, typename Term>
-double lane_sum(int64_t n, Term term) {
-  acc lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += term(i + j);
-  }
-  for (int j = 0; i < n; ++i, ++j) lanes[j] += term(i);
-  double total = 0;
-  for (int j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
 }
 
 // One loop per sum: two simple loops vectorise where one loop with two accumulator sets did

@@ -362,7 +362,7 @@ def plot_summary(summary: dict, out_dir) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from .io import write_figure_atomic
     out = Path(out_dir)
     paths = []
     # 13+ defenses: distinct colours and markers so no two lines look alike
@@ -383,10 +383,7 @@ def plot_summary(summary: dict, out_dir) -> list[Path]:
     ax.set_title("ASR against harmful ratio")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out / "asr_vs_ratio.png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    write_figure_atomic(fig, out / "asr_vs_ratio.png")
     paths.append(out / "asr_vs_ratio.png")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -403,10 +400,7 @@ def plot_summary(summary: dict, out_dir) -> list[Path]:
     ax.set_ylabel("ASR (%)")
     ax.set_title("ASR against accuracy (all cells; lower right is better)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out / "asr_vs_accuracy.png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    write_figure_atomic(fig, out / "asr_vs_accuracy.png")
     paths.append(out / "asr_vs_accuracy.png")
     return paths
 

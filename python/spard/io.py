@@ -51,6 +51,16 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def write_figure_atomic(fig, path: str | os.PathLike, dpi: int = 120) -> None:
+    """Saves a matplotlib figure as PNG (atomically) and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Reads JSON Lines; a malformed line raises ValueError naming the file and line number."""
     rows = []

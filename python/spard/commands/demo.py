@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from spard.io import atomic_path, write_json_atomic, write_text_atomic
+from spard.io import write_figure_atomic, write_json_atomic, write_text_atomic
 
 METHODS = ("sft", "spard", "spard-random")
 LABELS = {"aligned": "aligned (no attack)", "sft": "SFT", "spard": "SPARD (RD-DPP + SPAG)",
@@ -199,10 +199,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
         for i, (v, sd) in enumerate(zip(means, stds)):
             ax.text(i, min(v + sd + 2, 98), f"{v:.0f}", ha="center", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    write_figure_atomic(fig, path)
 
 
 # -------------------------------------------------------------------------------------- run

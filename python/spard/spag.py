@@ -51,13 +51,13 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def encode_rows(rows: Sequence[dict], tokenizer, max_length: int, what: str) -> tuple[list[EncodedExample], int]:
+def encode_rows(rows: Sequence[dict], tokenizer, max_length: int, what: str) -> tuple[list[EncodedExample], list[int]]:
     """Encodes {prompt, response} rows (a ``safe`` field stands in for ``response``).
 
     Rows whose response is cut off entirely by ``max_length`` carry no loss and are left out;
-    returns (examples, number left out). Raises when nothing is left.
+    returns (examples, indices of the rows kept). Raises when nothing is left.
     """
-    out, dropped = [], 0
+    out, kept = [], []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "prompt" not in row:
             raise ValueError(f"{what}[{i}]: expected a dict with 'prompt' and 'response', got {row!r:.80}")
@@ -67,11 +67,10 @@ def encode_rows(rows: Sequence[dict], tokenizer, max_length: int, what: str) -> 
         ex = encode_example(tokenizer, row["prompt"], response, max_length)
         if any(label != IGNORE_INDEX for label in ex.labels[1:]):
             out.append(ex)
-        else:
-            dropped += 1
+            kept.append(i)
     if rows and not out:
         raise ValueError(f"{what}: every row's response lies beyond max_length={max_length} tokens")
-    return out, dropped
+    return out, kept
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[Tensor]:
@@ -140,7 +139,8 @@ class SafetyProjector:
         self.model = model
         self.process_group = process_group
         self.params = trainable_parameters(model)
-        self.examples, self.dropped = encode_rows(safe_rows, tokenizer, max_length, "safe_rows")
+        self.examples, kept = encode_rows(safe_rows, tokenizer, max_length, "safe_rows")
+        self.dropped = len(safe_rows) - len(kept)
         self.pad_id = pad_id_of(tokenizer)
         self.tau = None if tau is None else float(tau)
         self.max_step, self.mode = max_step, mode

@@ -87,7 +87,8 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optio
         raise ValueError("rows is empty: nothing to fine-tune on")
     params = trainable_parameters(model)
     device = params[0].device
-    examples, dropped = encode_rows(rows, tokenizer, max_length, "rows")
+    examples, kept = encode_rows(rows, tokenizer, max_length, "rows")
+    dropped = len(rows) - len(kept)
     truncated = sum(e.truncated for e in examples)
     pad_id = pad_id_of(tokenizer)
     total = _total_steps(len(examples), optim)

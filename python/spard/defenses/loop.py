@@ -11,8 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spard.config import LoraConfig, OptimConfig
-from spard.formatting import IGNORE_INDEX, encode_example
-from spard.spag import trainable_parameters
+from spard.spag import encode_rows, trainable_parameters
 from spard.trainer import _total_steps, build_optimizer, optimizer_step
 
 from .base import Defense, DefenseData, RowBatches
@@ -20,17 +19,13 @@ from .base import Defense, DefenseData, RowBatches
 
 def encode_training_rows(rows, tokenizer, max_length: int):
     """Encoded examples and their prompts, leaving out rows whose response is cut off entirely."""
-    examples, prompts = [], []
+    if not rows:
+        raise ValueError("training rows: no rows")
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "prompt" not in row or "response" not in row:
             raise ValueError(f"training rows[{i}]: expected a dict with 'prompt' and 'response'")
-        ex = encode_example(tokenizer, row["prompt"], row["response"], max_length)
-        if any(label != IGNORE_INDEX for label in ex.labels[1:]):
-            examples.append(ex)
-            prompts.append(row["prompt"])
-    if not examples:
-        raise ValueError(f"training rows: every response lies beyond max_length={max_length}")
-    return examples, prompts
+    examples, kept = encode_rows(rows, tokenizer, max_length, "training rows")
+    return examples, [rows[i]["prompt"] for i in kept]
 
 
 def run_defense(defense: Defense, model, tokenizer, data: DefenseData, *, optim: Optional[OptimConfig] = None,

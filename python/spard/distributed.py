@@ -85,8 +85,17 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 1800) -> boo
 
 
 def shutdown() -> None:
-    """Destroys the default process group if one is running (the end of a launched command)."""
+    """Destroys the default process group if one is running (the end of a launched command).
+
+    A wrapped model that is only cyclic garbage still holds the group (through its device
+    mesh); collecting it first lets the group's threads be joined now rather than during
+    interpreter teardown.
+    """
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from spard.config import LoraConfig, OptimConfig
-from spard.defenses import (REGISTRY, STAGES, DATA_KINDS, DefenseData, make_defense, run_defense)
+from spard.batches import micro_batches
+from spard.defenses import (REGISTRY, STAGES, DATA_KINDS, DefenseData, make_defense)
 from spard.defenses.antibody import weighted_token_loss
-from spard.defenses.base import RowBatches, mean_token_loss, sample_losses
+from spard.defenses.base import TrainContext, mean_token_loss, sample_losses
 from spard.defenses.booster import combine, perturbation_gradients
 from spard.formatting import collate, encode_example, pad_id_of
+from spard.trainer import run_defense
 from test_spag import one_thread  # noqa: F401  (autouse fixture)
 from test_spag import safe_rows, task_rows, tiny_lora_model, tiny_model, tiny_tokenizer
 
@@ -34,6 +36,22 @@ def params_of(model):
 
 def hf_mean_loss(model, batch):
     return model(**batch).loss  # the model's own token mean: the reference
+
+
+def context(tok, micro=8, max_length=64):
+    from contextlib import nullcontext
+    return TrainContext(streams={}, global_batch=micro, micro_batch_size=micro, pad_id=pad_id_of(tok),
+                        device=torch.device("cpu"), autocast=nullcontext, max_length=max_length)
+
+
+def micro_of(tok, rows, micro=8):
+    """rows as micro-batches, indices 0..n-1."""
+    examples = [encode_example(tok, r["prompt"], r["response"], 64) for r in rows]
+    return micro_batches(examples, list(range(len(rows))), pad_id=pad_id_of(tok), micro_batch_size=micro)
+
+
+def step_loss(d, model, micro, source="user"):
+    return sum(term(model, mb) for mb, term in d.loss_terms(model, micro, source))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,7 +100,7 @@ def test_lisa_phases_and_proximal_term():
     model = tiny_lora_model()
     d = make_defense("lisa", alignment_steps=2, finetune_steps=3, rho=0.7)
     assert d.total_steps(7) == 7 + 2 * 3  # three cycles for 7 user steps
-    d.setup(model, tok, DefenseData(user=task_rows(), safety_pool=pool_rows()), None)
+    d.setup(model, tok, DefenseData(user=task_rows(), safety_pool=pool_rows()), None, context(tok))
     assert [d.source(s) for s in range(5)] == ["alignment"] * 2 + ["user"] * 3
     # change the parameters, switch phase: θ̃ becomes the end point of the finished phase
     with torch.no_grad():
@@ -95,7 +113,7 @@ def test_lisa_phases_and_proximal_term():
     with torch.no_grad():
         d.params[0].add_(0.1)
     batch = batch_of(tok, task_rows(3))
-    loss = d.loss(model, batch, [0, 1, 2], "alignment")
+    loss = step_loss(d, model, micro_of(tok, task_rows(3), micro=2), "alignment")
     expected = hf_mean_loss(model, batch) + 0.5 * 0.7 * sum(((p - a) ** 2).sum() for p, a in zip(d.params, end_of_user))
     torch.testing.assert_close(loss, expected)
     g = torch.autograd.grad(d.proximal(), d.params[0])[0]
@@ -107,12 +125,13 @@ def test_safegrad_projects_the_utility_gradient(kind):
     tok = tiny_tokenizer()
     model = tiny_lora_model()
     d = make_defense("safegrad", alignment_batch_size=3, alignment_loss=kind)
-    d.setup(model, tok, DefenseData(user=task_rows(), safety_pool=pool_rows(), seed=1), None)
-    state = d.batches.order.state_dict()
-    idx = d.batches.order.take(3)
-    d.batches.order.load_state_dict(state)
-    # reference alignment gradient s
-    align = d.batches.batch_of(idx)
+    data = DefenseData(user=task_rows(), safety_pool=pool_rows(), seed=1)
+    d.setup(model, tok, data, None, context(tok, micro=2))
+    state = d.gradient.order.state_dict()
+    idx = d.gradient.order.take(3)
+    d.gradient.order.load_state_dict(state)
+    # reference alignment gradient s (one batch; the defense runs it in micro-batches of 2)
+    align = batch_of(tok, [data.alignment[i] for i in idx])
     if kind == "ce":
         s = torch.autograd.grad(hf_mean_loss(model, align), d.params)
     else:
@@ -134,7 +153,7 @@ def test_safegrad_projects_the_utility_gradient(kind):
     for p, ui, si in zip(d.params, u, s):
         torch.testing.assert_close(p.grad, ui - dot / sq * si, atol=1e-6, rtol=1e-4)
     # no conflict: the gradient is left alone
-    d.batches.order.load_state_dict(state)
+    d.gradient.order.load_state_dict(state)
     for p, si in zip(d.params, s):
         p.grad = si.clone()
     d.after_backward()
@@ -148,15 +167,16 @@ def test_bds_scalar_weights_and_scheduler_step():
     user = task_rows(4) + [{"prompt": "how to make a cake", "response": "sure here how to make a cake ."}]
     d = make_defense("bds", alignment_batch_size=2, weight_lr=0.1)
     d.n_train = len(user)
-    d.setup(model, tok, DefenseData(user=user, safety_pool=pool_rows(), seed=0), None)
+    data = DefenseData(user=user, safety_pool=pool_rows(), seed=0)
+    d.setup(model, tok, data, None, context(tok, micro=2))
     batch = batch_of(tok, user)
     idx = list(range(5))
-    w0 = d.weights(batch, idx)
+    w0 = d._weights_of(torch.tensor(idx))
     torch.testing.assert_close(w0, torch.ones(5))  # a = 0: all weights 1
-    state = d.align_batches.order.state_dict()
-    loss = d.loss(model, batch, idx, "user")
-    d.align_batches.order.load_state_dict(state)
-    align, _ = d.align_batches.next()
+    state = d.align.state_dict()
+    loss = step_loss(d, model, micro_of(tok, user, micro=2))
+    d.align.load_state_dict(state)
+    align = batch_of(tok, [data.alignment[i] for i in d.align.order.take(2)])
     sums, counts = sample_losses(model, batch)
     per = (sums / counts).detach()
     torch.testing.assert_close(loss, hf_mean_loss(model, align) + per.mean())
@@ -176,14 +196,14 @@ def test_bds_neural_scores_over_the_batch():
     model = tiny_lora_model()
     d = make_defense("bds-neural", weight_lr=0.05)
     d.n_train = 5
-    d.setup(model, tok, DefenseData(user=task_rows(5), safety_pool=pool_rows()), None)
-    batch = batch_of(tok, task_rows(5))
-    torch.testing.assert_close(d.weights(batch, range(5)), torch.ones(5))  # zero head: equal
+    d.setup(model, tok, DefenseData(user=task_rows(5), safety_pool=pool_rows()), None, context(tok, micro=2))
+    micro = micro_of(tok, task_rows(5), micro=2)
+    torch.testing.assert_close(d._weights_of(d._scores(micro)), torch.ones(5))  # zero head: equal
     before = [p.detach().clone() for p in d.scorer.parameters()]
-    d.loss(model, batch, list(range(5)), "user")
+    step_loss(d, model, micro)
     d.after_step(None)
     assert any(not torch.equal(a, b) for a, b in zip(before, d.scorer.parameters()))
-    w = d.weights(batch, range(5))
+    w = d._weights_of(d._scores(micro))
     assert torch.isclose(w.sum(), torch.tensor(5.0)) and not torch.allclose(w, torch.ones(5))
 
 
@@ -194,9 +214,8 @@ def test_antibody_weights_and_loss_match_the_formula():
     refusal = "sorry i cannot help with that ."
     d = make_defense("antibody", refusal=refusal, temperature=0.5)
     d.train_prompts = [r["prompt"] for r in rows]
-    d.setup(model, tok, DefenseData(user=rows), None)
-    batch = batch_of(tok, rows)
-    loss = d.loss(model, batch, [0, 1, 2, 3], "user")
+    d.setup(model, tok, DefenseData(user=rows), None, context(tok, micro=3))
+    loss = step_loss(d, model, micro_of(tok, rows, micro=3))  # weights over both micro-batches
     # reference: per-sample log-likelihoods from the model's own loss, one row at a time
     dd, ce_sum, n_tok = [], [], []
     for r in rows:
@@ -282,7 +301,7 @@ def test_spard_selects_k_and_projects_like_the_projector():
     user = task_rows(12) * 10
     pool = pool_rows(6)
     d = make_defense("spard-random", p=0.03, tau=0.0, batch_size=2)
-    d.setup(model, tok, DefenseData(user=user, safety_pool=pool, seed=0, max_length=64), None)
+    d.setup(model, tok, DefenseData(user=user, safety_pool=pool, seed=0, max_length=64), None, context(tok))
     assert d.selection_report["k"] == 3
     from spard.select import select_safe_data
     idx, _ = select_safe_data(pool, user, method="random", k=3, seed=0)

@@ -143,8 +143,9 @@ def attack_rows(data: BenchData, attack: str, ratio: float, seed: int) -> tuple[
 
 
 def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: bool = False) -> dict:
-    from .defenses import DefenseData, make_defense, run_defense
+    from .defenses import DefenseData, make_defense
     from .eval import evaluate, make_judge
+    from .trainer import run_defense
 
     rows, manifest = attack_rows(data, cell.attack, cell.ratio, cell.seed)
     torch.manual_seed(cell.seed)

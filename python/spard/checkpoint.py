@@ -150,15 +150,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 def save_checkpoint(directory: str | os.PathLike, step: int, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler=None, state: dict[str, Any],
-                    keep: int = 2) -> Path:
+                    objects: Optional[dict[str, Any]] = None, keep: int = 2) -> Path:
     """Writes ``directory/checkpoint-<step>`` atomically, then keeps only the newest ``keep``.
 
-    ``state`` is JSON-serialisable (step, data order, projector state, history, ...).
+    ``state`` is JSON-serialisable (step, data order, history, ...); ``objects`` holds tensors
+    and containers of them (the defense's state), saved with ``torch.save`` in ``objects.pt``.
     """
     from .distributed import is_distributed, save_checkpoint_all_ranks
     if is_distributed():  # gathered on every rank, written by rank 0
         return save_checkpoint_all_ranks(directory, step, model=model, optimizer=optimizer,
-                                         scheduler=scheduler, state=state, keep=keep)
+                                         scheduler=scheduler, state=state, objects=objects, keep=keep)
     directory = Path(directory)
     final = directory / f"{CHECKPOINT_PREFIX}{step}"
     with atomic_dir(final) as tmp:
@@ -167,11 +168,36 @@ def save_checkpoint(directory: str | os.PathLike, step: int, *, model: torch.nn.
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        torch.save(_cpu(objects or {}), tmp / OBJECTS_FILE)
         write_json_atomic(tmp / "state.json", {"step": int(step), **state})
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+OBJECTS_FILE = "objects.pt"
+
+
+def _cpu(obj):
+    """``obj`` with every tensor copied to the CPU (checkpoints load on any device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def load_objects(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``objects`` a checkpoint was saved with ({} for checkpoints without them)."""
+    f = Path(path) / OBJECTS_FILE
+    return torch.load(f, weights_only=True) if f.is_file() else {}
+
+
+def load_defense_state(path: str | os.PathLike) -> dict[str, Any]:
+    return load_objects(path).get("defense") or {}
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:

@@ -119,6 +119,15 @@ class SpagConfig:
 
 
 @dataclass
+class DefenseConfig:
+    name: str = "spard"
+    """Any registered defense (spard.defenses.REGISTRY): spard, sft, lisa, bds, antibody, ..."""
+    settings: dict = field(default_factory=dict)
+    """The defense's own settings (``--set defense.rho=0.5`` lands here); SPARD also reads the
+    ``spag`` and ``selection`` sections."""
+
+
+@dataclass
 class RunConfig:
     output_dir: str = ""
     save_every: int = 0
@@ -141,6 +150,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     spag: SpagConfig = field(default_factory=SpagConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -182,13 +192,25 @@ class TrainConfig:
         need(self.spag.batch_size >= 1, "spag.batch_size", "an int >= 1", self.spag.batch_size)
         need(self.spag.micro_batch_size is None or self.spag.micro_batch_size >= 1,
              "spag.micro_batch_size", "None or an int >= 1", self.spag.micro_batch_size)
-        if self.spag.enabled:
+        self._validate_defense()
+        if self.spag.enabled and self.defense.name.startswith("spard"):
             need(bool(self.safety.pool), "safety.pool", "the safety pool path (SPAG needs a safe set)",
                  self.safety.pool)
         need(bool(self.run.output_dir), "run.output_dir", "an output folder", self.run.output_dir)
         need(self.run.save_every >= 0, "run.save_every", "an int >= 0", self.run.save_every)
         need(self.run.log_every >= 1, "run.log_every", "an int >= 1", self.run.log_every)
         return self
+
+
+    def _validate_defense(self) -> None:
+        from .defenses import REGISTRY, make_defense
+
+        if self.defense.name not in REGISTRY:
+            raise ConfigError(f"defense.name: expected one of {', '.join(REGISTRY)}, got {self.defense.name!r}")
+        try:
+            make_defense(self.defense.name, **self.defense.settings)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"defense: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +234,10 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of the allowed types")
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -263,7 +289,18 @@ def _build(cls, data: Any, prefix: str):
 
 
 def config_from_dict(data: dict) -> TrainConfig:
-    return _build(TrainConfig, data or {}, "")
+    data = dict(data or {})
+    if isinstance(data.get("defense"), dict):
+        # defense.KEY=VALUE: every key but the name is one of the defense's own settings
+        section = dict(data["defense"])
+        settings = section.pop("settings", None) or {}
+        if not isinstance(settings, dict):
+            raise ConfigError(f"defense.settings: expected a mapping, got {settings!r}")
+        name = section.pop("name", DefenseConfig.name)
+        data["defense"] = {"name": name, "settings": {**settings, **section}}
+    elif isinstance(data.get("defense"), str):
+        data["defense"] = {"name": data["defense"]}
+    return _build(TrainConfig, data, "")
 
 
 def load_config_file(path: str | os.PathLike) -> dict:

@@ -209,7 +209,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def project_across_ranks(params: Sequence[Tensor], grads: Sequence[Optional[Tensor]], b: Tensor, *,
-                         max_step: Optional[float] = None, group=None) -> tuple[Tensor, Tensor]:
+                         max_step: Optional[float] = None, use_dot: bool = False,
+                         group=None) -> tuple[Tensor, Tensor]:
     """SPAG projection ``θ <- θ - clamp(-b / ||g||², 0, max_step) · g`` over every rank.
 
     Replicated parameters (DDP: ``grads`` already all-reduced) need no communication. Sharded
@@ -219,11 +220,10 @@ def project_across_ranks(params: Sequence[Tensor], grads: Sequence[Optional[Tens
     xs = [local_tensor(p) for p in params]
     gs = [local_tensor(g) for g in grads]
     device = xs[0].device if xs else b.device
-    _, sqnorm = spard_ext.project_reduce(xs, gs, use_dot=False, device=device)
+    dot, sqnorm = spard_ext.project_reduce(xs, gs, use_dot=use_dot, device=device)
     if any(is_sharded(p) for p in params) and is_distributed(group):
-        dist.all_reduce(sqnorm, group=group)
-    coef = spard_ext.project_apply_(xs, gs, torch.zeros_like(sqnorm), sqnorm, b, max_step=max_step,
-                                    use_dot=False)
+        all_reduce_sum([dot, sqnorm], group=group)
+    coef = spard_ext.project_apply_(xs, gs, dot, sqnorm, b, max_step=max_step, use_dot=use_dot)
     return coef, sqnorm
 
 
@@ -309,10 +309,6 @@ class DistributedSafetyProjector(SafetyProjector):
         # The global batch (the same order on every rank); this rank's share of it.
         return self._micro_batches(rank_share(self.order.take(self.batch_size), self.rank,
                                               self.world_size))
-
-    def _loss_sum(self, micro_batch) -> Tensor:
-        """Summed token loss of one micro-batch (a hook: tests inject non-finite values)."""
-        return token_loss_sum(self.model, micro_batch)
 
     def loss_and_grads(self, micro_batches):
         if not self._distributed():
@@ -428,7 +424,8 @@ def _state_dict_options(**kwargs):
 
 
 def save_checkpoint_all_ranks(directory, step: int, *, model: torch.nn.Module, optimizer,
-                              scheduler=None, state: dict, keep: int = 2) -> Path:
+                              scheduler=None, state: dict, objects: Optional[dict] = None,
+                              keep: int = 2) -> Path:
     """``spard.checkpoint.save_checkpoint`` for several ranks: call it on every rank.
 
     Whole tensors are gathered (trainable parameters, optimizer state by parameter name, every
@@ -460,6 +457,7 @@ def save_checkpoint_all_ranks(directory, step: int, *, model: torch.nn.Module, o
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rngs[0], tmp / "rng.pt")
             torch.save(rngs, tmp / RANK_RNG_FILE)
+            torch.save(C._cpu(objects or {}), tmp / C.OBJECTS_FILE)
             from .io import write_json_atomic
             write_json_atomic(tmp / "state.json", {"step": int(step), "world_size": len(rngs), **state})
         if keep > 0:

@@ -192,6 +192,10 @@ class SafetyProjector:
                 torch.distributed.all_reduce(t, group=self.process_group)
 
     # -- loss and gradient ----------------------------------------------------------------------
+    def _loss_sum(self, micro_batch: dict[str, Tensor]) -> Tensor:
+        """Summed token loss of one micro-batch (subclasses change the loss: SafeGrad's KL)."""
+        return token_loss_sum(self.model, micro_batch)
+
     def _with_mode(self):
         was_training = self.model.training
         if self.use_eval_mode and was_training:
@@ -207,7 +211,7 @@ class SafetyProjector:
         try:
             with torch.enable_grad():
                 for mb in micro_batches:
-                    part = token_loss_sum(self.model, mb) / total.clamp_min(1)
+                    part = self._loss_sum(mb) / total.clamp_min(1)
                     g = torch.autograd.grad(part, self.params, allow_unused=True)
                     grads = [gi if acc is None else (acc if gi is None else acc.add_(gi))
                              for acc, gi in zip(grads, g)]
@@ -223,7 +227,7 @@ class SafetyProjector:
         total = self.reduce_count(sum(mb["n_tokens"] for mb in micro_batches))
         was_training = self._with_mode()
         try:
-            loss = sum(token_loss_sum(self.model, mb) for mb in micro_batches) / total.clamp_min(1)
+            loss = sum(self._loss_sum(mb) for mb in micro_batches) / total.clamp_min(1)
         finally:
             self.model.train(was_training)
         self.reduce_sum([loss])

@@ -16,13 +16,17 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import ResumableOrder, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import OptimConfig, TrainConfig, save_config
-from .distributed import (all_reduce_sum, full_tensor, get_world_size, global_count, is_main_process,
-                          local_device, rank_share, run_on_main)
-from .formatting import collate, pad_id_of
+from .batches import BatchStream
+from .checkpoint import latest_checkpoint, load_checkpoint, load_defense_state, save_checkpoint
+from .config import LoraConfig, OptimConfig, TrainConfig, save_config
+from .defenses.base import Defense, DefenseData, TrainContext
+from .defenses.sft import SFT
+from .defenses.spard import SPARD
+from .distributed import all_reduce_sum, full_tensor, get_world_size, is_main_process, local_device, run_on_main
+from .formatting import pad_id_of
 from .io import write_json_atomic
-from .spag import SafetyProjector, encode_rows, label_token_count, token_loss_sum, trainable_parameters
+from .precision import autocast_for
+from .spag import SafetyProjector, encode_rows, trainable_parameters
 
 
 class StopTraining(Exception):
@@ -68,21 +72,30 @@ class _RunningMeans:
         return dict(zip(keys, values.tolist()))
 
 
-def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optional[OptimConfig] = None,
+def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Optional[Defense] = None,
+        data: Optional[DefenseData] = None, optim: Optional[OptimConfig] = None,
         projector: Optional[SafetyProjector] = None, max_length: int = 512,
         checkpoint_dir: Optional[str] = None, save_every: int = 0, keep_checkpoints: int = 2,
         resume: bool = False, log_every: int = 10, progress: bool = True,
-        extra_state: Optional[dict] = None,
+        extra_state: Optional[dict] = None, desc: Optional[str] = None,
         on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
-    """Fine-tunes the trainable parameters of ``model`` on ``rows`` ({prompt, response}).
+    """Fine-tunes the trainable parameters of ``model`` on ``rows`` ({prompt, response}) under
+    ``defense`` (default: plain SFT; ``projector=`` is SPAG with a ready projector).
 
-    With ``projector`` every optimizer step is followed by a SPAG safety step. With
+    Each optimizer step draws ``batch_size x grad_accum x ranks`` examples and runs the defense's
+    loss terms one micro-batch of ``batch_size`` at a time (see spard.defenses.base). With
     ``checkpoint_dir`` a checkpoint is written every ``save_every`` steps and at the end;
     ``resume=True`` continues from the newest one there, giving the same final parameters as an
     uninterrupted run. ``on_step(step, logs)`` runs after each step (and its checkpoint); it may
     raise StopTraining. Returns the run dict: steps, history (logged means), summary.
     """
     optim = optim or OptimConfig()
+    if defense is not None and projector is not None:
+        raise ValueError("give either defense= or projector= (SPAG), not both")
+    if projector is not None:
+        from .defenses.spard import ProjectorDefense
+        defense = ProjectorDefense(projector)
+    defense = defense or SFT()
     if not rows:
         raise ValueError("rows is empty: nothing to fine-tune on")
     params = trainable_parameters(model)
@@ -91,48 +104,63 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optio
     dropped = len(rows) - len(kept)
     truncated = sum(e.truncated for e in examples)
     pad_id = pad_id_of(tokenizer)
-    total = _total_steps(len(examples), optim)
+    world = get_world_size()
+    global_batch = optim.batch_size * optim.grad_accum * world
+    user = BatchStream(examples, pad_id=pad_id, micro_batch_size=optim.batch_size, seed=optim.seed,
+                       device=device, what="rows")
+    total = defense.total_steps(_total_steps(len(examples), optim))
     optimizer, scheduler = build_optimizer(params, optim, total)
-    order = ResumableOrder(len(examples), seed=optim.seed)
+    latest = latest_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
+    ctx = TrainContext(streams={"user": user}, global_batch=global_batch, micro_batch_size=optim.batch_size,
+                       pad_id=pad_id, device=device, autocast=autocast_for(model), max_length=max_length,
+                       resume_state=load_defense_state(latest) if latest is not None else None)
+    defense.n_train, defense.train_prompts = len(examples), [rows[i]["prompt"] for i in kept]
+    if data is None:
+        data = DefenseData(user=list(rows), max_length=max_length, seed=optim.seed)
+    with ctx.autocast():
+        defense.setup(model, tokenizer, data, optimizer, ctx)
     history: list[dict] = []
     step, resumed_from = 0, None
 
-    if resume and checkpoint_dir and (latest := latest_checkpoint(checkpoint_dir)) is not None:
+    if latest is not None:
         state = load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
         if state["total_steps"] != total:
             raise ValueError(f"{latest}: made for {state['total_steps']} steps, this run has {total} "
                              "(optim settings or data changed since the checkpoint)")
+        if state.get("defense", defense.NAME) != defense.NAME:
+            raise ValueError(f"{latest}: made by defense {state['defense']!r}, this run trains "
+                             f"under {defense.NAME!r}")
         step, history, resumed_from = int(state["step"]), list(state["history"]), str(latest)
-        order.load_state_dict(state["order"])
-        if projector is not None:
-            if state.get("projector") is None:
-                raise ValueError(f"{latest}: checkpoint has no projector state (it was an SFT run)")
-            projector.load_state_dict(state["projector"])
+        for name, stream_state in state["streams"].items():
+            _stream(ctx, name).load_state_dict(stream_state)
+        defense.load_state_dict(ctx.resume_state or {})
 
     def checkpoint(at_step: int) -> None:
         save_checkpoint(checkpoint_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
-                        keep=keep_checkpoints,
-                        state={"total_steps": total, "order": order.state_dict(), "history": history,
-                               "projector": projector.state_dict() if projector is not None else None,
+                        keep=keep_checkpoints, objects={"defense": defense.state_dict()},
+                        state={"total_steps": total, "defense": defense.NAME, "history": history,
+                               "streams": {k: s.state_dict() for k, s in ctx.streams.items()},
                                "extra": extra_state or {}})
 
     running = _RunningMeans()
-    bar = tqdm(total=total, initial=step, desc="spag" if projector is not None else "sft",
+    bar = tqdm(total=total, initial=step, desc=desc or defense.NAME,
                disable=not progress or not is_main_process(), dynamic_ncols=True)
     start = time.perf_counter()
     was_training = model.training
     model.train()
     try:
         while step < total:
-            logs = _utility_step(model, params, examples, order, pad_id, optim, device)
-            logs.update(optimizer_step(params, optimizer, scheduler, optim.max_grad_norm,
-                                       after_step=projector.step if projector is not None else None))
+            logs = _loss_and_backward(model, defense, ctx, step, world)
+            with ctx.autocast():
+                logs.update(optimizer_step(params, optimizer, scheduler, optim.max_grad_norm,
+                                           after_backward=defense.after_backward,
+                                           after_step=defense.after_step))
             step += 1
             running.add(logs)
             if step % log_every == 0 or step == total:
                 record = {"step": step, **running.pop()}
                 history.append(record)
-                bar.set_postfix(_postfix(record, projector), refresh=False)
+                bar.set_postfix(_postfix(record), refresh=False)
             bar.update(1)
             if checkpoint_dir and ((save_every and step % save_every == 0) or step == total):
                 checkpoint(step)
@@ -144,26 +172,31 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optio
     summary = {"steps": step, "total_steps": total, "examples": len(examples),
                "truncated_examples": truncated,
                "rows_beyond_max_length": dropped, "seconds_this_session": time.perf_counter() - start,
-               "final_loss": history[-1].get("loss") if history else None}
-    if projector is not None:
-        summary["spag"] = projector.summary()
+               "final_loss": history[-1].get("loss") if history else None,
+               "defense": defense.summary()}
+    if getattr(defense, "projector", None) is not None:
+        summary["spag"] = defense.projector.summary()
     return {"history": history, "summary": summary, "resumed_from": resumed_from}
 
 
-def _utility_step(model, params, examples, order, pad_id, optim: OptimConfig, device) -> dict:
-    """Forward/backward over ``grad_accum`` micro-batches with a token-weighted mean loss."""
-    # The global batch (the same on every rank) and this rank's share of it.
-    world = get_world_size()
-    indices = rank_share(order.take(optim.batch_size * optim.grad_accum * world))
-    batches = [collate([examples[i] for i in indices[s:s + optim.batch_size]], pad_id)
-               for s in range(0, len(indices), optim.batch_size)]
-    total_tokens = global_count(sum(label_token_count(b["labels"]) for b in batches), device).clamp_min(1)
-    loss = torch.zeros((), dtype=torch.float32, device=device)
-    for b in batches:
-        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-        part = token_loss_sum(model, b) / total_tokens
-        (part * world).backward()  # DDP / FSDP average over ranks; part is already a global mean
-        loss += part.detach()
+def _stream(ctx: TrainContext, name: str):
+    if name not in ctx.streams:
+        raise ValueError(f"checkpoint has a batch stream {name!r} that this run does not use")
+    return ctx.streams[name]
+
+
+def _loss_and_backward(model, defense: Defense, ctx: TrainContext, step: int, world: int) -> dict:
+    """One step's forward/backward passes: the defense's loss terms, micro-batch by micro-batch.
+    Each term is its micro-batch's share of a global mean; DDP / FSDP average over ranks, so it
+    is scaled by the number of ranks."""
+    source = defense.source(step)
+    micro = _stream(ctx, source).take(ctx.global_batch)
+    loss = torch.zeros((), dtype=torch.float32, device=ctx.device)
+    for mb, term in defense.loss_terms(model, micro, source):
+        with ctx.autocast():
+            part = term(model, mb)
+        (part * world).backward()
+        loss += part.detach().float()
     all_reduce_sum([loss])
     return {"loss": loss}
 
@@ -192,12 +225,45 @@ def optimizer_step(params, optimizer, scheduler, max_grad_norm: Optional[float],
     return logs
 
 
-def _postfix(record: dict, projector) -> dict:
+def _postfix(record: dict) -> dict:
     out = {"loss": f"{record.get('loss', float('nan')):.3f}"}
-    if projector is not None:
-        out["safety"] = f"{record.get('safety_loss', float('nan')):.3f}"
+    if "safety_loss" in record:
+        out["safety"] = f"{record['safety_loss']:.3f}"
         out["trig"] = f"{record.get('trigger', 0.0):.0%}"
     return out
+
+
+def run_defense(defense: Defense, model, tokenizer, data: DefenseData, *, optim: Optional[OptimConfig] = None,
+                lora: Optional[LoraConfig] = None, progress: bool = True, desc: Optional[str] = None,
+                checkpoint_dir: Optional[str] = None, save_every: int = 0, keep_checkpoints: int = 2,
+                resume: bool = False, log_every: int = 20) -> tuple[torch.nn.Module, dict]:
+    """One defense end to end on one process: its alignment stage, LoRA, then :func:`fit` with
+    the defense's hooks. Returns (the fine-tuned peft model, a run dict: steps, seconds, loss
+    curve, summary). With ``checkpoint_dir`` the run checkpoints and can resume."""
+    from .lora import apply_lora
+
+    optim = optim or OptimConfig()
+    lora = lora or LoraConfig()
+    start = time.perf_counter()
+    if data.micro_batch_size is None:
+        data.micro_batch_size = optim.batch_size
+    model = defense.alignment_stage(model, tokenizer, data)
+    stage_seconds = time.perf_counter() - start
+    rows = defense.training_rows(data)
+    torch.manual_seed(optim.seed)
+    model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                       target_modules=lora.target_modules)
+    result = fit(model, tokenizer, rows, defense=defense, data=data, optim=optim, max_length=data.max_length,
+                 checkpoint_dir=checkpoint_dir, save_every=save_every, keep_checkpoints=keep_checkpoints,
+                 resume=resume, log_every=log_every, progress=progress, desc=desc)
+    model.eval()
+    curve = [h["loss"] for h in result["history"] if "loss" in h]
+    s = result["summary"]
+    run = {"defense": defense.describe(), "steps": s["total_steps"], "training_examples": s["examples"],
+           "seconds": time.perf_counter() - start, "alignment_stage_seconds": stage_seconds,
+           "loss_curve": curve, "final_loss": curve[-1] if curve else None, "summary": defense.summary(),
+           "resumed_from": result["resumed_from"]}
+    return model, run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,8 +286,32 @@ def _load_model(config: TrainConfig, device):
     return tokenizer, model.to(device)
 
 
-def _prepare_data(config: TrainConfig, resume_state: Optional[dict]) -> tuple[list, list, dict]:
-    """(training rows, safe rows, manifest): clean task + attack, and the selected safe set."""
+def build_defense(config: TrainConfig) -> Defense:
+    """The defense a config names: ``defense.name`` with ``defense.settings``. SPARD (the
+    default) takes its settings from the ``spag`` and ``selection`` sections, which
+    ``defense.settings`` may override; ``spag.enabled=false`` means SFT."""
+    from .defenses import REGISTRY, make_defense
+
+    name = config.defense.name
+    if name in ("spard", "spard-official", "spard-random", "spard-lr-cap") and not config.spag.enabled:
+        name = "sft"
+    settings = dict(config.defense.settings)
+    if REGISTRY.get(name, (None,))[0] is SPARD:
+        s, sel = config.spag, config.selection
+        embedder = sel.embedder or (None if sel.method in ("random", "all") else config.model.name_or_path)
+        base = {"selection": sel.method, "p": sel.p, "k": sel.k, "beta": sel.beta, "embedder": embedder,
+                "selection_seed": sel.seed, "cache_dir": sel.cache_dir, "mode": s.mode, "tau": s.tau,
+                "max_step": s.max_step, "batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size,
+                "delta": s.delta, "alpha_max": s.alpha_max, "max_grad_norm": config.optim.max_grad_norm,
+                "measure_after": s.measure_after, "seed": s.seed}
+        preset = REGISTRY[name][1]
+        settings = {**base, **preset, **settings}
+    return make_defense(name, **settings)
+
+
+def _prepare_data(config: TrainConfig, defense: Defense) -> tuple[DefenseData, dict]:
+    """The defense's data (clean task + attack, the safety pool when the defense uses one) and
+    the data manifest."""
     from . import data as D
 
     clean = D.load_task(config.data.task, split=config.data.task_split, limit=config.data.task_limit)
@@ -237,36 +327,24 @@ def _prepare_data(config: TrainConfig, resume_state: Optional[dict]) -> tuple[li
     else:
         rows = clean
     manifest["train_rows"] = len(rows)
-
-    safe: list = []
-    if config.spag.enabled:
+    pool: list = []
+    if set(defense.describe()["needs"]) & {"safety_pool", "alignment"}:
+        if not config.safety.pool:
+            raise ValueError(f"safety.pool: defense {defense.NAME!r} needs a safety pool (prompt/safe rows)")
         pool = D.load_safety(config.safety.pool, limit=config.safety.limit)
         if not pool:
-            raise ValueError(f"safety.pool {config.safety.pool!r} holds no rows: SPAG needs a safe set")
-        sel = config.selection
-        if resume_state is not None and "selection" in resume_state:
-            indices, report = resume_state["selection"]["indices"], resume_state["selection"]["report"]
-        elif sel.method == "all":
-            indices, report = list(range(len(pool))), {"method": "all"}
-        else:
-            from .select import select_safe_data
-            # The paper embeds with the base LLM itself; any encoder may be named instead.
-            embedder = None if sel.method == "random" else (sel.embedder or config.model.name_or_path)
-            # Selected once (rank 0) and shared: every rank trains on the same safe set.
-            indices, report = run_on_main(select_safe_data, pool, rows, method=sel.method, k=sel.k,
-                                          p=sel.p, beta=sel.beta, embedder=embedder, seed=sel.seed,
-                                          cache_dir=sel.cache_dir)
-        indices = [int(i) for i in indices]
-        safe = D.safety_rows([pool[i] for i in indices])
-        if not safe:
-            raise ValueError("the selected safe set is empty (selection.k / selection.p too small?)")
-        manifest["selection"] = {"pool": config.safety.pool, "pool_rows": len(pool),
-                                 "indices": indices, "report": report}
-    return rows, safe, manifest
+            raise ValueError(f"safety.pool {config.safety.pool!r} holds no rows: defense "
+                             f"{defense.NAME!r} needs them")
+        manifest["safety_pool"] = {"source": config.safety.pool, "rows": len(pool)}
+    data = DefenseData(user=rows, safety_pool=pool, seed=config.optim.seed, max_length=config.model.max_length,
+                       micro_batch_size=config.optim.batch_size)
+    defense.check_data(data)
+    return data, manifest
 
 
 def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
-    """Selection, then SPAG (or SFT) fine-tuning with LoRA; saves adapter, config, manifest, log.
+    """Fine-tuning with LoRA under the configured defense (SPARD by default: selection, then
+    SPAG); saves adapter, config, manifest, log.
 
     Under ``torchrun`` / ``accelerate launch`` the model is wrapped with ``strategy`` ("ddp" or
     "fsdp"; default: fsdp under ``accelerate launch --use_fsdp``, else ddp), see
@@ -275,57 +353,52 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
     from . import distributed
     from .checkpoint import atomic_dir
     from .lora import apply_lora
+    from .precision import upcast_trainable
 
     config.validate()
     several_ranks = distributed.init_from_env()
     out = Path(config.run.output_dir)
     ckpt_dir = out / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if config.run.resume else None
-    resume_state = None
-    if latest is not None:
-        import json
-        resume_state = json.loads((latest / "state.json").read_text(encoding="utf-8"))["extra"]
-    elif config.run.resume:
+    if config.run.resume and latest is None:
         print(f"no checkpoint in {ckpt_dir}: starting from scratch")
 
-    rows, safe, manifest = _prepare_data(config, resume_state)
+    defense = build_defense(config)
+    data, manifest = _prepare_data(config, defense)
     device = _device(config.run.device)
     tokenizer, model = _load_model(config, device)
     torch.manual_seed(config.optim.seed)
+    model = defense.alignment_stage(model, tokenizer, data)
+    rows = defense.training_rows(data)
+    torch.manual_seed(config.optim.seed)
     model = apply_lora(model, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
                        target_modules=config.lora.target_modules)
+    upcast_trainable(model)
     peft_model = model
     if several_ranks:
         model = distributed.wrap_model(model, strategy or distributed.default_strategy())
-    projector = None
-    if config.spag.enabled:
-        s = config.spag
-        projector_cls = distributed.DistributedSafetyProjector if several_ranks else SafetyProjector
-        projector = projector_cls(model, safe, tokenizer, tau=s.tau, max_step=s.max_step,
-                                  batch_size=s.batch_size, micro_batch_size=s.micro_batch_size,
-                                  mode=s.mode, delta=s.delta, alpha_max=s.alpha_max,
-                                  max_grad_norm=config.optim.max_grad_norm,
-                                  max_length=config.model.max_length, measure_after=s.measure_after,
-                                  seed=s.seed, progress=config.run.progress)
-        if projector.tau is None and latest is None:
-            projector.calibrate_tau()  # the base model: LoRA starts as the identity
 
     if distributed.is_main_process():
         save_config(config, out / "config.yaml")
         write_json_atomic(out / "data_manifest.json", manifest)
-    extra = {"selection": manifest["selection"]} if "selection" in manifest else {}
-    result = fit(model, tokenizer, rows, optim=config.optim, projector=projector,
+    result = fit(model, tokenizer, rows, defense=defense, data=data, optim=config.optim,
                  max_length=config.model.max_length, checkpoint_dir=str(ckpt_dir),
                  save_every=config.run.save_every, keep_checkpoints=config.run.keep_checkpoints,
                  resume=latest is not None, log_every=config.run.log_every,
-                 progress=config.run.progress, extra_state=extra)
+                 progress=config.run.progress)
+    selection = getattr(defense, "selection", None)
+    if selection is not None and distributed.is_main_process():
+        manifest["selection"] = {"pool": config.safety.pool, "pool_rows": len(data.safety_pool), **selection}
+        write_json_atomic(out / "data_manifest.json", manifest)
     adapter_state = distributed.trainable_full_state(model) if several_ranks else None  # gathered on every rank
     if distributed.is_main_process():
         with atomic_dir(out / "adapter") as tmp:
             peft_model.save_pretrained(str(tmp), safe_serialization=True, state_dict=adapter_state)
+    safe_set = len(selection["indices"]) if selection is not None else 0
     run = {"output_dir": str(out), "adapter": str(out / "adapter"), "config": config.to_dict(),
+           "defense": defense.describe(),
            "data": {k: v for k, v in manifest.items() if k != "selection"},
-           "safe_set_size": len(safe), **result}
+           "safe_set_size": safe_set, **result}
     if distributed.is_main_process():
         write_json_atomic(out / "run.json", run)
     distributed.barrier()

@@ -1,4 +1,5 @@
-"""`spard train`: safe-set selection, then LoRA fine-tuning under SPAG (or plain SFT).
+"""`spard train`: LoRA fine-tuning under a defense: SPARD (safe-set selection, then SPAG) by
+default, or any registered one (``--defense lisa --set defense.rho=0.5``).
 
     spard train --config run.yaml --set optim.lr=1e-4 --set spag.tau=0.2 --output-dir out/
 
@@ -24,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     short.add_argument("--pool", help="safety.pool")
     short.add_argument("--output-dir", help="run.output_dir")
     short.add_argument("--max-steps", type=int, help="optim.max_steps")
+    short.add_argument("--defense", help="defense.name: any registered defense (default spard; "
+                       "see `spard bench --help` for the list); settings with --set defense.KEY=VALUE")
     short.add_argument("--sft", action="store_true", help="plain SFT: spag.enabled=false")
     short.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     short.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -36,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _shortcut_values(args) -> dict:
     pairs = {"model.name_or_path": args.model, "data.task": args.task, "attack.corpus": args.attack,
-             "safety.pool": args.pool, "run.output_dir": args.output_dir, "optim.max_steps": args.max_steps}
+             "safety.pool": args.pool, "run.output_dir": args.output_dir, "optim.max_steps": args.max_steps,
+             "defense.name": args.defense}
     out = {k: v for k, v in pairs.items() if v is not None}
     if args.sft:
         out["spag.enabled"] = False

@@ -1,6 +1,7 @@
 """Defenses against harmful fine-tuning behind one interface (`Defense`), and a registry.
 
-    from spard.defenses import make_defense, run_defense, DefenseData
+    from spard.defenses import make_defense, DefenseData
+    from spard.trainer import run_defense
     defense = make_defense("lisa", rho=1.0)
     model, run = run_defense(defense, model, tokenizer, DefenseData(user=rows, safety_pool=pool))
 
@@ -15,7 +16,6 @@ from .base import DATA_KINDS, STAGES, Defense, DefenseData
 from .bds import BDS
 from .booster import Booster
 from .lisa import Lisa
-from .loop import run_defense
 from .safegrad import SafeGrad
 from .safeinstr import SafeInstr
 from .sft import SFT
@@ -53,4 +53,4 @@ def make_defense(name: str, **settings) -> Defense:
 
 
 __all__ = ["Antibody", "BDS", "Booster", "DATA_KINDS", "Defense", "DefenseData", "Lisa", "REGISTRY", "SFT",
-           "SPARD", "STAGES", "SafeGrad", "SafeInstr", "defense_names", "make_defense", "run_defense"]
+           "SPARD", "STAGES", "SafeGrad", "SafeInstr", "defense_names", "make_defense"]

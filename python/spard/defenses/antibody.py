@@ -3,7 +3,8 @@
 Fine-tuning stage: for each sample of a batch,
 ``d_i = mean_t log π(y_i|x_i) - mean_t log π(y_r|x_i)`` (y_r a generic refusal), weights
 ``w = softmax(d / T)`` under no_grad, and the loss ``Σ_i w_i Σ_t CE_it / Σ_i w_i N_i``: samples
-the model would rather refuse (harmful ones, for an aligned model) get little weight.
+the model would rather refuse (harmful ones, for an aligned model) get little weight. The
+softmax and the normaliser run over the whole effective batch (every micro-batch and rank).
 
 Alignment stage (``alignment_stage=True``): Booster's attenuation gradient plus a refusal term
 ``λ_r ∇L_refusal(θ - α ĝ_harm)`` and an adaptive λ_t (see booster.perturbation_alignment).
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from spard.formatting import collate, encode_example
+from spard.distributed import all_reduce_sum
+from spard.formatting import collate, encode_example, pad_id_of
 
-from .base import Defense, sample_losses
+from .base import Defense, gather_per_sample, sample_losses
 from .booster import perturbation_alignment
 
 GENERIC_REFUSAL = "I'm sorry, but I cannot help with that request."
@@ -57,8 +59,8 @@ class Antibody(Defense):
 
     def validate(self) -> None:
         s = self.settings
-        if not s.temperature > 0:
-            raise ValueError(f"antibody temperature must be > 0, got {s.temperature!r}")
+        if not (isinstance(s.temperature, (int, float)) and 0 < s.temperature < float("inf")):
+            raise ValueError(f"antibody temperature must be a finite number > 0, got {s.temperature!r}")
         if not isinstance(s.refusal, str) or not s.refusal.strip():
             raise ValueError("antibody refusal must be a non-empty string")
         if not isinstance(s.stage_steps, int) or s.stage_steps < 1:
@@ -70,39 +72,62 @@ class Antibody(Defense):
             d["needs"] = ["user", "alignment", "safety_pool"]
         return d
 
+    def needs_harmful_answers(self) -> bool:
+        return self.settings.alignment_stage
+
     def alignment_stage(self, model, tokenizer, data):
         s = self.settings
         if not s.alignment_stage:
             return model
         if not data.safety_pool:
             raise ValueError("antibody alignment_stage=True needs a safety pool (prompt/safe/unsafe rows)")
+        self.check_data(data)
         model, self.stage_log = perturbation_alignment(
             model, tokenizer, data, steps=s.stage_steps, lr=s.stage_lr, batch_size=s.stage_batch_size,
             alpha=s.alpha, lam=s.lam, refusal_weight=s.refusal_weight, adaptive_lambda=True,
             progress=s.progress, desc="antibody alignment")
         return model
 
-    def setup(self, model, tokenizer, data, optimizer) -> None:
-        super().setup(model, tokenizer, data, optimizer)
-        max_length = data.max_length
+    def setup(self, model, tokenizer, data, optimizer, ctx) -> None:
+        super().setup(model, tokenizer, data, optimizer, ctx)
         # y_r for every training prompt, encoded once (index-aligned with the training examples)
-        self.refusals = [encode_example(tokenizer, p, self.settings.refusal, max_length)
+        self.refusals = [encode_example(tokenizer, p, self.settings.refusal, data.max_length)
                          for p in self.train_prompts]
-        from spard.formatting import pad_id_of
         self.pad_id = pad_id_of(tokenizer)
 
+    @torch.no_grad()
     def scores(self, model, batch, indices) -> torch.Tensor:
         """d_i per sample (no grad)."""
         device = batch["input_ids"].device
         ref = collate([self.refusals[i] for i in indices], self.pad_id)
         ref = {k: v.to(device) for k, v in ref.items()}
-        with torch.no_grad():
+        with self.ctx.autocast():
             s_y, n_y = sample_losses(model, batch)
             s_r, n_r = sample_losses(model, ref)
         return -(s_y / n_y.clamp_min(1)) + (s_r / n_r.clamp_min(1))
 
-    def loss(self, model, batch, indices, source):
-        w = antibody_weights(self.scores(model, batch, indices), self.settings.temperature)
-        sums, counts = sample_losses(model, batch)
-        self._last_weights = w
-        return weighted_token_loss(sums, counts.to(sums.dtype), w)
+    def loss_terms(self, model, micro, source):
+        # The softmax runs over the effective batch: every micro-batch on every rank.
+        d, mine = gather_per_sample([self.scores(model, mb.batch, mb.indices) for mb in micro])
+        w_all = antibody_weights(d, self.settings.temperature)
+        w = w_all[mine]
+        counts = torch.cat([(mb.batch["labels"][:, 1:] != -100).sum(1) for mb in micro]).to(w.dtype)
+        normaliser = (w * counts).sum().reshape(1)
+        all_reduce_sum([normaliser])
+        normaliser = normaliser.clamp_min(1e-12)[0]
+        self._last_weights = w_all
+        offsets = [0]
+        for mb in micro:
+            offsets.append(offsets[-1] + len(mb))
+        weights = {id(mb): w[offsets[i]:offsets[i + 1]] for i, mb in enumerate(micro)}
+
+        def term(m, mb):
+            sums, _ = sample_losses(m, mb.batch)
+            return (weights[id(mb)] * sums).sum() / normaliser
+
+        return [(mb, term) for mb in micro]
+
+    def after_step(self, optimizer) -> dict:
+        w = self._last_weights
+        entropy = -(w * w.clamp_min(1e-12).log()).sum()
+        return {"weight_entropy": entropy}

@@ -1,61 +1,98 @@
 """The interface every defense implements, and the loss pieces they share.
 
 A defense says which data it needs (``NEEDS``: user data, alignment data, the safety pool) and
-in which stage it acts (``STAGE``: alignment, fine-tuning or both). The runner
-(`spard.defenses.loop.run_defense`) calls its hooks in this order:
+in which stage it acts (``STAGE``: alignment, fine-tuning or both). The one trainer
+(`spard.trainer`) calls its hooks in this order:
 
     model = defense.alignment_stage(model, tokenizer, data)   # before LoRA fine-tuning
     rows  = defense.training_rows(data)                       # what the user step trains on
-    defense.setup(model, tokenizer, data, optimizer)          # after LoRA, before step 1
+    defense.setup(model, tokenizer, data, optimizer, ctx)     # after LoRA, before step 1
+    defense.load_state_dict(state)                            # when resuming
     every step:
-        source = defense.source(step)          # "user" or "alignment" (Lisa's phases)
-        loss = defense.loss(model, batch, idx, source);  loss.backward()
-        defense.after_backward()               # gradient surgery (SafeGrad)
+        source = defense.source(step)                  # "user" or "alignment" (Lisa's phases)
+        micro = ctx.streams[source].take(global batch) # this rank's micro-batches
+        for mb, term in defense.loss_terms(model, micro, source):
+            (term(model, mb) * world_size).backward()  # each term: a share of a global mean
+        defense.after_backward()                       # gradient surgery (SafeGrad)
         clip, optimizer.step()
-        defense.after_step(optimizer)          # SPAG projection, BDS scheduler step
+        defense.after_step(optimizer)                  # SPAG projection, BDS scheduler step
+
+Each loss term divides a sum over its micro-batch by a normaliser taken over the whole
+effective batch (every micro-batch on every rank), so batch 4 x accumulation 1 and batch 2 x
+accumulation 2 give the same gradient, and so do one and two processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spard.checkpoint import ResumableOrder
+from spard.batches import BatchStream, MicroBatch
+from spard.distributed import all_reduce_sum, get_rank, get_world_size, global_count, unwrap
 from spard.formatting import IGNORE_INDEX, collate, pad_id_of
 from spard.spag import encode_rows, trainable_parameters
 
 STAGES = ("alignment", "fine-tuning", "both")
 DATA_KINDS = ("user", "alignment", "safety_pool")
 
+LossTerm = Callable[[torch.nn.Module, MicroBatch], Tensor]
+
 
 @dataclass
 class DefenseData:
     """The data a defense may use. ``user``: the fine-tuning set as submitted ({prompt,
-    response}, harmful rows included); ``safety_pool``: rows {prompt, safe, unsafe};
-    ``alignment``: refusal rows {prompt, response} (by default the pool's safe answers)."""
+    response}, harmful rows included); ``safety_pool``: rows {prompt, safe, unsafe} (``unsafe``
+    may be missing: refusal-only pools); ``alignment``: refusal rows {prompt, response} (by
+    default the pool's safe answers)."""
 
     user: list[dict]
     safety_pool: list[dict] = field(default_factory=list)
     alignment: Optional[list[dict]] = None
     seed: int = 0
     max_length: int = 512
+    micro_batch_size: Optional[int] = None
+    """Rows per forward pass in an alignment stage (the trainer sets the fine-tuning one)."""
 
     def __post_init__(self):
         if not self.user:
             raise ValueError("DefenseData.user: the fine-tuning set is empty")
         if self.alignment is None:
-            self.alignment = [{"prompt": r["prompt"], "response": r["safe"]} for r in self.safety_pool]
+            self.alignment = [{"prompt": r["prompt"], "response": r["safe"]} for r in self.safety_pool
+                              if r.get("safe")]
 
     @property
     def harmful(self) -> list[dict]:
         """The pool's harmful demonstrations (prompt -> unsafe), for Booster/Antibody's
         alignment stage."""
         return [{"prompt": r["prompt"], "response": r["unsafe"]} for r in self.safety_pool if r.get("unsafe")]
+
+
+@dataclass
+class TrainContext:
+    """What the trainer lends a defense in ``setup``: the streams it draws batches from, the
+    effective batch, the micro-batch size and the forward-pass precision."""
+
+    streams: dict
+    global_batch: int
+    micro_batch_size: int
+    pad_id: int
+    device: torch.device
+    autocast: Callable
+    max_length: int
+    resume_state: Optional[dict] = None
+    """The defense's state in the checkpoint being resumed (None for a fresh run): setup may
+    skip work the state replaces (a selection, a calibration)."""
+
+    def stream(self, rows: Sequence[dict], tokenizer, *, seed: int, what: str) -> BatchStream:
+        """A new stream over ``rows`` micro-batched like the user data."""
+        examples, _ = encode_rows(rows, tokenizer, self.max_length, what)
+        return BatchStream(examples, pad_id=self.pad_id, micro_batch_size=self.micro_batch_size,
+                           seed=seed, device=self.device, what=what)
 
 
 class Defense:
@@ -66,9 +103,9 @@ class Defense:
     STAGE = "fine-tuning"
     NEEDS: tuple[str, ...] = ("user",)
     n_train = 0
-    """Training examples (set by the runner before ``setup``; per-sample schedulers use it)."""
+    """Training examples (set by the trainer before ``setup``; per-sample schedulers use it)."""
     train_prompts: Sequence[str] = ()
-    """Prompts of the training examples in index order (set by the runner)."""
+    """Prompts of the training examples in index order (set by the trainer)."""
 
     @dataclass
     class Settings:
@@ -91,12 +128,19 @@ class Defense:
         return {"name": self.NAME, "stage": self.STAGE, "needs": list(self.NEEDS),
                 "settings": dataclasses.asdict(self.settings)}
 
+    def needs_harmful_answers(self) -> bool:
+        """Whether the safety pool must carry ``unsafe`` answers (alignment stages do)."""
+        return False
+
     def check_data(self, data: DefenseData) -> None:
         if "alignment" in self.NEEDS and not data.alignment:
             raise ValueError(f"defense {self.NAME!r} needs alignment data (refusal rows): "
                              "give a safety pool or alignment rows")
         if "safety_pool" in self.NEEDS and not data.safety_pool:
-            raise ValueError(f"defense {self.NAME!r} needs a safety pool (prompt/safe/unsafe rows)")
+            raise ValueError(f"defense {self.NAME!r} needs a safety pool (prompt/safe rows)")
+        if self.needs_harmful_answers() and not data.harmful:
+            raise ValueError(f"defense {self.NAME!r} needs harmful answers: the safety pool has no "
+                             "'unsafe' field (a refusal-only pool)")
 
     # -- hooks --------------------------------------------------------------------------------
     def alignment_stage(self, model, tokenizer, data: DefenseData):
@@ -105,8 +149,8 @@ class Defense:
     def training_rows(self, data: DefenseData) -> list[dict]:
         return list(data.user)
 
-    def setup(self, model, tokenizer, data: DefenseData, optimizer) -> None:
-        self.model, self.tokenizer, self.optimizer = model, tokenizer, optimizer
+    def setup(self, model, tokenizer, data: DefenseData, optimizer, ctx: TrainContext) -> None:
+        self.model, self.tokenizer, self.optimizer, self.ctx = model, tokenizer, optimizer, ctx
         self.params = trainable_parameters(model)
 
     def total_steps(self, user_steps: int) -> int:
@@ -116,14 +160,24 @@ class Defense:
     def source(self, step: int) -> str:
         return "user"
 
-    def loss(self, model, batch: dict, indices: Sequence[int], source: str) -> Tensor:
-        return mean_token_loss(model, batch)
+    def loss_terms(self, model, micro: Sequence[MicroBatch], source: str) -> Iterable[tuple[MicroBatch, LossTerm]]:
+        """(micro-batch, loss) pairs of one step; each loss is that micro-batch's share of the
+        step's objective (default: the token mean over the effective batch)."""
+        return token_mean_terms(micro, self.ctx.device)
 
     def after_backward(self) -> dict:
         return {}
 
     def after_step(self, optimizer) -> dict:
         return {}
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue bit for bit (tensors, numbers, lists)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"defense {self.NAME!r}: unexpected checkpoint state {sorted(state)}")
 
     def summary(self) -> dict:
         return {}
@@ -157,31 +211,33 @@ def mean_token_loss(model, batch: dict) -> Tensor:
     return sums.sum() / counts.sum().clamp_min(1)
 
 
-class RowBatches:
-    """Endless, seeded batches over encoded rows (reshuffled every pass)."""
+def token_mean_terms(micro: Sequence[MicroBatch], device, scale: float = 1.0):
+    """Terms whose sum over every micro-batch and rank is ``scale`` x the token-mean loss."""
+    total = global_count(sum(mb.n_tokens for mb in micro), device).clamp_min(1)
 
-    def __init__(self, rows: Sequence[dict], tokenizer, *, batch_size: int, max_length: int,
-                 seed: int, what: str, device=None, examples=None):
-        if examples is None:
-            if not rows:
-                raise ValueError(f"{what}: no rows")
-            examples, _ = encode_rows(rows, tokenizer, max_length, what)
-        self.examples = list(examples)
-        self.pad_id = pad_id_of(tokenizer)
-        self.batch_size = batch_size
-        self.order = ResumableOrder(len(self.examples), seed=seed)
-        self.device = device
+    def term(model, mb: MicroBatch) -> Tensor:
+        return sample_losses(model, mb.batch)[0].sum() * scale / total
 
-    def __len__(self) -> int:
-        return len(self.examples)
+    return [(mb, term) for mb in micro]
 
-    def batch_of(self, indices: Sequence[int]) -> dict:
-        b = collate([self.examples[i] for i in indices], self.pad_id)
-        return {k: v.to(self.device) for k, v in b.items()} if self.device is not None else b
 
-    def next(self) -> tuple[dict, list[int]]:
-        idx = list(self.order.take(self.batch_size))
-        return self.batch_of(idx), idx
+def gather_per_sample(values: Sequence[Tensor]) -> tuple[Tensor, slice]:
+    """Per-sample values of this rank's micro-batches, concatenated over every rank in rank
+    order (the effective batch's order), and where this rank's samples sit in it. Zero-padded
+    all-reduces, so ranks may hold different numbers of samples."""
+    local = torch.cat([v.detach().reshape(-1) for v in values])
+    world = get_world_size()
+    if world == 1:
+        return local, slice(0, local.numel())
+    sizes = torch.zeros(world, dtype=torch.float64, device=local.device)
+    sizes[get_rank()] = local.numel()
+    all_reduce_sum([sizes])
+    sizes = [int(s) for s in sizes.tolist()]
+    start = sum(sizes[:get_rank()])
+    full = torch.zeros(sum(sizes), dtype=torch.float64, device=local.device)
+    full[start:start + local.numel()] = local.double()
+    all_reduce_sum([full])
+    return full.to(local.dtype), slice(start, start + local.numel())
 
 
 def grads_of(loss: Tensor, params: Sequence[Tensor]) -> list[Optional[Tensor]]:
@@ -195,3 +251,13 @@ def flat_dot(a: Sequence[Optional[Tensor]], b: Sequence[Optional[Tensor]]) -> Te
 
 def flat_norm(a: Sequence[Optional[Tensor]]) -> Tensor:
     return flat_dot(a, a).sqrt()
+
+
+def inner(model):
+    """The module under a DDP wrapper (for passes that must not trigger DDP's reducer)."""
+    return unwrap(model)
+
+
+__all__ = ["DATA_KINDS", "STAGES", "Defense", "DefenseData", "LossTerm", "MicroBatch", "TrainContext",
+           "flat_dot", "flat_norm", "gather_per_sample", "grads_of", "mean_token_loss",
+           "sample_losses", "token_losses", "token_mean_terms"]

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Defense, RowBatches, mean_token_loss, sample_losses
+from spard.distributed import all_reduce_sum
+
+from .base import Defense, gather_per_sample, sample_losses, token_mean_terms
 
 
 class SampleScorer(nn.Module):
@@ -57,22 +59,19 @@ class BDS(Defense):
         s = self.settings
         if s.scheduler not in ("scalar", "neural"):
             raise ValueError(f"bds scheduler must be 'scalar' or 'neural', got {s.scheduler!r}")
-        if not s.weight_lr > 0:
+        if not (isinstance(s.weight_lr, (int, float)) and 0 < s.weight_lr < float("inf")):
             raise ValueError(f"bds weight_lr must be > 0, got {s.weight_lr!r}")
         if not isinstance(s.alignment_batch_size, int) or s.alignment_batch_size < 1:
             raise ValueError("bds alignment_batch_size must be an int >= 1")
 
-    def setup(self, model, tokenizer, data, optimizer) -> None:
-        super().setup(model, tokenizer, data, optimizer)
+    def setup(self, model, tokenizer, data, optimizer, ctx) -> None:
+        super().setup(model, tokenizer, data, optimizer, ctx)
         self.check_data(data)
-        device = self.params[0].device
-        self.align_batches = RowBatches(data.alignment, tokenizer, batch_size=self.settings.alignment_batch_size,
-                                        max_length=data.max_length, seed=data.seed + 2,
-                                        what="alignment rows", device=device)
-        self.n_user = self.n_train  # examples in the user step's order (set by the runner)
+        device = ctx.device
+        self.align = ctx.stream(data.alignment, tokenizer, seed=data.seed + 2, what="alignment rows")
+        self.n_user = self.n_train  # examples in the user stream's order (set by the trainer)
         if self.settings.scheduler == "scalar" and self.n_user < 1:
-            raise ValueError("bds: n_train (the number of user examples) must be set before setup; "
-                             "run_defense sets it")
+            raise ValueError("bds: n_train (the number of user examples) must be set before setup")
         if self.settings.scheduler == "scalar":
             self.logits = torch.zeros(self.n_user, device=device, requires_grad=True)
             self.weight_params = [self.logits]
@@ -82,33 +81,85 @@ class BDS(Defense):
         self.weight_opt = torch.optim.AdamW(self.weight_params, lr=self.settings.weight_lr)
         self._pending = None
 
-    def weights(self, batch, indices) -> torch.Tensor:
-        if self.settings.scheduler == "scalar":
-            w_all = self.n_user * torch.softmax(self.logits, dim=0)
-            return w_all[torch.as_tensor(indices, device=w_all.device)]
-        scores = self.scorer(batch["input_ids"], batch["attention_mask"])
-        return scores.numel() * torch.softmax(scores, dim=0)
+    # -- weights over the effective batch ----------------------------------------------------------
+    def _scores(self, micro) -> torch.Tensor:
+        return torch.cat([self.scorer(mb.batch["input_ids"], mb.batch["attention_mask"]) for mb in micro])
 
-    def loss(self, model, batch, indices, source):
-        sums, counts = sample_losses(model, batch)
-        per_sample = sums / counts.clamp_min(1)
-        w = self.weights(batch, indices)
-        user = (w.detach() * per_sample).mean()
-        align_batch, _ = self.align_batches.next()
-        self._pending = (batch, list(indices), per_sample.detach())
-        return mean_token_loss(model, align_batch) + user
+    def _weights_of(self, scores_or_indices: torch.Tensor) -> torch.Tensor:
+        """Weights of the samples: N·softmax(a)[i] (scalar) or B·softmax(scores) (neural)."""
+        if self.settings.scheduler == "scalar":
+            return (self.n_user * torch.softmax(self.logits, dim=0))[scores_or_indices]
+        return scores_or_indices.numel() * torch.softmax(scores_or_indices, dim=0)
+
+    def loss_terms(self, model, micro, source):
+        device = self.ctx.device
+        indices = torch.tensor([i for mb in micro for i in mb.indices], dtype=torch.float64, device=device)
+        global_indices, mine = gather_per_sample([indices])
+        global_indices = global_indices.long()
+        if self.settings.scheduler == "scalar":
+            w = self._weights_of(global_indices).detach()[mine]
+        else:
+            with torch.no_grad():
+                scores, _ = gather_per_sample([self._scores(micro)])
+            w = self._weights_of(scores)[mine]
+        n_eff = global_indices.numel()
+        offsets = [0]
+        for mb in micro:
+            offsets.append(offsets[-1] + len(mb))
+        weights = {id(mb): w[offsets[i]:offsets[i + 1]] for i, mb in enumerate(micro)}
+        losses: dict[int, torch.Tensor] = {}
+        self._pending = (micro, global_indices, mine, losses)
+
+        def user_term(m, mb):
+            sums, counts = sample_losses(m, mb.batch)
+            per_sample = sums / counts.clamp_min(1)
+            losses[id(mb)] = per_sample.detach()
+            return (weights[id(mb)] * per_sample).sum() / n_eff
+
+        # The alignment batch is micro-batched and token-averaged over every rank too.
+        align = self.align.take(self.settings.alignment_batch_size)
+        return [(mb, user_term) for mb in micro] + token_mean_terms(align, device)
 
     def after_step(self, optimizer) -> dict:
-        batch, indices, per_sample = self._pending
+        """The scheduler's own step on mean_i w_i(a) ℓ_i over the effective batch (losses fixed)."""
+        micro, global_indices, mine, losses = self._pending
+        per_sample, _ = gather_per_sample([losses[id(mb)] for mb in micro])
         self.weight_opt.zero_grad(set_to_none=True)
-        objective = (self.weights(batch, indices) * per_sample).mean()
-        objective.backward()
+        if self.settings.scheduler == "scalar":
+            objective = (self._weights_of(global_indices) * per_sample).mean()
+            objective.backward()  # the same global objective on every rank: no reduction
+        else:
+            # d objective / d score over the global batch, then each rank backpropagates its own
+            # samples' scores and the scorer's gradients are summed over ranks.
+            with torch.no_grad():
+                scores, _ = gather_per_sample([self._scores(micro)])
+            scores = scores.detach().requires_grad_(True)
+            objective = (self._weights_of(scores) * per_sample).mean()
+            (coef,) = torch.autograd.grad(objective, scores)
+            (self._scores(micro) * coef[mine]).sum().backward()
+            all_reduce_sum([p.grad for p in self.weight_params if p.grad is not None])
         self.weight_opt.step()
         self._pending = None
-        return {}
+        w = self._weights_of(global_indices if self.settings.scheduler == "scalar" else scores).detach()
+        p = w / w.sum()
+        return {"weight_entropy": -(p * p.clamp_min(1e-12).log()).sum()}
 
     def sample_weights(self) -> torch.Tensor:
         """Current weights of all user samples (scalar scheduler)."""
         if self.settings.scheduler != "scalar":
             raise ValueError("sample_weights: only the scalar scheduler keeps one weight per sample")
         return (self.n_user * torch.softmax(self.logits.detach(), 0)).cpu()
+
+    def state_dict(self) -> dict:
+        weights = ({"logits": self.logits.detach()} if self.settings.scheduler == "scalar"
+                   else {"scorer": self.scorer.state_dict()})
+        return {**weights, "weight_opt": self.weight_opt.state_dict(), "align": self.align.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            if self.settings.scheduler == "scalar":
+                self.logits.copy_(state["logits"])
+            else:
+                self.scorer.load_state_dict(state["scorer"])
+        self.weight_opt.load_state_dict(state["weight_opt"])
+        self.align.load_state_dict(state["align"])

@@ -11,14 +11,18 @@ term and an adaptive λ to the same gradient; both share ``perturbation_alignmen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from contextlib import nullcontext
+from typing import Optional, Sequence
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from spard.spag import trainable_parameters
+from spard.batches import BatchStream, MicroBatch
+from spard.formatting import pad_id_of
+from spard.spag import encode_rows, trainable_parameters
 
-from .base import Defense, DefenseData, RowBatches, flat_norm, grads_of, mean_token_loss
+from .base import Defense, DefenseData, flat_norm, token_mean_terms
 
 
 @dataclass
@@ -28,13 +32,27 @@ class PerturbationLog:
     harmful_loss_after_step: list
 
 
+def accumulated_grads(model, params, micro: Sequence[MicroBatch], autocast=nullcontext) -> tuple[list, Tensor]:
+    """∇ of the token-mean loss over the micro-batches (summed pass by pass), and the loss."""
+    grads: list[Optional[Tensor]] = [None] * len(params)
+    loss = torch.zeros(())
+    for mb, term in token_mean_terms(micro, params[0].device):
+        with autocast():
+            part = term(model, mb)
+        g = torch.autograd.grad(part, params, allow_unused=True)
+        grads = [gi if acc is None else (acc if gi is None else acc + gi) for acc, gi in zip(grads, g)]
+        loss = loss + part.detach().cpu()
+    return grads, loss
+
+
 def perturbation_gradients(model, params, align_batch, harm_batch, *, alpha: float,
-                           refusal_batch: Optional[dict] = None):
-    """(g_align, ∇L_harm(θ), ∇L_harm(θ - α ĝ), ∇L_refusal(θ - α ĝ) or None, logs). The
-    parameters are perturbed in place and restored exactly before returning."""
-    g_align = grads_of(mean_token_loss(model, align_batch), params)
-    harm = mean_token_loss(model, harm_batch)
-    g_harm = grads_of(harm, params)
+                           refusal_batch=None, autocast=nullcontext):
+    """(g_align, ∇L_harm(θ), ∇L_harm(θ - α ĝ), ∇L_refusal(θ - α ĝ) or None, logs). Each batch is
+    a list of micro-batches (or one collated batch). The parameters are perturbed in place and
+    restored exactly before returning."""
+    align_batch, harm_batch = _as_micro(align_batch), _as_micro(harm_batch)
+    g_align, _ = accumulated_grads(model, params, align_batch, autocast)
+    g_harm, harm = accumulated_grads(model, params, harm_batch, autocast)
     scale = alpha / flat_norm(g_harm).clamp_min(1e-12)
     saved = [p.detach().clone() for p in params]
     try:
@@ -42,14 +60,21 @@ def perturbation_gradients(model, params, align_batch, harm_batch, *, alpha: flo
             for p, g in zip(params, g_harm):
                 if g is not None:
                     p.sub_(scale.to(p.dtype) * g)
-        harm_after = mean_token_loss(model, harm_batch)
-        g_harm_after = grads_of(harm_after, params)
-        g_ref = grads_of(mean_token_loss(model, refusal_batch), params) if refusal_batch is not None else None
+        g_harm_after, harm_after = accumulated_grads(model, params, harm_batch, autocast)
+        g_ref = (accumulated_grads(model, params, _as_micro(refusal_batch), autocast)[0]
+                 if refusal_batch is not None else None)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
-    return g_align, g_harm, g_harm_after, g_ref, {"harmful_loss": float(harm.detach()), "harmful_loss_after": float(harm_after.detach())}
+    return g_align, g_harm, g_harm_after, g_ref, {"harmful_loss": float(harm), "harmful_loss_after": float(harm_after)}
+
+
+def _as_micro(batch) -> list[MicroBatch]:
+    if isinstance(batch, dict):  # one collated batch
+        return [MicroBatch(batch, list(range(batch["input_ids"].shape[0])),
+                           int((batch["labels"][:, 1:] != -100).sum()))]
+    return list(batch)
 
 
 def combine(g_align, g_harm, g_harm_after, lam: float, g_ref=None, refusal_weight: float = 0.0):
@@ -70,34 +95,50 @@ def perturbation_alignment(model, tokenizer, data: DefenseData, *, steps: int, l
                            progress: bool = True, desc: str = "alignment stage"):
     """Runs the Booster/Antibody alignment stage on a LoRA adapter and returns the merged model.
 
-    With ``adaptive_lambda`` the weight is λ_t = lam · EMA(||g_align||) / EMA(||Δ_harm||), so
-    the attenuation term keeps a fixed scale relative to the alignment gradient."""
+    Each batch of ``batch_size`` rows is split into micro-batches of ``data.micro_batch_size``
+    (the fine-tuning micro-batch) whose gradients are summed. With ``adaptive_lambda`` the
+    weight is λ_t = lam · EMA(||g_align||) / EMA(||Δ_harm||), so the attenuation term keeps a
+    fixed scale relative to the alignment gradient. The stage is seeded by ``data.seed`` (it
+    runs again, identically, when a run resumes)."""
     from spard.lora import apply_lora
+    from spard.precision import autocast_for, upcast_trainable
 
     if not data.alignment or not data.harmful:
         raise ValueError("the alignment stage needs alignment rows and harmful rows (a safety pool with "
                          "'safe' and 'unsafe' answers)")
     device = next(model.parameters()).device
+    torch.manual_seed(data.seed)
     peft = apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=0.0)
+    upcast_trainable(peft)
+    autocast = autocast_for(peft)
     params = trainable_parameters(peft)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    pool = [r for r in data.safety_pool if r.get("unsafe")]
+    pool = [r for r in data.safety_pool if r.get("unsafe") and r.get("safe")]
     harmful = [{"prompt": r["prompt"], "response": r["unsafe"]} for r in pool]
     refusals = [{"prompt": r["prompt"], "response": r["safe"]} for r in pool]
-    common = dict(tokenizer=tokenizer, batch_size=batch_size, max_length=data.max_length, device=device)
-    align = RowBatches(data.alignment, seed=data.seed + 3, what="alignment rows", **common)
-    harm = RowBatches(harmful, seed=data.seed + 4, what="harmful rows", **common)
-    refuse = RowBatches(refusals, seed=data.seed + 4, what="refusal rows", **common) if refusal_weight else None
-    if refuse is not None and len(refuse) != len(harm):
-        raise ValueError("harmful and refusal rows of the pool must all fit max_length (they are paired)")
+    micro = data.micro_batch_size or batch_size
+
+    def stream(rows, seed, what):
+        examples, _ = encode_rows(rows, tokenizer, data.max_length, what)
+        return BatchStream(examples, pad_id=pad_id_of(tokenizer), micro_batch_size=micro, seed=seed,
+                           device=device, what=what), len(examples)
+
+    align, _ = stream(data.alignment, data.seed + 3, "alignment rows")
+    harm, n_harm = stream(harmful, data.seed + 4, "harmful rows")
+    refuse = None
+    if refusal_weight:
+        refuse, n_refuse = stream(refusals, data.seed + 4, "refusal rows")
+        if n_refuse != n_harm:
+            raise ValueError("harmful and refusal rows of the pool must all fit max_length (they are paired)")
     ema_align = ema_delta = None
     log = {"lambda": [], "harmful_loss": [], "harmful_loss_after": []}
     peft.train()
     for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        ab, _ = align.next()
-        hb, hidx = harm.next()
-        rb = refuse.batch_of(hidx) if refuse is not None else None
-        g_align, g_h, g_h2, g_ref, logs = perturbation_gradients(peft, params, ab, hb, alpha=alpha, refusal_batch=rb)
+        ab = align.take(batch_size)
+        hb = harm.take(batch_size)
+        rb = refuse.take(batch_size) if refuse is not None else None  # same seed: the paired rows
+        g_align, g_h, g_h2, g_ref, logs = perturbation_gradients(peft, params, ab, hb, alpha=alpha,
+                                                                 refusal_batch=rb, autocast=autocast)
         lam_t = lam
         if adaptive_lambda:
             na = float(flat_norm(g_align))
@@ -149,6 +190,9 @@ class Booster(Defense):
                 raise ValueError(f"{self.NAME} {name} must be > 0, got {getattr(s, name)!r}")
         if not s.lam >= 0:
             raise ValueError(f"{self.NAME} lam must be >= 0, got {s.lam!r}")
+
+    def needs_harmful_answers(self) -> bool:
+        return True
 
     def alignment_stage(self, model, tokenizer, data):
         self.check_data(data)

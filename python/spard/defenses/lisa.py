@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Defense, mean_token_loss
+from spard.distributed import get_world_size, local_tensor
+
+from .base import Defense, token_mean_terms
 
 
 class Lisa(Defense):
@@ -30,10 +32,11 @@ class Lisa(Defense):
         s = self.settings
         for name in ("alignment_steps", "finetune_steps"):
             v = getattr(s, name)
-            if not isinstance(v, int) or v < (1 if name == "finetune_steps" else 0):
-                raise ValueError(f"lisa {name} must be an int >= {1 if name == 'finetune_steps' else 0}, got {v!r}")
-        if not s.rho >= 0:
-            raise ValueError(f"lisa rho must be >= 0, got {s.rho!r}")
+            least = 1 if name == "finetune_steps" else 0
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise ValueError(f"lisa {name} must be an int >= {least}, got {v!r}")
+        if not (isinstance(s.rho, (int, float)) and 0 <= s.rho < float("inf")):
+            raise ValueError(f"lisa rho must be a finite number >= 0, got {s.rho!r}")
 
     def total_steps(self, user_steps: int) -> int:
         # The user phase keeps all of SFT's user steps; the alignment phases come on top.
@@ -41,24 +44,51 @@ class Lisa(Defense):
         cycles = -(-user_steps // s.finetune_steps)
         return user_steps + s.alignment_steps * cycles
 
-    def setup(self, model, tokenizer, data, optimizer) -> None:
-        super().setup(model, tokenizer, data, optimizer)
+    def setup(self, model, tokenizer, data, optimizer, ctx) -> None:
+        super().setup(model, tokenizer, data, optimizer, ctx)
         self.check_data(data)
-        self.anchor = [p.detach().clone() for p in self.params]
+        # Lisa's alignment phase is micro-batched like the user phase (same effective batch).
+        ctx.streams["alignment"] = ctx.stream(data.alignment, tokenizer, seed=data.seed + 5,
+                                              what="alignment rows")
+        self.anchor = self._snapshot()
         self.phase = None
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        # Local shards under FSDP: the proximal term is a sum of per-shard sums.
+        return [local_tensor(p).detach().clone() for p in self.params]
 
     def source(self, step: int) -> str:
         s = self.settings
         phase = "alignment" if step % (s.alignment_steps + s.finetune_steps) < s.alignment_steps else "user"
         if phase != self.phase:
             if self.phase is not None:  # θ̃ = the end point of the phase that just finished
-                self.anchor = [p.detach().clone() for p in self.params]
+                self.anchor = self._snapshot()
             self.phase = phase
         return phase
 
     def proximal(self) -> torch.Tensor:
-        return 0.5 * self.settings.rho * sum((p.float() - a.float()).pow(2).sum()
+        return 0.5 * self.settings.rho * sum((local_tensor(p).float() - a.float()).pow(2).sum()
                                              for p, a in zip(self.params, self.anchor))
 
-    def loss(self, model, batch, indices, source):
-        return mean_token_loss(model, batch) + self.proximal()
+    def loss_terms(self, model, micro, source):
+        terms = token_mean_terms(micro, self.ctx.device)
+        first_mb, first = terms[0]
+        world = get_world_size()
+
+        def with_proximal(m, mb):
+            # Each rank adds its share; the trainer's all-rank average gives ρ/2 ||θ - θ̃||² once.
+            return first(m, mb) + self.proximal() / world
+
+        return [(first_mb, with_proximal)] + terms[1:]
+
+    def after_step(self, optimizer) -> dict:
+        return {"alignment_phase": torch.tensor(float(self.phase == "alignment"))}
+
+    def state_dict(self) -> dict:
+        return {"phase": self.phase, "anchor": list(self.anchor)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.phase = state["phase"]
+        with torch.no_grad():
+            for a, saved in zip(self.anchor, state["anchor"]):
+                a.copy_(saved)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from spard.distributed import DistributedSafetyProjector, is_distributed, run_on_main, unwrap
+
 from .base import Defense
 
 
@@ -25,6 +27,10 @@ class SPARD(Defense):
         beta: float = 4.0
         embedder: Optional[str] = None
         """None: the base model itself (mean-pooled hidden states, the paper's choice)."""
+        selection_seed: Optional[int] = None
+        """Seed of the random selection (None: the run's seed)."""
+        cache_dir: Optional[str] = None
+        """Embedding cache folder for the selection."""
         mode: str = "paper"
         """paper | official."""
         tau: Optional[float] = None
@@ -32,8 +38,15 @@ class SPARD(Defense):
         max_step: Optional[Union[float, str]] = None
         """η_safe: None (no cap), a number, or "lr" (the paper's η_safe = η_ft)."""
         batch_size: int = 4
+        micro_batch_size: Optional[int] = None
+        """Safety samples per forward pass (None: the fine-tuning micro-batch size)."""
         delta: float = 0.1
         alpha_max: float = 1.0
+        max_grad_norm: Optional[float] = 1.0
+        """Clipping of the safety gradient in the official mode."""
+        measure_after: bool = False
+        seed: Optional[int] = None
+        """Seed of the safety-batch order (None: the run's seed)."""
 
     def validate(self) -> None:
         s = self.settings
@@ -42,39 +55,53 @@ class SPARD(Defense):
         if s.mode not in ("paper", "official"):
             raise ValueError(f"spard mode must be 'paper' or 'official', got {s.mode!r}")
 
-    def select(self, model, tokenizer, data) -> list[dict]:
-        from spard.data import safety_rows
+    def select(self, model, tokenizer, data) -> tuple[list[int], dict]:
         from spard.embed import HFEmbedder
         from spard.select import select_safe_data
 
         s = self.settings
         pool = data.safety_pool
         if s.selection == "all":
-            indices, report = list(range(len(pool))), {"method": "all"}
-        else:
-            embedder = None
-            if s.selection != "random":
-                embedder = s.embedder or HFEmbedder(model, tokenizer, progress=False,
-                                                    max_length=data.max_length)
-            k = s.k if s.k is not None else max(1, int(s.p * len(data.user)))
-            indices, report = select_safe_data(pool, data.user, method=s.selection, k=min(k, len(pool)),
-                                               beta=s.beta, embedder=embedder, seed=data.seed)
-        self.selection_report = {"k": len(indices), "method": report.get("method"),
-                                 "logdet": report.get("logdet"), "relevance": report.get("relevance")}
-        return safety_rows([pool[i] for i in indices])
+            return list(range(len(pool))), {"method": "all", "k": len(pool)}
+        embedder = None
+        if s.selection != "random":
+            if s.embedder is None and is_distributed():
+                raise ValueError("spard on several processes: name the selection's embedder "
+                                 "(the base model's path) so rank 0 can load its own copy")
+            embedder = s.embedder or HFEmbedder(unwrap(model), tokenizer, progress=False,
+                                                max_length=data.max_length)
+        k = s.k if s.k is not None else max(1, int(s.p * len(data.user)))
+        seed = data.seed if s.selection_seed is None else s.selection_seed
+        # Selected once (rank 0) and shared: every rank trains on the same safe set.
+        return run_on_main(select_safe_data, pool, data.user, method=s.selection, k=min(k, len(pool)),
+                           beta=s.beta, embedder=embedder, seed=seed, cache_dir=s.cache_dir)
 
-    def setup(self, model, tokenizer, data, optimizer) -> None:
-        from spard.spag import SafetyProjector
+    def setup(self, model, tokenizer, data, optimizer, ctx) -> None:
+        from spard.data import safety_rows
 
-        super().setup(model, tokenizer, data, optimizer)
+        super().setup(model, tokenizer, data, optimizer, ctx)
         self.check_data(data)
         s = self.settings
-        safe = self.select(model, tokenizer, data)  # LoRA is the identity here: base-model embeddings
-        self.projector = SafetyProjector(model, safe, tokenizer, tau=s.tau, max_step=s.max_step,
-                                         batch_size=s.batch_size, mode=s.mode, delta=s.delta,
-                                         alpha_max=s.alpha_max, max_length=data.max_length,
-                                         optimizer=optimizer, seed=data.seed, progress=False)
-        if self.projector.tau is None:
+        saved = ctx.resume_state or {}
+        if "selection" in saved:  # a resumed run keeps the safe set it started with
+            indices, report = saved["selection"]["indices"], saved["selection"]["report"]
+        else:
+            indices, report = self.select(model, tokenizer, data)  # LoRA is the identity here
+        self.selection = {"indices": [int(i) for i in indices], "report": report}
+        self.selection_report = {"k": len(indices), "method": report.get("method"),
+                                 "logdet": report.get("logdet"), "relevance": report.get("relevance")}
+        safe = safety_rows([data.safety_pool[i] for i in self.selection["indices"]])
+        if not safe:
+            raise ValueError("the selected safe set is empty (spard k / p too small?)")
+        self.projector = DistributedSafetyProjector(
+            model, safe, tokenizer, tau=s.tau, max_step=s.max_step, batch_size=s.batch_size,
+            micro_batch_size=s.micro_batch_size or min(s.batch_size, ctx.micro_batch_size),
+            mode=s.mode, delta=s.delta, alpha_max=s.alpha_max, max_grad_norm=s.max_grad_norm,
+            max_length=data.max_length, optimizer=optimizer, measure_after=s.measure_after,
+            seed=data.seed if s.seed is None else s.seed, progress=False)
+        if "projector" in saved:
+            self.projector.load_state_dict(saved["projector"])
+        elif self.projector.tau is None:
             self.projector.calibrate_tau()
 
     def after_step(self, optimizer) -> dict:
@@ -82,3 +109,34 @@ class SPARD(Defense):
 
     def summary(self) -> dict:
         return {"selection": self.selection_report, "spag": self.projector.summary()}
+
+    def state_dict(self) -> dict:
+        return {"selection": self.selection, "projector": self.projector.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.projector.load_state_dict(state["projector"])
+
+
+class ProjectorDefense(Defense):
+    """SPAG with a projector the caller built (``fit(..., projector=...)``): no selection."""
+
+    NAME = "spag"
+    NEEDS = ("user",)
+
+    def __init__(self, projector):
+        super().__init__()
+        self.projector = projector
+
+    def after_step(self, optimizer) -> dict:
+        return self.projector.step(optimizer)
+
+    def summary(self) -> dict:
+        return {"spag": self.projector.summary()}
+
+    def state_dict(self) -> dict:
+        return {"projector": self.projector.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "projector" not in state:
+            raise ValueError("checkpoint has no projector state (it was not a SPAG run)")
+        self.projector.load_state_dict(state["projector"])

@@ -196,6 +196,12 @@ def load_objects(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(f, weights_only=True) if f.is_file() else {}
 
 
+def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON state of a checkpoint (step, defense, ...), without loading any tensor."""
+    with open(Path(path) / "state.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_defense_state(path: str | os.PathLike) -> dict[str, Any]:
     return load_objects(path).get("defense") or {}
 

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batches import BatchStream
-from .checkpoint import latest_checkpoint, load_checkpoint, load_defense_state, save_checkpoint
+from .checkpoint import checkpoint_info, latest_checkpoint, load_checkpoint, load_defense_state, save_checkpoint
 from .config import LoraConfig, OptimConfig, TrainConfig, save_config
 from .defenses.base import Defense, DefenseData, TrainContext
 from .defenses.sft import SFT
@@ -111,6 +111,11 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
     total = defense.total_steps(_total_steps(len(examples), optim))
     optimizer, scheduler = build_optimizer(params, optim, total)
     latest = latest_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
+    if latest is not None:
+        made_by = checkpoint_info(latest).get("defense", defense.NAME)
+        if made_by != defense.NAME:
+            raise ValueError(f"{latest}: made by defense {made_by!r}, this run trains under "
+                             f"{defense.NAME!r} (use another output folder)")
     ctx = TrainContext(streams={"user": user}, global_batch=global_batch, micro_batch_size=optim.batch_size,
                        pad_id=pad_id, device=device, autocast=autocast_for(model), max_length=max_length,
                        resume_state=load_defense_state(latest) if latest is not None else None)
@@ -127,9 +132,6 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
         if state["total_steps"] != total:
             raise ValueError(f"{latest}: made for {state['total_steps']} steps, this run has {total} "
                              "(optim settings or data changed since the checkpoint)")
-        if state.get("defense", defense.NAME) != defense.NAME:
-            raise ValueError(f"{latest}: made by defense {state['defense']!r}, this run trains "
-                             f"under {defense.NAME!r}")
         step, history, resumed_from = int(state["step"]), list(state["history"]), str(latest)
         for name, stream_state in state["streams"].items():
             _stream(ctx, name).load_state_dict(stream_state)

@@ -125,3 +125,120 @@ def test_cli_checks_settings_first_and_summarizes(tmp_path, capsys):
     c.path(tmp_path).write_text(json.dumps(fake_result(c, 0.25, 0.5)))
     assert main(["bench", "--summarize-only", "--out", str(tmp_path)]) == 0
     assert "| sft | 25.0 | - | 50.0 | 25.0 | 50.0 |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Several workers on one output folder
+# ----------------------------------------------------------------------------------------------
+def test_shards_split_the_grid_without_overlap():
+    s = BenchSettings(defenses=["sft", "spard", "lisa"], ratios=[0.05, 0.1], seeds=[0, 1])
+    cells = bench.grid(s, ["a1"])
+    parts = [bench.shard_of(cells, (k, 3)) for k in (1, 2, 3)]
+    assert sorted(c.key for p in parts for c in p) == sorted(c.key for c in cells)
+    assert all(len(p) == 4 for p in parts)
+    with pytest.raises(ValueError, match="shard"):
+        bench.shard_of(cells, (4, 3))
+    from spard.commands.bench import parse_shard
+    assert parse_shard("2/5") == (2, 5)
+    for bad in ("0/3", "3/2", "a/b", "1"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+
+
+def _slow_runner(cell, data, settings):
+    import time
+    time.sleep(0.05)  # long enough for two workers to overlap
+    with open(os.environ["SPARD_TEST_CALLS"], "a", encoding="utf-8") as f:
+        f.write(cell.key + "\n")
+    asr = {"sft": 0.8, "spard": 0.1, "lisa": 0.4}[cell.defense] + 0.01 * cell.seed
+    return fake_result(cell, asr, 0.3)
+
+
+def _worker(out, calls, worker):
+    os.environ["SPARD_TEST_CALLS"] = calls
+    s = BenchSettings(defenses=["sft", "spard", "lisa"], ratios=[0.05, 0.1], seeds=[0, 1])
+    bench.run_grid(fake_data(), s, out, progress=False, cell_runner=_slow_runner, worker=worker)
+
+
+def test_two_concurrent_workers_run_each_cell_once_and_give_the_same_summary(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    calls = str(tmp_path / "calls.txt")
+    procs = [ctx.Process(target=_worker, args=(str(tmp_path / "two"), calls, f"w{i}")) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    keys = open(calls).read().split()
+    assert len(keys) == len(set(keys)) == 24  # 2 attacks x 2 ratios x 2 seeds x 3 defenses, once each
+    _worker(str(tmp_path / "one"), str(tmp_path / "calls1.txt"), "solo")
+    two, one = bench.summarize(tmp_path / "two"), bench.summarize(tmp_path / "one")
+    for s in (two, one):
+        s.pop("generated", None)
+    assert json.dumps(two["overall"], sort_keys=True) == json.dumps(one["overall"], sort_keys=True)
+    assert (tmp_path / "two" / "table.md").read_text() == (tmp_path / "one" / "table.md").read_text()
+    assert not list((tmp_path / "two" / "claims").glob("*.claim"))  # every claim released
+
+
+def test_a_dead_workers_claim_is_taken_over_after_the_timeout(tmp_path):
+    import time
+    from spard.claims import ClaimBoard
+
+    a = ClaimBoard(tmp_path, worker="a", timeout_s=0.5)
+    b = ClaimBoard(tmp_path, worker="b", timeout_s=0.5)
+    held = a.claim("x/y")
+    assert held is not None and b.claim("x/y") is None  # live claim: refused
+    with held:  # the heartbeat keeps it fresh past the timeout
+        time.sleep(0.8)
+        assert b.claim("x/y") is None
+    assert b.claim("x/y") is not None  # released: free
+    assert a.claim("z") is not None  # a worker that then dies: no heartbeat, no release
+    assert b.claim("z") is None
+    time.sleep(0.7)
+    taken = b.claim("z")
+    assert taken is not None and json.loads(taken.path.read_text())["worker"] == "b"
+    with pytest.raises(ValueError, match="timeout"):
+        ClaimBoard(tmp_path, timeout_s=0)
+
+
+def test_a_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    import spard.trainer as T
+    from spard.commands.bench import build_settings
+    from spard.world import WorldSettings
+
+    monkeypatch.setenv("SPARD_CACHE", str(tmp_path / "cache"))
+    world = WorldSettings(n_task_train=40, n_task_test=8, n_align_task=20, hidden_size=32, num_layers=1,
+                          num_heads=2, intermediate_size=64, align_steps=15, align_batch_size=8, max_length=64)
+    data = bench.world_data(world, n_task=40, n_eval=8, n_task_test=8, progress=False)
+    settings = build_settings({
+        "defenses": ["lisa"], "ratios": [0.1], "seeds": [0], "save_every": 2,
+        "defense_settings": {"lisa": {"alignment_steps": 1, "finetune_steps": 3}},
+        "optim": {"lr": 5e-3, "warmup_steps": 0, "batch_size": 8, "epochs": 1.0},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_length": 64, "max_new_tokens": 8,
+        "task_max_new_tokens": 8, "eval_batch_size": 8})
+    real_step, calls = T.optimizer_step, []
+
+    def dies_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")  # not caught by the grid: like a kill
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(T, "optimizer_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_grid(data, settings, tmp_path / "out", progress=False)
+    cell = Cell("world", 0.1, 0, "lisa")
+    assert (cell.run_dir(tmp_path / "out") / "checkpoints" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(T, "optimizer_step", real_step)
+    st = bench.run_grid(data, settings, tmp_path / "out", progress=False)
+    assert st["done"] == [cell.key]
+    resumed = json.loads(cell.path(tmp_path / "out").read_text())
+    assert resumed["train"]["resumed_from"].endswith("checkpoint-2")
+    assert not cell.run_dir(tmp_path / "out").exists()  # checkpoints removed with the result
+    clean = bench.run_grid(data, settings, tmp_path / "clean", progress=False)
+    assert clean["done"] == [cell.key]
+    ref = json.loads(cell.path(tmp_path / "clean").read_text())
+    assert resumed["train"]["loss_curve"] == ref["train"]["loss_curve"]
+    assert (resumed["asr"], resumed["accuracy"]) == (ref["asr"], ref["accuracy"])

@@ -47,6 +47,15 @@ class BenchData:
     safety_pool: list[dict]
     attacks: dict[str, list[dict]]
     description: dict = field(default_factory=dict)
+    device: Optional[str] = None
+    """Where cells train (None: where ``model`` is). The base model stays where it was loaded
+    (the host, for a GPU run): each cell trains on a fresh copy moved to ``device``."""
+
+    def fresh_model(self) -> torch.nn.Module:
+        """A copy of the aligned base model on the cell's device (the base itself is never
+        touched, so every cell starts from the same weights)."""
+        model = copy.deepcopy(self.model)
+        return model.to(self.device) if self.device is not None else model
 
 
 @dataclass
@@ -66,6 +75,8 @@ class BenchSettings:
     """refusal | moderation | guard | rubric (spard.eval.make_judge)."""
     judge_model: Optional[str] = None
     """The moderation/guard model, or the rubric judge's API model name."""
+    save_every: int = 50
+    """A cell checkpoints every N optimizer steps; a killed cell resumes from its last one."""
 
     def validate(self) -> None:
         from .defenses import REGISTRY
@@ -78,6 +89,8 @@ class BenchSettings:
             raise ValueError(f"ratios: expected numbers >= 0, got {self.ratios!r}")
         if not self.seeds or any(not isinstance(s, int) for s in self.seeds):
             raise ValueError(f"seeds: expected ints, got {self.seeds!r}")
+        if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"save_every: expected an int >= 0 (0: checkpoint only at the end), got {self.save_every!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +112,20 @@ class Cell:
 
     def error_path(self, out_dir) -> Path:
         return Path(out_dir) / "cells" / f"{self.key}.error.json"
+
+    def run_dir(self, out_dir) -> Path:
+        """The cell's training checkpoints while it runs (removed once its result is written)."""
+        return Path(out_dir) / "runs" / self.key
+
+
+def shard_of(cells: Sequence[Cell], shard: Optional[tuple[int, int]]) -> list[Cell]:
+    """Shard K of N (1-based): every N-th cell from the K-th, a fixed share of the grid."""
+    if shard is None:
+        return list(cells)
+    k, n = shard
+    if not (isinstance(k, int) and isinstance(n, int) and 1 <= k <= n):
+        raise ValueError(f"shard: expected K/N with 1 <= K <= N, got {k}/{n}")
+    return [c for i, c in enumerate(cells) if i % n == k - 1]
 
 
 def grid(settings: BenchSettings, attacks: Sequence[str]) -> list[Cell]:
@@ -142,7 +169,10 @@ def attack_rows(data: BenchData, attack: str, ratio: float, seed: int) -> tuple[
     return rows, manifest
 
 
-def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: bool = False) -> dict:
+def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: bool = False,
+             out_dir=None, fingerprint: Optional[str] = None) -> dict:
+    """Trains and evaluates one cell. With ``out_dir`` the training checkpoints under
+    ``runs/<cell>/`` and a rerun after a kill resumes from the last checkpoint."""
     from .defenses import DefenseData, make_defense
     from .eval import evaluate, make_judge
     from .trainer import run_defense
@@ -153,9 +183,12 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
     ddata = DefenseData(user=rows, safety_pool=data.safety_pool, seed=cell.seed, max_length=settings.max_length)
     optim = copy.deepcopy(settings.optim)
     optim.seed = cell.seed
-    model = copy.deepcopy(data.model)  # every cell starts from the same aligned weights
-    model, run = run_defense(defense, model, data.tokenizer, ddata, optim=optim, lora=settings.lora,
-                             progress=progress, desc=cell.key)
+    ckpt = None
+    if out_dir is not None:
+        ckpt = _cell_run_dir(cell, out_dir, fingerprint)
+    model, run = run_defense(defense, data.fresh_model(), data.tokenizer, ddata, optim=optim, lora=settings.lora,
+                             progress=progress, desc=cell.key, checkpoint_dir=ckpt,
+                             save_every=settings.save_every, keep_checkpoints=1, resume=ckpt is not None)
     t = time.perf_counter()
     result = evaluate(model, data.tokenizer, safety_prompts=data.eval_prompts, task_rows=data.task_test,
                       judge=make_judge(settings.judge, model=settings.judge_model), max_new_tokens=settings.max_new_tokens,
@@ -166,40 +199,86 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
             "train": run, "eval_seconds": time.perf_counter() - t}
 
 
+def _cell_run_dir(cell: Cell, out_dir, fingerprint: Optional[str]) -> str:
+    """The cell's checkpoint folder; checkpoints made under other settings are discarded."""
+    import shutil
+
+    run_dir = cell.run_dir(out_dir)
+    stamp = run_dir / "fingerprint.txt"
+    if run_dir.exists() and (not stamp.is_file() or stamp.read_text(encoding="utf-8") != str(fingerprint)):
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(stamp, str(fingerprint))
+    return str(run_dir / "checkpoints")
+
+
 def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: bool = True,
-             cell_runner: Optional[Callable] = None) -> dict:
-    """Runs every unfinished cell; returns {"done", "skipped", "failed": [keys]}."""
+             cell_runner: Optional[Callable] = None, shard: Optional[tuple[int, int]] = None,
+             worker: Optional[str] = None, claim_timeout_s: float = 600.0) -> dict:
+    """Runs every unfinished cell of this worker's shard that no live worker has claimed;
+    returns {"done", "skipped", "failed", "claimed_by_others": [keys]}.
+
+    Several workers may share ``out_dir`` (one per GPU, a Slurm array, local processes): a cell
+    is claimed atomically before it runs (spard.claims), so none runs twice, and a claim whose
+    worker stopped sending heartbeats for ``claim_timeout_s`` is taken over.
+    """
+    from .claims import ClaimBoard
+
     settings.validate()
     missing = [a for a in data.attacks if not data.attacks[a]]
     if missing:
         raise ValueError(f"attacks {missing} have no rows")
     out = Path(out_dir)
-    runner = cell_runner or run_cell
+    if cell_runner is None:  # the real runner checkpoints each cell under out/runs/
+        def runner(cell, data, settings, fingerprint):
+            return run_cell(cell, data, settings, out_dir=out, fingerprint=fingerprint)
+    else:
+        def runner(cell, data, settings, fingerprint):
+            return cell_runner(cell, data, settings)
     cells = grid(settings, sorted(data.attacks))
     fingerprints = {c.key: cell_fingerprint(c, settings, data.description) for c in cells}
-    # The summary reads only the cells of this grid made under these settings.
+    # The summary reads only the cells of this grid made under these settings. Every worker of
+    # one grid writes the same file.
     write_json_atomic(out / "bench.json", {"settings": settings.to_dict(), "data": data.description,
                                            "attacks": sorted(data.attacks), "cells": fingerprints})
-    status = {"done": [], "skipped": [], "failed": []}
-    bar = tqdm(cells, desc="bench", disable=not progress, dynamic_ncols=True)
+    board = ClaimBoard(out / "claims", worker=worker, timeout_s=claim_timeout_s)
+    status: dict[str, list] = {"done": [], "skipped": [], "failed": [], "claimed_by_others": []}
+    mine = shard_of(cells, shard)
+    bar = tqdm(mine, desc="bench", disable=not progress, dynamic_ncols=True)
     for cell in bar:
         bar.set_postfix_str(cell.key, refresh=True)
         fingerprint = fingerprints[cell.key]
         if cell_done(cell, out, fingerprint):
             status["skipped"].append(cell.key)
             continue
-        try:
-            result = {**runner(cell, data, settings), "fingerprint": fingerprint}
-        except Exception as e:  # noqa: BLE001 - one broken cell must not stop the grid
-            write_json_atomic(cell.error_path(out), {"cell": asdict(cell), "error": repr(e),
-                                                     "traceback": traceback.format_exc()})
-            status["failed"].append(cell.key)
-            tqdm.write(f"bench: cell {cell.key} failed: {e!r} (rerun to retry)")
+        claim = board.claim(cell.key)
+        if claim is None:
+            status["claimed_by_others"].append(cell.key)
             continue
-        write_json_atomic(cell.path(out), result)
-        cell.error_path(out).unlink(missing_ok=True)
-        status["done"].append(cell.key)
+        with claim:
+            if cell_done(cell, out, fingerprint):  # finished by another worker since we looked
+                status["skipped"].append(cell.key)
+                continue
+            _run_one(cell, data, settings, runner, fingerprint, out, status)
     return status
+
+
+def _run_one(cell, data, settings, runner, fingerprint, out, status) -> None:
+    import shutil
+
+    try:
+        result = {**runner(cell, data, settings, fingerprint), "fingerprint": fingerprint}
+    except Exception as e:  # noqa: BLE001 - one broken cell must not stop the grid
+        write_json_atomic(cell.error_path(out), {"cell": asdict(cell), "error": repr(e),
+                                                 "traceback": traceback.format_exc()})
+        status["failed"].append(cell.key)
+        tqdm.write(f"bench: cell {cell.key} failed: {e!r} (rerun to retry)")
+        return
+    write_json_atomic(cell.path(out), result)
+    cell.error_path(out).unlink(missing_ok=True)
+    shutil.rmtree(cell.run_dir(out), ignore_errors=True)  # its checkpoints are no longer needed
+    status["done"].append(cell.key)
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +517,10 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
     from .eval import load_model
     if not attacks:
         raise ValueError("attacks: name at least one attack corpus (name -> path)")
-    m, tok = load_model(model, device=device)
+    # The base model stays on the host; each cell trains on its own copy on ``device``.
+    m, tok = load_model(model, device="cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     ev = load_records(eval_prompts, limit=n_eval)
     return BenchData(model=m, tokenizer=tok, task=load_task(task, limit=n_task),
                      task_test=load_task(task_test, limit=n_task_test),
@@ -446,4 +528,5 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
                      attacks={name: load_safety(path) for name, path in attacks.items()},
                      description={"source": "files", "model": model, "task": task, "task_test": task_test,
                                   "eval_prompts": eval_prompts, "safety_pool": safety_pool, "attacks": attacks,
-                                  "n_task": n_task, "n_task_test": n_task_test, "n_eval": n_eval})
+                                  "n_task": n_task, "n_task_test": n_task_test, "n_eval": n_eval},
+                     device=device)

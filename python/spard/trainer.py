@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .batches import BatchStream
-from .checkpoint import checkpoint_info, latest_checkpoint, load_checkpoint, load_defense_state, save_checkpoint
+from .checkpoint import (checkpoint_info, latest_checkpoint, load_checkpoint, load_defense_state, load_objects,
+                         save_checkpoint)
 from .config import LoraConfig, OptimConfig, TrainConfig, save_config
 from .defenses.base import Defense, DefenseData, TrainContext
 from .defenses.sft import SFT
@@ -62,6 +63,12 @@ class _RunningMeans:
             v = torch.as_tensor(v).detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count += 1
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.count = dict(state["sums"]), int(state["count"])
 
     def pop(self) -> dict[str, float]:
         if not self.count:
@@ -126,6 +133,7 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
         defense.setup(model, tokenizer, data, optimizer, ctx)
     history: list[dict] = []
     step, resumed_from = 0, None
+    running = _RunningMeans()  # log means of the steps since the last log (kept across a resume)
 
     if latest is not None:
         state = load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
@@ -136,15 +144,19 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
         for name, stream_state in state["streams"].items():
             _stream(ctx, name).load_state_dict(stream_state)
         defense.load_state_dict(ctx.resume_state or {})
+        objects = load_objects(latest)
+        if "running_means" in objects:
+            running.load_state_dict({"sums": {k: v.to(device) for k, v in objects["running_means"]["sums"].items()},
+                                     "count": objects["running_means"]["count"]})
 
     def checkpoint(at_step: int) -> None:
         save_checkpoint(checkpoint_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
-                        keep=keep_checkpoints, objects={"defense": defense.state_dict()},
+                        keep=keep_checkpoints,
+                        objects={"defense": defense.state_dict(), "running_means": running.state_dict()},
                         state={"total_steps": total, "defense": defense.NAME, "history": history,
                                "streams": {k: s.state_dict() for k, s in ctx.streams.items()},
                                "extra": extra_state or {}})
 
-    running = _RunningMeans()
     bar = tqdm(total=total, initial=step, desc=desc or defense.NAME,
                disable=not progress or not is_main_process(), dynamic_ncols=True)
     start = time.perf_counter()

@@ -49,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (tiny models run best on 1)")
     parser.add_argument("--no-progress", action="store_true")
+    workers = parser.add_argument_group("several workers on one output folder (see docs/bench.md)")
+    workers.add_argument("--shard", default=None, metavar="K/N",
+                         help="run only shard K of N of the grid (1-based), e.g. one shard per GPU or "
+                              "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
+    workers.add_argument("--worker-id", default=None, help="this worker's name in claim files (default host:pid)")
+    workers.add_argument("--claim-timeout", type=float, default=600.0, metavar="SECONDS",
+                         help="a claimed cell whose worker sent no heartbeat for this long is taken over "
+                              "(default 600)")
 
 
 def _csv(text, cast):
@@ -58,12 +66,25 @@ def _csv(text, cast):
         raise SystemExit(f"spard bench: bad list {text!r}: {e}")
 
 
+def parse_shard(text: str | None):
+    """'K/N' -> (K, N) with 1 <= K <= N; None stays None."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard: expected K/N with integers, e.g. 1/4, got {text!r}") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"--shard: expected 1 <= K <= N, got {text!r}")
+    return k, n
+
+
 def build_settings(spec: dict):
     from spard.bench import BenchSettings
     from spard.config import LoraConfig, OptimConfig
     spec = dict(spec)
     known = {"defenses", "ratios", "seeds", "defense_settings", "optim", "lora", "max_length", "max_new_tokens",
-             "task_max_new_tokens", "eval_batch_size", "judge", "judge_model"}
+             "task_max_new_tokens", "eval_batch_size", "judge", "judge_model", "save_every"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ValueError(f"bench settings: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -111,12 +132,17 @@ def run(args) -> int:
     try:  # settings are checked before any model is loaded
         settings = build_settings(spec)
         settings.validate()
+        shard = parse_shard(args.shard)
+        if not args.claim_timeout > 0:
+            raise ValueError(f"--claim-timeout: expected seconds > 0, got {args.claim_timeout}")
     except (TypeError, ValueError) as e:
         print(f"spard bench: {e}", file=sys.stderr)
         return 2
     data = bench.file_data(**source) if args.config else bench.world_data(**source, progress=progress)
-    status = bench.run_grid(data, settings, args.out, progress=progress)
-    print(f"cells: {len(status['done'])} run, {len(status['skipped'])} already done, {len(status['failed'])} failed")
+    status = bench.run_grid(data, settings, args.out, progress=progress, shard=shard, worker=args.worker_id,
+                            claim_timeout_s=args.claim_timeout)
+    print(f"cells: {len(status['done'])} run, {len(status['skipped'])} already done, "
+          f"{len(status['claimed_by_others'])} running elsewhere, {len(status['failed'])} failed")
     summary = bench.summarize(args.out, defenses_order=settings.defenses)
     print(open(f"{args.out}/table.md", encoding="utf-8").read())
     return 1 if status["failed"] else 0

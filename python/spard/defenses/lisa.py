@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spard.distributed import get_world_size, local_tensor
+from spard.distributed import get_world_size, is_sharded, local_tensor
 
 from .base import Defense, token_mean_terms
 
@@ -75,9 +75,18 @@ class Lisa(Defense):
         first_mb, first = terms[0]
         world = get_world_size()
 
+        sharded = any(is_sharded(p) for p in self.params)
+
         def with_proximal(m, mb):
-            # Each rank adds its share; the trainer's all-rank average gives ρ/2 ||θ - θ̃||² once.
-            return first(m, mb) + self.proximal() / world
+            # Gradients: each rank adds 1/W of its term and the trainer scales by W. Replicated
+            # (DDP): the ranks' average gives ∇ ρ/2 ||θ - θ̃||² once. Sharded (FSDP): each rank's
+            # term covers its shard only, and shard gradients are not averaged. The logged value
+            # (summed over ranks) must be the whole term in both cases.
+            prox = self.proximal()
+            share = prox / world
+            if sharded:
+                share = share + (prox - share).detach()
+            return first(m, mb) + share
 
         return [(first_mb, with_proximal)] + terms[1:]
 

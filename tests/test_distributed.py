@@ -75,7 +75,8 @@ def worker(out: Path) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from spard.distributed import DistributedSafetyProjector, get_rank, init_from_env, wrap_model
+    from spard.distributed import get_rank, init_from_env, wrap_model
+    from spard.spag_distributed import DistributedSafetyProjector
 
     torch.set_num_threads(1)
     assert init_from_env(backend="gloo")

@@ -192,7 +192,7 @@ def test_callback_resumes_with_hf_checkpoints(tmp_path):
 def test_callback_uses_the_distributed_projector_under_a_process_group(tmp_path, monkeypatch):
     import spard.callback
     from spard.callback import SpagCallback
-    from spard.distributed import DistributedSafetyProjector
+    from spard.spag_distributed import DistributedSafetyProjector
 
     # A launched DDP/FSDP run: every rank must draw its share of one global safety batch.
     monkeypatch.setattr(spard.callback, "is_distributed", lambda: True)

@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 
 from transformers import TrainerCallback
 
-from .distributed import DistributedSafetyProjector, is_distributed
+from .distributed import is_distributed
+from .spag_distributed import DistributedSafetyProjector
 from .io import write_json_atomic
 from .spag import SafetyProjector, logs_to_floats
 

@@ -8,6 +8,7 @@ one. ``state.json`` is written last; a folder without it is never picked up.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -20,6 +21,8 @@ from typing import Any, Iterator, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import (get_rank, get_world_size, is_distributed, load_trainable_full_state, run_on_main,
+                          trainable_full_state)
 from .io import write_json_atomic
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -156,7 +159,6 @@ def save_checkpoint(directory: str | os.PathLike, step: int, *, model: torch.nn.
     ``state`` is JSON-serialisable (step, data order, history, ...); ``objects`` holds tensors
     and containers of them (the defense's state), saved with ``torch.save`` in ``objects.pt``.
     """
-    from .distributed import is_distributed, save_checkpoint_all_ranks
     if is_distributed():  # gathered on every rank, written by rank 0
         return save_checkpoint_all_ranks(directory, step, model=model, optimizer=optimizer,
                                          scheduler=scheduler, state=state, objects=objects, keep=keep)
@@ -229,7 +231,6 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
                     restore_rng: bool = True) -> dict[str, Any]:
     """Restores model, optimizer, scheduler and RNG states; returns the JSON state."""
     path = Path(path)
-    from .distributed import FULL_OPTIMIZER_FILE, is_distributed, load_checkpoint_all_ranks
     if is_distributed() or (path / FULL_OPTIMIZER_FILE).is_file():  # written by several ranks
         return load_checkpoint_all_ranks(path, model=model, optimizer=optimizer, scheduler=scheduler,
                                          restore_rng=restore_rng)
@@ -243,4 +244,91 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if restore_rng:
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints on several ranks
+# ----------------------------------------------------------------------------------------------
+FULL_OPTIMIZER_FILE = "optimizer-full.pt"
+"""Optimizer state keyed by parameter name with whole tensors (torch.distributed.checkpoint's
+full state dict): loadable on any number of ranks, under DDP, FSDP or one process."""
+RANK_RNG_FILE = "rng-ranks.pt"
+
+
+def _state_dict_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def save_checkpoint_all_ranks(directory, step: int, *, model: torch.nn.Module, optimizer,
+                              scheduler=None, state: dict, objects: Optional[dict] = None,
+                              keep: int = 2) -> Path:
+    """``spard.checkpoint.save_checkpoint`` for several ranks: call it on every rank.
+
+    Whole tensors are gathered (trainable parameters, optimizer state by parameter name, every
+    rank's RNG state) and rank 0 writes the folder atomically, in the single-process layout
+    (``optimizer-full.pt`` replaces ``optimizer.pt``). The folder must be on a filesystem every
+    rank sees. Returns the checkpoint folder on every rank.
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    trainable = trainable_full_state(model)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=_state_dict_options(cpu_offload=True))
+    rngs: list = [rng_state()]
+    if is_distributed():  # each rank's RNG state, serialised by torch (it holds tensors)
+        import torch.distributed as dist
+
+        buf = io.BytesIO()
+        torch.save(rngs[0], buf)
+        blobs = [None] * get_world_size()
+        dist.all_gather_object(blobs, buf.getvalue())
+        rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
+    final = Path(directory) / f"{CHECKPOINT_PREFIX}{step}"
+
+    def write() -> None:
+        with atomic_dir(final) as tmp:
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            torch.save(optim_state, tmp / FULL_OPTIMIZER_FILE)
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rngs[0], tmp / "rng.pt")
+            torch.save(rngs, tmp / RANK_RNG_FILE)
+            torch.save(_cpu(objects or {}), tmp / OBJECTS_FILE)
+            write_json_atomic(tmp / "state.json", {"step": int(step), "world_size": len(rngs), **state})
+        if keep > 0:
+            for old in list_checkpoints(directory)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    run_on_main(write)  # an error while writing is raised on every rank
+    return final
+
+
+def load_checkpoint_all_ranks(path, *, model: torch.nn.Module, optimizer, scheduler=None,
+                              restore_rng: bool = True) -> dict:
+    """``spard.checkpoint.load_checkpoint`` for checkpoints with ``optimizer-full.pt`` (written by
+    several ranks); call it on every rank. Works on any number of ranks, one included. Each rank
+    gets its own RNG state back when the number of ranks is the one that wrote it."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
+    with open(path / "state.json", encoding="utf-8") as f:
+        state = json.load(f)
+    load_trainable_full_state(model, load_file(str(path / "trainable.safetensors")))
+    if (path / FULL_OPTIMIZER_FILE).is_file():
+        optim_state = torch.load(path / FULL_OPTIMIZER_FILE, weights_only=True)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=_state_dict_options())
+    else:  # a single-process checkpoint: fine for replicated (DDP) parameters
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if scheduler is not None and (path / "scheduler.pt").is_file():
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if restore_rng:
+        rngs = torch.load(path / RANK_RNG_FILE, weights_only=True) if (path / RANK_RNG_FILE).is_file() else None
+        if rngs is not None and len(rngs) == get_world_size():
+            set_rng_state(rngs[get_rank()])
+        else:
+            set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return state

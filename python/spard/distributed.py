@@ -24,9 +24,7 @@ module, runs on CPU with gloo as well as on GPUs with NCCL, and is the FSDP that
 from __future__ import annotations
 
 import datetime
-import io
 import os
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -35,8 +33,6 @@ from torch import Tensor
 
 import spard_ext
 
-from .checkpoint import ResumableOrder
-from .spag import SafetyProjector, token_loss_sum
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -277,118 +273,8 @@ def wrap_model(model: torch.nn.Module, strategy: str = "ddp", *, group=None) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# The projector on several ranks
+# Whole trainable tensors on several ranks
 # ----------------------------------------------------------------------------------------------
-class DistributedSafetyProjector(SafetyProjector):
-    """SafetyProjector whose safety batch is global and split across ranks.
-
-    Works with a DDP-wrapped model (the safety pass runs on the inner module, its gradients
-    are all-reduced) and with an FSDP2 model (the safety pass runs through FSDP, whose
-    reduce-scatter leaves each rank its gradient shard). With one process it is exactly
-    SafetyProjector. ``batch_size`` is the global safety batch and must be a multiple of
-    the number of ranks (FSDP needs the same number of forward passes on every rank).
-    """
-
-    def __init__(self, model, safe_rows, tokenizer, *, process_group=None, seed: int = 0, **kwargs):
-        group = process_group
-        if group is None and is_distributed():
-            group = dist.group.WORLD
-        super().__init__(unwrap(model), safe_rows, tokenizer, process_group=group, seed=seed,
-                         **kwargs)
-        self.world_size, self.rank = get_world_size(group), get_rank(group)
-        self.sharded = any(is_sharded(p) for p in self.params)
-        if self.batch_size % self.world_size:
-            raise ValueError(f"batch_size (the global safety batch) must be a multiple of the "
-                             f"{self.world_size} ranks, got {self.batch_size}")
-        if self.sharded and self.mode == "official":
-            raise NotImplementedError("mode='official' steps the optimizer with per-tensor "
-                                      "scaled gradients; under FSDP use mode='paper' (or DDP)")
-        self.order = ResumableOrder(len(self.examples), seed=seed)  # one order on every rank
-
-    def next_batch(self):
-        # The global batch (the same order on every rank); this rank's share of it.
-        return self._micro_batches(rank_share(self.order.take(self.batch_size), self.rank,
-                                              self.world_size))
-
-    def loss_and_grads(self, micro_batches):
-        if not self._distributed():
-            return super().loss_and_grads(micro_batches)
-        total = self.reduce_count(sum(mb["n_tokens"] for mb in micro_batches)).clamp_min(1)
-        loss = torch.zeros((), dtype=torch.float32, device=self.device)
-        was_training = self._with_mode()
-        try:
-            if self.sharded:
-                grads = self._sharded_grads(micro_batches, total, loss)
-            else:
-                grads = self._replicated_grads(micro_batches, total, loss)
-        finally:
-            self.model.train(was_training)
-        all_reduce_sum([loss], self.process_group)
-        return loss, grads
-
-    def _replicated_grads(self, micro_batches, total, loss):
-        grads = [None] * len(self.params)
-        with torch.enable_grad():
-            for mb in micro_batches:
-                part = self._loss_sum(mb) / total
-                g = torch.autograd.grad(part, self.params, allow_unused=True)
-                grads = [gi if acc is None else (acc if gi is None else acc.add_(gi))
-                         for acc, gi in zip(grads, g)]
-                loss += part.detach()
-        # Every rank must all-reduce the same list: an unused parameter gets zeros. One packed
-        # collective for all tensors (LoRA has hundreds of small ones).
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
-        all_reduce_sum(grads, self.process_group)
-        return grads
-
-    def _sharded_grads(self, micro_batches, total, loss):
-        # FSDP only reduces gradients through backward(); the utility gradients in .grad
-        # are put aside and restored, so the safety pass leaves them as they were.
-        saved = [p.grad for p in self.params]
-        for p in self.params:
-            p.grad = None
-        try:
-            with torch.enable_grad():
-                for mb in micro_batches:
-                    part = self._loss_sum(mb) / total
-                    # FSDP averages over ranks; the loss is already a global mean: undo it.
-                    (part * self.world_size).backward()
-                    loss += part.detach()
-            return [p.grad for p in self.params]
-        finally:
-            for p, g in zip(self.params, saved):
-                p.grad = g
-
-    def _paper_step(self, loss, grads, optimizer):
-        if not self._distributed():
-            return super()._paper_step(loss, grads, optimizer)
-        # ℓ is the same reduced value on every rank; a non-finite ℓ anywhere made it
-        # non-finite everywhere, and b = +inf makes every rank step by 0.
-        finite_loss = torch.isfinite(loss)
-        b = torch.where(finite_loss, self.tau - loss, torch.full_like(loss, float("inf")))
-        coef, sqnorm = project_across_ranks(self.params, grads, b.float(),
-                                            max_step=self._cap(optimizer), group=self.process_group)
-        skipped = ~(finite_loss & torch.isfinite(sqnorm))
-        return {"safety_loss": loss, "alpha": coef, "trigger": (coef > 0).float(),
-                "grad_sqnorm": sqnorm, "skipped": skipped.float(),
-                "safety_loss_after": loss - coef * sqnorm}
-
-    def calibrate_tau(self, max_batches=None) -> float:
-        tau = super().calibrate_tau(max_batches)
-        # Every rank computed it; rank 0's value is used so α is bitwise equal everywhere.
-        self.tau = float(broadcast_object(tau, src=0, group=self.process_group))
-        return self.tau
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints on several ranks
-# ----------------------------------------------------------------------------------------------
-FULL_OPTIMIZER_FILE = "optimizer-full.pt"
-"""Optimizer state keyed by parameter name with whole tensors (torch.distributed.checkpoint's
-full state dict): loadable on any number of ranks, under DDP, FSDP or one process."""
-RANK_RNG_FILE = "rng-ranks.pt"
-
-
 def trainable_full_state(model: torch.nn.Module) -> dict[str, Tensor]:
     """Trainable parameters by name as whole CPU tensors (a collective under FSDP: call it on
     every rank). Names are those of the unwrapped model, as in a single-process checkpoint."""
@@ -415,89 +301,3 @@ def load_trainable_full_state(model: torch.nn.Module, state: dict[str, Tensor]) 
             p.to_local().copy_(distribute_tensor(value, p.device_mesh, p.placements).to_local())
         else:
             p.copy_(value)
-
-
-def _state_dict_options(**kwargs):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kwargs)
-
-
-def save_checkpoint_all_ranks(directory, step: int, *, model: torch.nn.Module, optimizer,
-                              scheduler=None, state: dict, objects: Optional[dict] = None,
-                              keep: int = 2) -> Path:
-    """``spard.checkpoint.save_checkpoint`` for several ranks: call it on every rank.
-
-    Whole tensors are gathered (trainable parameters, optimizer state by parameter name, every
-    rank's RNG state) and rank 0 writes the folder atomically, in the single-process layout
-    (``optimizer-full.pt`` replaces ``optimizer.pt``). The folder must be on a filesystem every
-    rank sees. Returns the checkpoint folder on every rank.
-    """
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    from safetensors.torch import save_file
-
-    from . import checkpoint as C
-
-    trainable = trainable_full_state(model)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=_state_dict_options(cpu_offload=True))
-    rngs: list = [C.rng_state()]
-    if is_distributed():  # each rank's RNG state, serialised by torch (it holds tensors)
-        buf = io.BytesIO()
-        torch.save(rngs[0], buf)
-        blobs = [None] * get_world_size()
-        dist.all_gather_object(blobs, buf.getvalue())
-        rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
-    final = Path(directory) / f"{C.CHECKPOINT_PREFIX}{step}"
-
-    def write() -> None:
-        with C.atomic_dir(final) as tmp:
-            save_file(trainable, str(tmp / "trainable.safetensors"))
-            torch.save(optim_state, tmp / FULL_OPTIMIZER_FILE)
-            if scheduler is not None:
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rngs[0], tmp / "rng.pt")
-            torch.save(rngs, tmp / RANK_RNG_FILE)
-            torch.save(C._cpu(objects or {}), tmp / C.OBJECTS_FILE)
-            from .io import write_json_atomic
-            write_json_atomic(tmp / "state.json", {"step": int(step), "world_size": len(rngs), **state})
-        if keep > 0:
-            import shutil
-            for old in C.list_checkpoints(directory)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-
-    run_on_main(write)  # an error while writing is raised on every rank
-    return final
-
-
-def load_checkpoint_all_ranks(path, *, model: torch.nn.Module, optimizer, scheduler=None,
-                              restore_rng: bool = True) -> dict:
-    """``spard.checkpoint.load_checkpoint`` for checkpoints with ``optimizer-full.pt`` (written by
-    several ranks); call it on every rank. Works on any number of ranks, one included. Each rank
-    gets its own RNG state back when the number of ranks is the one that wrote it."""
-    import json
-
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    from safetensors.torch import load_file
-
-    from . import checkpoint as C
-
-    path = Path(path)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
-    with open(path / "state.json", encoding="utf-8") as f:
-        state = json.load(f)
-    load_trainable_full_state(model, load_file(str(path / "trainable.safetensors")))
-    if (path / FULL_OPTIMIZER_FILE).is_file():
-        optim_state = torch.load(path / FULL_OPTIMIZER_FILE, weights_only=True)
-        set_optimizer_state_dict(model, optimizer, optim_state, options=_state_dict_options())
-    else:  # a single-process checkpoint: fine for replicated (DDP) parameters
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    if scheduler is not None and (path / "scheduler.pt").is_file():
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if restore_rng:
-        rngs = torch.load(path / RANK_RNG_FILE, weights_only=True) if (path / RANK_RNG_FILE).is_file() else None
-        if rngs is not None and len(rngs) == get_world_size():
-            C.set_rng_state(rngs[get_rank()])
-        else:
-            C.set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return state

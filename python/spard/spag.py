@@ -107,7 +107,7 @@ class SafetyProjector:
         use_eval_mode: compute the safety loss with dropout off (the model's mode is restored).
         process_group: torch.distributed group under data-parallel training: the safety loss
             and gradients are all-reduced so every rank applies the same projection (each rank
-            draws its own ``batch_size`` samples). ``spard.distributed.DistributedSafetyProjector``
+            draws its own ``batch_size`` samples). ``spard.spag_distributed.DistributedSafetyProjector``
             takes a global batch split across ranks and handles DDP and FSDP models.
         seed: seeds the order in which safety batches are drawn.
     """

@@ -23,7 +23,7 @@ from .config import LoraConfig, OptimConfig, TrainConfig, save_config
 from .defenses.base import Defense, DefenseData, TrainContext
 from .defenses.sft import SFT
 from .defenses.spard import SPARD
-from .distributed import all_reduce_sum, full_tensor, get_world_size, is_main_process, local_device, run_on_main
+from .distributed import all_reduce_sum, full_tensor, get_world_size, is_main_process, local_device
 from .formatting import pad_id_of
 from .io import write_json_atomic
 from .precision import autocast_for

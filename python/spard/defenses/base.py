@@ -34,7 +34,7 @@ from torch import Tensor
 
 from spard.batches import BatchStream, MicroBatch
 from spard.distributed import all_reduce_sum, get_rank, get_world_size, global_count, unwrap
-from spard.formatting import IGNORE_INDEX, collate, pad_id_of
+from spard.formatting import IGNORE_INDEX
 from spard.spag import encode_rows, trainable_parameters
 
 STAGES = ("alignment", "fine-tuning", "both")
@@ -211,9 +211,13 @@ def mean_token_loss(model, batch: dict) -> Tensor:
     return sums.sum() / counts.sum().clamp_min(1)
 
 
-def token_mean_terms(micro: Sequence[MicroBatch], device, scale: float = 1.0):
-    """Terms whose sum over every micro-batch and rank is ``scale`` x the token-mean loss."""
-    total = global_count(sum(mb.n_tokens for mb in micro), device).clamp_min(1)
+def token_mean_terms(micro: Sequence[MicroBatch], device, scale: float = 1.0, *, across_ranks: bool = True):
+    """Terms whose sum over every micro-batch (and rank) is ``scale`` x the token-mean loss.
+    ``across_ranks=False``: a batch this process holds whole (an alignment stage that every
+    rank runs identically)."""
+    count = sum(mb.n_tokens for mb in micro)
+    total = (global_count(count, device) if across_ranks
+             else torch.tensor(float(count), device=device)).clamp_min(1)
 
     def term(model, mb: MicroBatch) -> Tensor:
         return sample_losses(model, mb.batch)[0].sum() * scale / total

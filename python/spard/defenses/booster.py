@@ -36,7 +36,8 @@ def accumulated_grads(model, params, micro: Sequence[MicroBatch], autocast=nullc
     """∇ of the token-mean loss over the micro-batches (summed pass by pass), and the loss."""
     grads: list[Optional[Tensor]] = [None] * len(params)
     loss = torch.zeros(())
-    for mb, term in token_mean_terms(micro, params[0].device):
+    # Every rank runs the alignment stage on the whole batch: no reduction across ranks.
+    for mb, term in token_mean_terms(micro, params[0].device, across_ranks=False):
         with autocast():
             part = term(model, mb)
         g = torch.autograd.grad(part, params, allow_unused=True)
@@ -134,9 +135,10 @@ def perturbation_alignment(model, tokenizer, data: DefenseData, *, steps: int, l
     log = {"lambda": [], "harmful_loss": [], "harmful_loss_after": []}
     peft.train()
     for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        ab = align.take(batch_size)
-        hb = harm.take(batch_size)
-        rb = refuse.take(batch_size) if refuse is not None else None  # same seed: the paired rows
+        whole = {"rank": 0, "world_size": 1}  # every rank runs the stage on the whole batch
+        ab = align.take(batch_size, **whole)
+        hb = harm.take(batch_size, **whole)
+        rb = refuse.take(batch_size, **whole) if refuse is not None else None  # same seed: paired rows
         g_align, g_h, g_h2, g_ref, logs = perturbation_gradients(peft, params, ab, hb, alpha=alpha,
                                                                  refusal_batch=rb, autocast=autocast)
         lam_t = lam

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spard.distributed import DistributedSafetyProjector, project_across_ranks
+from spard.distributed import project_across_ranks
+from spard.spag_distributed import DistributedSafetyProjector
 
 from .base import Defense
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from spard.distributed import DistributedSafetyProjector, is_distributed, run_on_main, unwrap
+from spard.distributed import is_distributed, run_on_main, unwrap
+from spard.spag_distributed import DistributedSafetyProjector
 
 from .base import Defense
 

@@ -1,0 +1,163 @@
+"""Cost per defense: one optimizer step and peak memory of every registered defense against SFT
+on the same model and batch, all through the one trainer (``spard.trainer.fit``).
+
+    python benchmarks/bench_defenses.py        # table + results/defense_cost.json
+
+Model: a 4-layer, 256-wide Llama (vocab 2048) with LoRA r=8 on q, k, v, o; 64 training rows of
+128 tokens; micro-batch 8 x accumulation 4 (effective batch 32), one torch thread. Each
+defense keeps its paper settings except the second batches, scaled to this effective batch as
+in the papers: SPARD's safety batch 1 (4 of 128 in the paper), BDS's alignment batch 10, SafeGrad's
+8. Alignment stages (Booster, Antibody-align) run before fine-tuning: their cost is reported
+apart and the step is the one that follows.
+
+Step time: median over timed steps after two warm-up steps, defenses interleaved round by
+round so machine load hits them alike. Peak memory: the peak of live tensor bytes during two
+steps (profiler allocation events) plus the bytes held before them (weights, buffers, adapter,
+optimizer state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from spard.config import LoraConfig, OptimConfig
+from spard.defenses import DefenseData, defense_names, make_defense
+from spard.io import write_json_atomic
+
+SEQ, VOCAB, ROWS = 128, 2048, 64
+OPTIM = dict(lr=1e-4, warmup_steps=0, batch_size=8, grad_accum=4, seed=0, weight_decay=0.0)
+SETTINGS = {  # second batches scaled to the effective batch (see the docstring)
+    "spard": {"selection": "random", "batch_size": 1, "p": 0.5},
+    "spard-official": {"selection": "random", "batch_size": 1, "p": 0.5},
+    "spard-random": {"batch_size": 1, "p": 0.5},
+    "spard-lr-cap": {"selection": "random", "batch_size": 1, "p": 0.5},
+    "lisa": {"alignment_steps": 1, "finetune_steps": 9},
+    "booster": {"steps": 2, "batch_size": 8},
+    "antibody-align": {"stage_steps": 2, "stage_batch_size": 8},
+}
+THREADS = int(os.environ.get("SPARD_BENCH_THREADS", "1"))
+
+
+class _Tok:
+    """Just enough tokenizer for encode_example: ids are the words' integers."""
+    bos_token_id, eos_token_id, pad_token_id, chat_template, bos_token = 1, 2, 0, None, "<s>"
+    add_bos_token = True
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + zlib.crc32(w.encode()) % (VOCAB - 3) for w in text.split()]}
+
+    def __len__(self):
+        return VOCAB
+
+
+def rows(n: int, seed: int, key: str = "response") -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda k: " ".join(f"w{i}" for i in torch.randint(0, 2000, (k,), generator=g).tolist())  # noqa: E731
+    return [{"prompt": pick(SEQ // 2 - 8), key: pick(SEQ // 2)} for _ in range(n)]
+
+
+def base_model():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ)
+    return tf.LlamaForCausalLM(cfg)
+
+
+class Run:
+    """One defense set up through the trainer's own code path, stepped on demand."""
+
+    def __init__(self, name: str):
+        from spard.lora import apply_lora
+        from spard.trainer import fit
+
+        self.name = name
+        pool = [{"prompt": r["prompt"], "safe": r["response"], "unsafe": u["response"]}
+                for r, u in zip(rows(64, 1), rows(64, 2))]
+        data = DefenseData(user=rows(ROWS, 0), safety_pool=pool, seed=0, max_length=SEQ, micro_batch_size=8)
+        defense = make_defense(name, **SETTINGS.get(name, {}))
+        model = base_model()
+        t = time.perf_counter()
+        model = defense.alignment_stage(model, _Tok(), data)
+        self.stage_s = time.perf_counter() - t
+        torch.manual_seed(0)
+        self.model = apply_lora(model, r=8, alpha=16, dropout=0.0)
+        self.times: list[float] = []
+        self._fit, self._data, self._defense = fit, data, defense
+        self._rows = defense.training_rows(data)
+
+    def steps(self, n: int, timed: bool = True) -> None:
+        """``n`` timed steps; each call is a fresh ``fit`` whose first step (after the defense's
+        setup: selection, calibration) is not timed."""
+        last = [time.perf_counter()]
+
+        def on_step(step, logs):
+            now = time.perf_counter()
+            if timed and step > 1:
+                self.times.append(now - last[0])
+            last[0] = now
+
+        self._fit(self.model, _Tok(), self._rows, defense=self._defense, data=self._data,
+                  optim=OptimConfig(**OPTIM, max_steps=n + 1), max_length=SEQ, progress=False, on_step=on_step)
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in itertools.chain(self.model.parameters(), self.model.buffers()))
+
+
+def peak_bytes(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    return max(itertools.accumulate((b for _, b in events), initial=0))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds of --steps steps per defense")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--defenses", default=",".join(defense_names()))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "defense_cost.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    names = [n for n in args.defenses.split(",") if n]
+    if "sft" not in names:
+        names.insert(0, "sft")
+    runs = {n: Run(n) for n in names}
+    for r in runs.values():
+        r.steps(1, timed=False)  # warm-up
+    for _ in range(args.rounds):
+        for r in runs.values():
+            r.steps(args.steps)
+    memory = {n: r.held_bytes() + peak_bytes(lambda r=r: r.steps(1, timed=False)) for n, r in runs.items()}
+    sft_t, sft_m = statistics.median(runs["sft"].times), memory["sft"]
+    res = {"setup": {"model": "Llama 4x256, vocab 2048, LoRA r=8 q,k,v,o", "seq": SEQ, "optim": OPTIM,
+                     "settings": SETTINGS, "threads": THREADS, "timed_steps": args.rounds * args.steps},
+           "defenses": {n: {"step_ms": 1e3 * statistics.median(r.times),
+                            "step_ratio": statistics.median(r.times) / sft_t,
+                            "peak_mib": memory[n] / 2**20, "memory_ratio": memory[n] / sft_m,
+                            "alignment_stage_s": r.stage_s} for n, r in runs.items()}}
+    write_json_atomic(args.out, res)
+    print("| defense | step (ms) | x SFT | peak memory (MiB) | x SFT | alignment stage (s) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for n, d in res["defenses"].items():
+        print(f"| {n} | {d['step_ms']:.0f} | {d['step_ratio']:.2f} | {d['peak_mib']:.0f} | "
+              f"{d['memory_ratio']:.2f} | {d['alignment_stage_s']:.1f} |")
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

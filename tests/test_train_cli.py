@@ -168,3 +168,40 @@ def test_train_on_real_format_files(workspace, tmp_path):
     assert manifest["clean_rows"] == 30 and manifest["train_rows"] == 33
     assert manifest["selection"]["pool_rows"] == 40 and len(manifest["selection"]["indices"]) == 3
     assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 2
+
+
+@pytest.mark.parametrize("name,extra", [("lisa", ["--set", "defense.alignment_steps=1", "--set", "defense.finetune_steps=2"]),
+                                        ("bds", ["--set", "defense.alignment_batch_size=2"]),
+                                        ("safegrad", [])])
+def test_train_runs_any_registered_defense_and_resumes(workspace, tmp_path, name, extra):
+    import shutil
+
+    out = tmp_path / name
+    args = ["train", "--config", str(write_config(workspace, out, run={"keep_checkpoints": 10})), "--defense", name,
+            *extra]
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["defense"]["name"] == name and run["config"]["defense"]["name"] == name
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    # Cut the run back to checkpoint 2 and resume: the same adapter, bit for bit.
+    ckpts = out / "checkpoints"
+    for c in ckpts.iterdir():
+        if c.name != "checkpoint-2":
+            shutil.rmtree(c)
+    shutil.rmtree(out / "adapter")
+    assert main(args + ["--resume"]) == 0
+    resumed = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert json.loads((out / "run.json").read_text())["resumed_from"].endswith("checkpoint-2")
+    for k in adapter:
+        assert torch.equal(adapter[k], resumed[k]), k
+
+
+def test_defense_settings_are_checked_before_any_model_is_loaded(workspace, tmp_path, capsys):
+    cfg = str(write_config(workspace, tmp_path / "x"))
+    assert main(["train", "--config", cfg, "--defense", "nope"]) == 2
+    assert "defense.name" in capsys.readouterr().err
+    assert main(["train", "--config", cfg, "--defense", "lisa", "--set", "defense.rhoo=1"]) == 2
+    assert "rhoo" in capsys.readouterr().err
+    assert main(["train", "--config", cfg, "--defense", "lisa", "--set", "defense.rho=-1"]) == 2
+    assert "rho" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

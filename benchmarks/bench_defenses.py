@@ -10,8 +10,9 @@ in the papers: SPARD's safety batch 1 (4 of 128 in the paper), BDS's alignment b
 8. Alignment stages (Booster, Antibody-align) run before fine-tuning: their cost is reported
 apart and the step is the one that follows.
 
-Step time: median over timed steps after two warm-up steps, defenses interleaved round by
-round so machine load hits them alike. Peak memory: the peak of live tensor bytes during two
+Step time: the process's CPU time per step (one torch thread, so other jobs on a shared
+machine do not inflate it the way they inflate wall time), median over the timed steps,
+defenses interleaved round by round. Peak memory: the peak of live tensor bytes during two
 steps (profiler allocation events) plus the bytes held before them (weights, buffers, adapter,
 optimizer state).
 """
@@ -99,10 +100,10 @@ class Run:
     def steps(self, n: int, timed: bool = True) -> None:
         """``n`` timed steps; each call is a fresh ``fit`` whose first step (after the defense's
         setup: selection, calibration) is not timed."""
-        last = [time.perf_counter()]
+        last = [time.process_time()]
 
         def on_step(step, logs):
-            now = time.perf_counter()
+            now = time.process_time()
             if timed and step > 1:
                 self.times.append(now - last[0])
             last[0] = now

@@ -26,12 +26,6 @@
 #include "dpp.h"
 #include "lane_sum.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SPARD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SPARD_CLONES
-#endif
-
 namespace spard {
 
 // ------------------------------------------------------------------------------------------------

@@ -292,6 +292,7 @@ def test_build_reports_cuda_kernels_flag():
 # CUDA (run where a GPU is present)
 # ---------------------------------------------------------------------------------------------
 @requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("use_dot", [False, True])
 def test_cuda_matches_reference(dtype, use_dot):
@@ -302,6 +303,7 @@ def test_cuda_matches_reference(dtype, use_dot):
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_cuda_mixed_dtypes_cap_and_nonfinite():
     x, a = make_lists([(1000,), (17, 3)], torch.bfloat16, torch.float32, device="cuda")
     check_against_reference(x, a, -1e6, 1e-3, False, device="cuda")
@@ -313,6 +315,7 @@ def test_cuda_mixed_dtypes_cap_and_nonfinite():
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_cuda_split_entries_and_opcheck():
     x, a = make_lists([(123,), (45, 6)], device="cuda")
     x2 = [t.clone() for t in x]
@@ -324,6 +327,7 @@ def test_cuda_split_entries_and_opcheck():
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_cuda_error_devices_differ():
     with pytest.raises(ValueError, match="one device"):
         project_([torch.zeros(2, device="cuda"), torch.zeros(2)], [torch.zeros(2, device="cuda"), torch.zeros(2)])

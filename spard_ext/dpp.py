@@ -118,7 +118,7 @@ def dpp_greedy(kernel: Optional[Tensor] = None, *, factor: Optional[Tensor] = No
             cheaper for these sizes). A dense kernel always uses the Cholesky update.
 
     The inputs stay where they are (CPU or CUDA); on CUDA the loop runs on the device and the
-    host waits only once, at the end, for the number of picks.
+    host reads the device once, at the end (the number of picks and the input checks).
     """
     if (kernel is None) == (factor is None):
         raise ValueError("dpp_greedy: give exactly one of kernel (dense N x N) or factor (N x D)")

@@ -44,11 +44,21 @@ except ImportError:  # e.g. `make gpu-report` with neither the virtual environme
     sys.exit(2)
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = ROOT / "benchmarks"
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGET_S = 570  # the whole report, build included: under one 10-minute command
 TARGETS = {"copy_fraction": 0.8, "loop_speedup": 10.0, "dpp_seconds": 2.0}
 LORA_WIDTH = 7168  # 256 tensors of 16 x 7168 / 7168 x 16 = 29.4M elements
 FLAT = 30_000_000
+
+
+def _bench(name: str):
+    """A sibling benchmark module, whose helpers (inputs, baselines) the report reuses."""
+    import importlib
+
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module(name)
 
 
 class Deadline:
@@ -169,15 +179,6 @@ def time_ms(fn, device, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def per_tensor_loop(x, a, b: float, cap: float) -> None:
-    # one host read per tensor, as a straightforward per-parameter implementation does
-    dot = sum((xi.float() * ai.float()).sum().item() for xi, ai in zip(x, a))
-    sq = sum((ai.float() * ai.float()).sum().item() for ai in a)
-    coef = min(max((dot - b) / sq, 0.0), cap)
-    for xi, ai in zip(x, a):
-        xi.sub_(ai.to(xi.dtype), alpha=coef)
-
-
 def _placed(t: torch.Tensor, dtype, device, offset: int = 0) -> torch.Tensor:
     """t as a contiguous tensor of `dtype` on `device` whose data starts `offset` elements into
     its allocation (offset > 0: not 16-byte aligned, so the kernels take their scalar path)."""
@@ -210,26 +211,16 @@ def bench_project(device, dtype, layout: str, lora_width: int = LORA_WIDTH, flat
            "fused_gbs": round(moved / fused / 1e6, 1), "copy_gbs": round(moved / copy / 1e6, 1),
            "copy_fraction": round(copy / fused, 3)}
     if layout == "lora":
-        loop = time_ms(lambda: per_tensor_loop(x, a, b, cap), device, loop_reps, warmup=1)
+        loop_fn = _bench("bench_project").per_tensor_loop  # a host read per tensor; its step cap is also 1e-9
+        loop = time_ms(lambda: loop_fn(x, a, torch.tensor(b)), device, loop_reps, warmup=1)
         row.update(loop_ms=round(loop, 3), loop_speedup=round(loop / fused, 1))
     return row
-
-
-def rd_factor(n: int, d: int, device, seed: int = 0, clusters: int = 64) -> torch.Tensor:
-    """RD-DPP-shaped rows, as benchmarks/bench_dpp.py: clustered unit embeddings x relevance^4."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    centres = torch.randn(clusters, d, generator=g, device=device)
-    x = centres[torch.randint(0, clusters, (n,), generator=g, device=device)]
-    x.add_(torch.randn(n, d, generator=g, device=device), alpha=0.8)
-    x.div_(x.norm(dim=1, keepdim=True))
-    q = torch.rand(n, generator=g, device=device)
-    return x.mul_(q.pow_(4).unsqueeze(1))
 
 
 def bench_dpp(device, n: int, d: int, k: int, method: str = "auto", runs: int = 2) -> dict:
     from spard_ext import dpp_greedy
 
-    f = rd_factor(n, d, device)
+    f = _bench("bench_dpp").rd_factor(n, d, device=device)  # generated on the device
     dpp_greedy(factor=f, k=min(k, 5), method=method)  # warm-up (allocations, first launches)
     times, picks = [], 0
     for _ in range(runs):

@@ -54,3 +54,13 @@ cmake-test: env
 
 clean:
 	rm -rf build build-cmake spard_ext/_C*.so
+
+# On a machine with an NVIDIA GPU, one command of under 10 minutes: build the CUDA kernels for
+# that GPU, run every CUDA test and the GPU benchmarks, and write
+# benchmarks/results/gpu_<device>.{md,json}. Uses the virtual environment when there is one,
+# else the python3 that holds torch (GPU machines often come with it). Without a GPU it says so
+# in one line and exits with status 2.
+GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
+.PHONY: gpu-report
+gpu-report:
+	$(GPU_PY) benchmarks/gpu_report.py

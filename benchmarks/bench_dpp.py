@@ -33,13 +33,13 @@ RESULTS: dict[str, dict] = {}
 OUT = Path(__file__).parent / "results" / "dpp_greedy.json"
 
 
-def rd_factor(n: int, d: int, seed: int = 0, clusters: int = 64) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(clusters, d, generator=g)
-    x = centres[torch.randint(0, clusters, (n,), generator=g)]
-    x.add_(torch.randn(n, d, generator=g), alpha=0.8)
+def rd_factor(n: int, d: int, seed: int = 0, clusters: int = 64, device="cpu") -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g, device=device)
+    x = centres[torch.randint(0, clusters, (n,), generator=g, device=device)]
+    x.add_(torch.randn(n, d, generator=g, device=device), alpha=0.8)
     x.div_(x.norm(dim=1, keepdim=True))
-    q = torch.rand(n, generator=g)
+    q = torch.rand(n, generator=g, device=device)
     return x.mul_(q.pow_(4).unsqueeze(1))
 
 

@@ -105,6 +105,20 @@ def bench_project_copy_floor(benchmark, device):
     benchmark.pedantic(run, rounds=15 if device == "cpu" else 50, warmup_rounds=2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_dot", [False, True], ids=["sqnorm", "dot+sqnorm"])
+def bench_project_reduce(benchmark, use_dot, device):
+    # The reduction alone (what the accuracy of the sums costs): reads a, and x for the dot.
+    x, a = lists(device)
+    benchmark.group = f"project_ LoRA list 16.8M fp32 ({device})"
+
+    def run():
+        spard_ext.project_reduce(x, a, use_dot=use_dot)
+        sync(device)
+
+    benchmark.pedantic(run, rounds=15 if device == "cpu" else 50, warmup_rounds=2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU bandwidth figure")
 @pytest.mark.parametrize("impl", ["fused project_", "per-tensor loop"])
 def bench_project_cuda_30m(benchmark, impl):

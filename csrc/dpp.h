@@ -19,12 +19,27 @@ namespace spard {
 enum class DppMethod { kCholesky, kInverse };
 
 // Validated inputs: masks as uint8 (0/1) tensors of length N on the input's device.
+//
+// The checks that need a pass over the data (finite entries, a symmetric kernel, disjoint
+// masks) are computed on the input's device into `deferred` without reading them on the host:
+// the CPU backend checks them before its loop (check_deferred), the CUDA backend reads them
+// together with the number of picks, in the one host read after its loop, and raises then.
 struct DppInputs {
   int64_t n = 0;
   int64_t k = 0;  // min(k, N)
   at::Tensor include;  // uint8 [N], all zero when not given
   at::Tensor exclude;  // uint8 [N], all zero when not given
+  at::Tensor deferred;  // float64 [kDeferredChecks] on the input's device, see check_deferred
+  const char* op = "";
+  const char* name = "";  // "kernel" or "factor"
+  bool dense = false;
+  bool float32 = false;
 };
+
+constexpr int64_t kDeferredChecks = 4;  // all finite (1/0), max |L - Lᵀ|, max |L|, masks overlap (1/0)
+
+// Raises the error of the first failed deferred check; `values` are the kDeferredChecks values.
+void check_deferred(const DppInputs& in, const double* values);
 
 // Checks the dense kernel (square, symmetric, finite, float32/float64) and the common arguments.
 DppInputs check_dpp_dense(const at::Tensor& kernel, int64_t k, double eps_stop,

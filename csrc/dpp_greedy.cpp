@@ -26,16 +26,10 @@
 #include "dpp.h"
 #include "lane_sum.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SPARD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SPARD_CLONES
-#endif
-
 namespace spard {
 
 // ------------------------------------------------------------------------------------------------
-// Input checks (shared with the CUDA backend)
+// Input checks (shared with the CUDA backend; none reads a device value on the host)
 // ------------------------------------------------------------------------------------------------
 namespace {
 
@@ -43,10 +37,26 @@ void check_float_matrix(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be a 2-D tensor, got shape ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
                    " must be float32 or float64, got ", t.scalar_type());
-  if (t.numel() > 0) {
-    TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), op, ": ", name,
-                      " must be finite (it holds NaN or Inf)");
+}
+
+// [all finite, max |L - Lᵀ|, max |L|] of the input as float64 0-d tensors on its device, with no
+// N x N (or N x D) temporary: aminmax propagates NaN and shows ±inf, and the symmetry is checked
+// a block of rows at a time.
+std::vector<at::Tensor> data_checks(const at::Tensor& t, bool dense) {
+  const auto opts = t.options().dtype(at::kDouble);
+  if (t.numel() == 0) return {at::ones({}, opts), at::zeros({}, opts), at::zeros({}, opts)};
+  const auto [lo, hi] = at::aminmax(t);
+  const at::Tensor finite = at::logical_and(at::isfinite(lo), at::isfinite(hi)).to(at::kDouble);
+  const at::Tensor scale = at::maximum(lo.abs(), hi.abs()).to(at::kDouble);
+  if (!dense) return {finite, at::zeros({}, opts), scale};
+  const int64_t n = t.size(0);
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(n, 1));
+  std::vector<at::Tensor> parts;
+  for (int64_t r = 0; r < n; r += rows) {
+    const int64_t len = std::min(rows, n - r);
+    parts.push_back((t.narrow(0, r, len) - t.narrow(1, r, len).transpose(0, 1)).abs().amax());
   }
+  return {finite, at::stack(parts).amax().to(at::kDouble), scale};
 }
 
 at::Tensor mask_or_zeros(const std::optional<at::Tensor>& m, const char* name, int64_t n,
@@ -62,24 +72,38 @@ at::Tensor mask_or_zeros(const std::optional<at::Tensor>& m, const char* name, i
   return t.to(at::kByte).contiguous();
 }
 
-DppInputs check_common(const at::Tensor& like, int64_t n, int64_t k, double eps_stop,
+DppInputs check_common(const at::Tensor& mat, bool dense, int64_t k, double eps_stop,
                        const std::optional<at::Tensor>& include,
                        const std::optional<at::Tensor>& exclude, const char* op) {
   TORCH_CHECK_VALUE(k >= 0, op, ": k must be >= 0, got ", k);
   TORCH_CHECK_VALUE(!std::isnan(eps_stop), op, ": eps_stop must not be NaN");
   DppInputs in;
-  in.n = n;
-  in.k = std::min<int64_t>(k, n);
-  in.include = mask_or_zeros(include, "include", n, like, op);
-  in.exclude = mask_or_zeros(exclude, "exclude", n, like, op);
-  if (include.has_value() && exclude.has_value() && n > 0) {
-    TORCH_CHECK_VALUE(!at::logical_and(*include, *exclude).any().item<bool>(), op,
-                      ": include and exclude must not share an item");
-  }
+  in.op = op;
+  in.name = dense ? "kernel" : "factor";
+  in.dense = dense;
+  in.float32 = mat.scalar_type() == at::kFloat;
+  in.n = mat.size(0);
+  in.k = std::min<int64_t>(k, in.n);
+  in.include = mask_or_zeros(include, "include", in.n, mat, op);
+  in.exclude = mask_or_zeros(exclude, "exclude", in.n, mat, op);
+  std::vector<at::Tensor> checks = data_checks(mat, dense);
+  checks.push_back(at::logical_and(in.include, in.exclude).any().to(at::kDouble));
+  in.deferred = at::stack(checks);
   return in;
 }
 
 }  // namespace
+
+void check_deferred(const DppInputs& in, const double* v) {
+  TORCH_CHECK_VALUE(v[0] == 1.0, in.op, ": ", in.name, " must be finite (it holds NaN or Inf)");
+  if (in.dense) {
+    // Symmetric up to rounding: a kernel built as F·Fᵀ in float32 passes, a wrong matrix does not.
+    const double tol = (in.float32 ? 1e-5 : 1e-10) * std::max(v[2], 1e-30);
+    TORCH_CHECK_VALUE(v[1] <= tol, in.op, ": kernel must be symmetric, max |L - Lᵀ| = ", v[1], " (tolerance ", tol,
+                      ")");
+  }
+  TORCH_CHECK_VALUE(v[3] == 0.0, in.op, ": include and exclude must not share an item");
+}
 
 DppInputs check_dpp_dense(const at::Tensor& kernel, int64_t k, double eps_stop,
                           const std::optional<at::Tensor>& include,
@@ -88,15 +112,7 @@ DppInputs check_dpp_dense(const at::Tensor& kernel, int64_t k, double eps_stop,
   check_float_matrix(kernel, "kernel", op);
   TORCH_CHECK_VALUE(kernel.size(0) == kernel.size(1), op, ": kernel must be square (N x N), got shape ",
                     kernel.sizes());
-  if (kernel.numel() > 0) {
-    // Symmetric up to rounding: a kernel built as F·Fᵀ in float32 passes, a wrong matrix does not.
-    const double scale = kernel.abs().max().item<double>();
-    const double tol = (kernel.scalar_type() == at::kFloat ? 1e-5 : 1e-10) * std::max(scale, 1e-30);
-    const double asym = (kernel - kernel.transpose(0, 1)).abs().max().item<double>();
-    TORCH_CHECK_VALUE(asym <= tol, op, ": kernel must be symmetric, max |L - Lᵀ| = ", asym,
-                      " (tolerance ", tol, ")");
-  }
-  return check_common(kernel, kernel.size(0), k, eps_stop, include, exclude, op);
+  return check_common(kernel, true, k, eps_stop, include, exclude, op);
 }
 
 DppInputs check_dpp_lowrank(const at::Tensor& factor, int64_t k, double eps, double eps_stop,
@@ -110,7 +126,7 @@ DppInputs check_dpp_lowrank(const at::Tensor& factor, int64_t k, double eps, dou
                     ": method must be 'auto', 'cholesky' or 'inverse', got '", method, "'");
   TORCH_CHECK_VALUE(!(method == "inverse" && eps == 0), op,
                     ": method 'inverse' needs eps > 0 (it starts from A = I / eps)");
-  DppInputs in = check_common(factor, factor.size(0), k, eps_stop, include, exclude, op);
+  DppInputs in = check_common(factor, false, k, eps_stop, include, exclude, op);
   if (method == "cholesky") {
     resolved = DppMethod::kCholesky;
   } else if (method == "inverse") {
@@ -372,6 +388,7 @@ std::tuple<at::Tensor, at::Tensor> dpp_greedy_dense_cpu(const at::Tensor& kernel
                                                         const std::optional<at::Tensor>& include,
                                                         const std::optional<at::Tensor>& exclude) {
   const DppInputs in = check_dpp_dense(kernel, k, eps_stop, include, exclude);
+  check_deferred(in, in.deferred.const_data_ptr<double>());
   const at::Tensor l = kernel.contiguous();
   const int64_t n = in.n;
   at::Tensor d2 = l.diagonal().to(at::kDouble).clone(at::MemoryFormat::Contiguous);  // never a view of L
@@ -393,6 +410,7 @@ std::tuple<at::Tensor, at::Tensor> dpp_greedy_lowrank_cpu(const at::Tensor& fact
                                                           c10::string_view method) {
   DppMethod resolved;
   const DppInputs in = check_dpp_lowrank(factor, k, eps, eps_stop, include, exclude, std::string(method), resolved);
+  check_deferred(in, in.deferred.const_data_ptr<double>());
   const at::Tensor f = factor.contiguous();
   const int64_t n = in.n, dim = f.size(1);
   return AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "dpp_greedy_lowrank", [&] {

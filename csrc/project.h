@@ -35,6 +35,15 @@ using acc_type = std::conditional_t<std::is_same_v<tx, double> || std::is_same_v
     });                                                                                           \
   })
 
+// float32 value of a double sum; ±inf beyond the float32 range, so a sum that leaves the range
+// is reported as inf and makes the call the documented no-op (projection_coef) on every backend.
+SPARD_HOST_DEVICE inline float to_float(double v) {
+  constexpr double kFloatMax = 3.4028234663852886e38;
+  if (v > kFloatMax) return __builtin_huge_valf();
+  if (v < -kFloatMax) return -__builtin_huge_valf();
+  return static_cast<float>(v);  // NaN stays NaN
+}
+
 // Step coefficient of the projection. Returns 0 (no update) when any input is non-finite or the
 // direction is zero, so a bad reduction never writes NaN into x.
 SPARD_HOST_DEVICE inline float projection_coef(
@@ -48,7 +57,9 @@ SPARD_HOST_DEVICE inline float projection_coef(
 }
 
 // Validates the two lists (same length, same shapes pairwise, floating dtypes, one device).
-void check_pair_lists(at::TensorList x, at::TensorList a, const char* op);
+// With writes_x, also that every x[i] can be written in place (no element shares memory with
+// another, not an inference tensor outside inference mode): all checks run before any write.
+void check_pair_lists(at::TensorList x, at::TensorList a, const char* op, bool writes_x);
 void check_scalar(const at::Tensor& t, const char* name, const char* op, const at::Device& device);
 void check_max_step(double max_step, const char* op);
 

@@ -7,20 +7,37 @@ def _scalar_like(device):
     return torch.empty((), dtype=torch.float32, device=device)
 
 
+def _list_device(op, x, a, scalars=()):
+    """The device of the call, with the checks of the compiled kernels (check_pair_lists,
+    check_scalar), so a meta tensor mixed with others fails here as it would there."""
+    device = x[0].device if x else None
+    for name, ts in (("x", x), ("a", a)):
+        for i, t in enumerate(ts):
+            torch._check_value(
+                t.device == device,
+                lambda: f"{op}: all tensors must be on one device: x[0] is on {device} but {name}[{i}] is on {t.device}")
+    if device is None:  # no tensors in the lists: the device of the first non-CPU scalar
+        device = next((t.device for _, t in scalars if t.device.type != "cpu"), torch.device("cpu"))
+    for name, t in scalars:
+        torch._check_value(t.device == device or t.device.type == "cpu",
+                           lambda: f"{op}: {name} must be on {device} (or a CPU scalar), got {t.device}")
+    return device
+
+
 @torch.library.register_fake("spard_ext::project_reduce")
 def _project_reduce_fake(x, a, use_dot):
-    torch._check(len(x) > 0, lambda: "project_reduce: x must not be empty")
-    return _scalar_like(x[0].device), _scalar_like(x[0].device)
+    device = _list_device("project_reduce", x, a)
+    return _scalar_like(device), _scalar_like(device)
 
 
 @torch.library.register_fake("spard_ext::project_apply_")
 def _project_apply_fake(x, a, dot, sqnorm, b, max_step, use_dot):
-    return _scalar_like(x[0].device if x else b.device)
+    return _scalar_like(_list_device("project_apply_", x, a, (("dot", dot), ("sqnorm", sqnorm), ("b", b))))
 
 
 @torch.library.register_fake("spard_ext::project_")
 def _project_fake(x, a, b, max_step, use_dot):
-    device = x[0].device if x else b.device
+    device = _list_device("project_", x, a, (("b", b),))
     return _scalar_like(device), _scalar_like(device), _scalar_like(device)
 
 

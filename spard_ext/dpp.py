@@ -20,6 +20,8 @@ Rules (the same on every backend and in ``spard_ext.reference.dpp_greedy``):
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import NamedTuple, Optional
 
 import torch
@@ -40,24 +42,63 @@ class DppResult(NamedTuple):
         return torch.log(self.gains).sum()
 
 
-def _mask(value, name: str, n: int, device: torch.device) -> Optional[Tensor]:
-    """A bool mask of length n from a bool mask or a sequence/tensor of indices."""
+def _mask(value, name: str, n: int, device: torch.device, owner: str) -> Optional[Tensor]:
+    """A bool mask of length n (or None) from a bool mask or a sequence/tensor of indices.
+
+    An empty sequence means no item. A tensor must be on ``device`` or on the CPU (then moved,
+    without waiting for the device).
+    """
     if value is None:
         return None
-    t = torch.as_tensor(value, device=device)
+    if isinstance(value, Tensor):
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"dpp_greedy: {name} must be on {device} like the {owner}, got {value.device}")
+        t = value
+    else:
+        try:
+            t = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        if t is None:
+            raise TypeError(f"dpp_greedy: {name} must be a bool mask or integer indices, got {type(value).__name__}")
+    if t.numel() == 0 and t.dim() <= 1 and not (t.dtype == torch.bool and n == 0):
+        return None  # [], (), an empty index array of any dtype: no item
     if t.dtype == torch.bool:
         if t.dim() != 1 or t.numel() != n:
             raise ValueError(f"dpp_greedy: {name} as a bool mask must have length N = {n}, got shape {tuple(t.shape)}")
-        return t
+        return t.to(device, non_blocking=True)
     if t.dtype.is_floating_point or t.dtype.is_complex:
         raise TypeError(f"dpp_greedy: {name} must be a bool mask or integer indices, got {t.dtype}")
     t = t.reshape(-1).long()
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
-        raise ValueError(f"dpp_greedy: {name} indices must lie in [0, {n}), got range "
-                         f"[{int(t.min())}, {int(t.max())}]")
-    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    lo, hi = torch.stack([t.min(), t.max()]).tolist()  # one host read (none for CPU indices)
+    if lo < 0 or hi >= n:
+        raise ValueError(f"dpp_greedy: {name} indices must lie in [0, {n}), got range [{lo}, {hi}]")
+    mask = torch.zeros(n, dtype=torch.bool, device=t.device)
     mask[t] = True
-    return mask
+    return mask.to(device, non_blocking=True)
+
+
+def _count(value, name: str) -> int:
+    """An int >= 0 from an int, a numpy integer or anything with __index__ (not a bool)."""
+    if not isinstance(value, bool):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            pass
+        else:
+            if value >= 0:
+                return value
+    raise ValueError(f"dpp_greedy: {name} must be an int >= 0, got {value!r}")
+
+
+def _number(value, name: str, *, at_least_zero: bool) -> float:
+    """A float from a real number (numpy scalars too); NaN refused, and < 0 where asked."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    if ok and at_least_zero:
+        ok = value >= 0
+    if not ok:
+        raise ValueError(f"dpp_greedy: {name} must be a number{' >= 0' if at_least_zero else ''}, got {value!r}")
+    return float(value)
 
 
 def dpp_greedy(kernel: Optional[Tensor] = None, *, factor: Optional[Tensor] = None, k: int,
@@ -77,16 +118,15 @@ def dpp_greedy(kernel: Optional[Tensor] = None, *, factor: Optional[Tensor] = No
             cheaper for these sizes). A dense kernel always uses the Cholesky update.
 
     The inputs stay where they are (CPU or CUDA); on CUDA the loop runs on the device and the
-    host waits only once, at the end, for the number of picks.
+    host reads the device once, at the end (the number of picks and the input checks).
     """
     if (kernel is None) == (factor is None):
         raise ValueError("dpp_greedy: give exactly one of kernel (dense N x N) or factor (N x D)")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"dpp_greedy: k must be an int >= 0, got {k!r}")
+    k = _count(k, "k")
+    eps = _number(eps, "eps", at_least_zero=True)
+    eps_stop = _number(eps_stop, "eps_stop", at_least_zero=False)
     if method not in METHODS:
         raise ValueError(f"dpp_greedy: method must be one of {METHODS}, got {method!r}")
-    if not isinstance(eps_stop, (int, float)) or math.isnan(eps_stop):
-        raise ValueError(f"dpp_greedy: eps_stop must be a number, got {eps_stop!r}")
     mat = kernel if kernel is not None else factor
     name = "kernel" if kernel is not None else "factor"
     if not isinstance(mat, Tensor):
@@ -94,12 +134,12 @@ def dpp_greedy(kernel: Optional[Tensor] = None, *, factor: Optional[Tensor] = No
     if mat.dim() != 2:
         raise ValueError(f"dpp_greedy: {name} must be 2-D, got shape {tuple(mat.shape)}")
     n = mat.shape[0]
-    inc = _mask(include, "include", n, mat.device)
-    exc = _mask(exclude, "exclude", n, mat.device)
+    inc = _mask(include, "include", n, mat.device, name)
+    exc = _mask(exclude, "exclude", n, mat.device, name)
     with torch.no_grad():
         if kernel is not None:
-            idx, gains = torch.ops.spard_ext.dpp_greedy_dense(kernel.detach(), int(k), float(eps_stop), inc, exc)
+            idx, gains = torch.ops.spard_ext.dpp_greedy_dense(kernel.detach(), k, eps_stop, inc, exc)
         else:
             idx, gains = torch.ops.spard_ext.dpp_greedy_lowrank(
-                factor.detach(), int(k), float(eps), float(eps_stop), inc, exc, method)
+                factor.detach(), k, eps, eps_stop, inc, exc, method)
     return DppResult(idx, gains)

@@ -18,6 +18,8 @@ fp32 (fp64 for fp64 inputs). Nothing here reads a device value on the host.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -40,25 +42,42 @@ class ProjectionResult(NamedTuple):
         return torch.isfinite(self.dot) & torch.isfinite(self.sqnorm)
 
 
+def _entries(seq, name: str, op: str) -> list:
+    if isinstance(seq, (Tensor, str, bytes)) or not isinstance(seq, Iterable):
+        got = "a single tensor" if isinstance(seq, Tensor) else type(seq).__name__
+        raise TypeError(f"{op}: x and a must be lists of tensors, got {got}")
+    entries = list(seq)
+    for i, t in enumerate(entries):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name}[{i}] must be a tensor or None, got {type(t).__name__}")
+    return entries
+
+
 def _pairs(x: TensorList, a: TensorList, op: str) -> tuple[list[Tensor], list[Tensor]]:
-    if isinstance(x, Tensor) or isinstance(a, Tensor):
-        raise TypeError(f"{op}: x and a must be lists of tensors, got a single tensor")
-    x, a = list(x), list(a)
+    x, a = _entries(x, "x", op), _entries(a, "a", op)
     if len(x) != len(a):
         raise ValueError(f"{op}: x and a must have the same length, got {len(x)} and {len(a)}")
     kept = [(xi, ai) for xi, ai in zip(x, a) if xi is not None and ai is not None]
     return [p for p, _ in kept], [g for _, g in kept]
 
 
-def _scalar(value, name: str, device, op: str) -> Tensor:
+def _scalar(value, name: str, op: str) -> Tensor:
+    """A 0-d tensor for ``value``: a tensor stays where it is (a device tensor is read by the
+    kernels on the device); a number becomes a CPU scalar, which the CUDA kernels take by value
+    (no copy to the device, no host synchronisation, capturable in a CUDA graph)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{op}: {name} must be a scalar (float or one-element tensor), got shape {tuple(value.shape)}")
         return value.reshape(())
-    return torch.tensor(float(value), dtype=torch.float32, device=device)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a float or a one-element floating-point tensor, "
+                        f"got {type(value).__name__}")
+    return torch.tensor(float(value), dtype=torch.float32)
 
 
 def _max_step(max_step: Optional[float], op: str) -> float:
+    if max_step is not None and (isinstance(max_step, bool) or not isinstance(max_step, numbers.Real)):
+        raise TypeError(f"{op}: max_step must be a float >= 0 or None (no cap), got {type(max_step).__name__}")
     value = math.inf if max_step is None else float(max_step)
     if not value >= 0:
         raise ValueError(f"{op}: max_step must be >= 0 or None (no cap), got {max_step}")
@@ -80,12 +99,12 @@ def project_(x: TensorList, a: TensorList, b=0.0, *, max_step: Optional[float] =
              use_dot: bool = False) -> ProjectionResult:
     """Project x in place onto the half-space {y : <a, y>·use_dot <= b}, capped at max_step.
 
-    ``b`` may be a float or a 0-d tensor (on the device, so no host synchronisation).
+    ``b`` may be a float or a one-element tensor: on the device (read there) or on the CPU
+    (passed to the CUDA kernels by value). Neither copies to the device nor waits for it.
     Returns the coefficient and the reductions as 0-d tensors, for logging.
     """
     xs, as_ = _pairs(x, a, "project_")
-    device = _device(xs, b)
-    bt = _scalar(b, "b", device, "project_")
+    bt = _scalar(b, "b", "project_")
     step = _max_step(max_step, "project_")
     with torch.no_grad():
         coef, dot, sqnorm = torch.ops.spard_ext.project_(xs, as_, bt, step, bool(use_dot))
@@ -112,10 +131,9 @@ def project_apply_(x: TensorList, a: TensorList, dot: Tensor, sqnorm: Tensor, b=
                    max_step: Optional[float] = None, use_dot: bool = False) -> Tensor:
     """Apply the projection with already reduced sums; returns the coefficient (0-d float32)."""
     xs, as_ = _pairs(x, a, "project_apply_")
-    device = _device(xs, sqnorm)
-    dot_t = _scalar(dot, "dot", device, "project_apply_")
-    sq_t = _scalar(sqnorm, "sqnorm", device, "project_apply_")
-    bt = _scalar(b, "b", device, "project_apply_")
+    dot_t = _scalar(dot, "dot", "project_apply_")
+    sq_t = _scalar(sqnorm, "sqnorm", "project_apply_")
+    bt = _scalar(b, "b", "project_apply_")
     step = _max_step(max_step, "project_apply_")
     with torch.no_grad():
         return torch.ops.spard_ext.project_apply_(xs, as_, dot_t, sq_t, bt, step, bool(use_dot))

@@ -224,6 +224,49 @@ def test_bad_input():
         torch.ops.spard_ext.dpp_greedy_dense(kernel, 1, 1e-10, torch.ones(8), None)
 
 
+@pytest.mark.parametrize("empty", [[], (), torch.zeros(0, dtype=torch.long), "np-int", "np-float"],
+                         ids=["list", "tuple", "tensor", "np-int", "np-float"])
+def test_empty_include_and_exclude_mean_none(empty):
+    if isinstance(empty, str):
+        np = pytest.importorskip("numpy")
+        empty = np.array([], dtype=np.int64 if empty == "np-int" else np.float64)
+    f = _factor(30, 4, seed=2)
+    want = dpp_greedy(factor=f, k=6).indices.tolist()
+    assert dpp_greedy(factor=f, k=6, include=empty, exclude=empty).indices.tolist() == want
+    kernel = _dense(12, 12, seed=3)
+    assert dpp_greedy(kernel, k=4, include=empty).indices.tolist() == dpp_greedy(kernel, k=4).indices.tolist()
+
+
+def test_numpy_integers_are_accepted():
+    np = pytest.importorskip("numpy")
+    f = _factor(30, 4, seed=2)
+    want = dpp_greedy(factor=f, k=6).indices.tolist()
+    assert dpp_greedy(factor=f, k=np.int64(6), eps=np.float32(1e-6)).indices.tolist() == want
+    assert dpp_greedy(factor=f, k=6, include=np.array([3, 7])).indices[:2].tolist() in ([3, 7], [7, 3])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(k=2.5), "k must be an int >= 0, got 2.5"),
+    (dict(k=True), "k must be an int >= 0, got True"),
+    (dict(k="3"), "k must be an int >= 0, got '3'"),
+    (dict(k=3, eps="x"), "eps must be a number >= 0, got 'x'"),
+    (dict(k=3, eps=None), "eps must be a number >= 0, got None"),
+    (dict(k=3, eps=float("nan")), "eps must be a number >= 0, got nan"),
+    (dict(k=3, eps_stop=None), "eps_stop must be a number, got None"),
+    (dict(k=3, include=[1.5]), "include must be a bool mask or integer indices"),
+    (dict(k=3, exclude="ab"), "exclude must be a bool mask or integer indices"),
+])
+def test_bad_arguments_name_themselves(kw, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        dpp_greedy(factor=_factor(8, 3, seed=0), **kw)
+
+
+def test_mask_on_another_device_than_the_input_is_refused():
+    f = _factor(8, 3, seed=0)
+    with pytest.raises(ValueError, match="include must be on cpu like the factor, got meta"):
+        dpp_greedy(factor=f, k=2, include=torch.zeros(8, dtype=torch.bool, device="meta"))
+
+
 # ------------------------------------------------------------------------------------------------
 # Registration
 # ------------------------------------------------------------------------------------------------

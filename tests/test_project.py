@@ -292,6 +292,7 @@ def test_build_reports_cuda_kernels_flag():
 # CUDA (run where a GPU is present)
 # ---------------------------------------------------------------------------------------------
 @requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("use_dot", [False, True])
 def test_cuda_matches_reference(dtype, use_dot):
@@ -302,6 +303,7 @@ def test_cuda_matches_reference(dtype, use_dot):
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_cuda_mixed_dtypes_cap_and_nonfinite():
     x, a = make_lists([(1000,), (17, 3)], torch.bfloat16, torch.float32, device="cuda")
     check_against_reference(x, a, -1e6, 1e-3, False, device="cuda")
@@ -313,6 +315,7 @@ def test_cuda_mixed_dtypes_cap_and_nonfinite():
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_cuda_split_entries_and_opcheck():
     x, a = make_lists([(123,), (45, 6)], device="cuda")
     x2 = [t.clone() for t in x]
@@ -324,6 +327,178 @@ def test_cuda_split_entries_and_opcheck():
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_cuda_error_devices_differ():
     with pytest.raises(ValueError, match="one device"):
         project_([torch.zeros(2, device="cuda"), torch.zeros(2)], [torch.zeros(2, device="cuda"), torch.zeros(2)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Findings of the outside audit (issue 14)
+# ---------------------------------------------------------------------------------------------
+def test_fp32_overflow_of_a_sum_is_the_documented_no_op():
+    # ||a||² = 4.5e38 leaves the float32 range: no update, coef 0, sums reported as inf.
+    x, a = [torch.zeros(2)], [torch.full((2,), 1.5e19)]
+    got = project_(x, a, -1.0)
+    assert float(got.coef) == 0.0 and not bool(got.finite)
+    assert math.isinf(float(got.sqnorm)) and torch.equal(x[0], torch.zeros(2))
+    dot, sq = project_reduce(x, a)
+    assert math.isinf(float(sq))
+    assert float(project_apply_(x, a, dot, sq, b=-1.0)) == 0.0
+    assert torch.equal(x[0], torch.zeros(2))
+
+
+@pytest.mark.parametrize("use_dot", [False, True])
+def test_fp64_large_sums_are_the_documented_no_op(use_dot):
+    # Fine in float64, out of range for the float32 results.
+    x = [torch.full((4,), 1e30, dtype=torch.float64)]
+    a = [torch.full((4,), 1e30, dtype=torch.float64)]
+    before = x[0].clone()
+    got = project_(x, a, -1.0, use_dot=use_dot)
+    assert float(got.coef) == 0.0 and not bool(got.finite)
+    assert torch.equal(x[0], before)
+    # a float64 b beyond the float32 range, as a tensor, is a no-op too (not a conversion error)
+    got = project_(x, [torch.ones(4, dtype=torch.float64)], torch.tensor(-1e300, dtype=torch.float64))
+    assert float(got.coef) == 0.0 and torch.equal(x[0], before)
+
+
+def test_inplace_ops_bump_the_version_counter():
+    x, a = make_lists([(10,), (3, 4)])
+    before = [t._version for t in x]
+    project_(x, a, b=-1.0)
+    assert all(t._version > v for t, v in zip(x, before))
+    before = [t._version for t in x]
+    dot, sq = project_reduce(x, a)
+    assert [t._version for t in x] == before  # the reduction does not write
+    project_apply_(x, a, dot, sq, b=1e9)  # a no-op still counts as a write, as for native ops
+    assert all(t._version > v for t, v in zip(x, before))
+
+
+def test_backward_that_saved_x_raises_after_the_projection_like_a_native_inplace_op():
+    w = torch.nn.Parameter(torch.randn(5))
+    g = torch.randn(5)
+    loss = (w * w).sum()  # saves w for backward
+    project_([w], [g], b=-1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # a view of a parameter shares the counter of its base
+    base = torch.nn.Parameter(torch.randn(4, 3))
+    loss = (base * base).sum()
+    with torch.no_grad():
+        view = base[:, 1]
+    project_([view], [torch.randn(4)], b=-1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_raw_op_on_a_leaf_requiring_grad_raises_under_grad_mode():
+    w = torch.nn.Parameter(torch.randn(5))
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        torch.ops.spard_ext.project_([w], [torch.randn(5)], torch.tensor(-1.0), math.inf, False)
+    assert torch.equal(w.detach(), before)
+
+
+def test_inference_tensor_outside_inference_mode_raises_before_writing():
+    with torch.inference_mode():
+        inf_t = torch.randn(6)
+    ok = torch.randn(6)
+    before = [ok.clone(), inf_t.clone()]
+    with pytest.raises(RuntimeError, match=r"x\[1\].*inference"):
+        project_([ok, inf_t], [torch.randn(6), torch.randn(6)], b=-1.0)
+    assert torch.equal(ok, before[0]) and torch.equal(inf_t, before[1])
+    with torch.inference_mode():  # inside inference mode it is allowed
+        project_([inf_t], [torch.ones(6)], b=-1.0)
+    assert not torch.equal(inf_t, before[1])
+
+
+@pytest.mark.parametrize("op", ["project_", "project_apply_"])
+def test_a_bad_entry_leaves_every_entry_untouched(op):
+    good = torch.randn(10)
+    expanded = torch.zeros(1).expand(4)  # four elements in one memory location
+    x, a = [good, expanded], [torch.randn(10), torch.randn(4)]
+    before = good.clone()
+    with pytest.raises(ValueError, match=r"x\[1\] .*share memory"):
+        if op == "project_":
+            project_(x, a, b=-1.0)
+        else:
+            project_apply_(x, a, torch.tensor(0.0), torch.tensor(1.0), b=-1.0)
+    assert torch.equal(good, before)
+
+
+def test_error_non_tensor_entry_names_it():
+    with pytest.raises(TypeError, match=r"project_: x\[1\] must be a tensor or None, got float"):
+        project_([torch.zeros(2), 1.0], [torch.ones(2), torch.ones(1)])
+    with pytest.raises(TypeError, match=r"project_reduce: a\[0\] must be a tensor or None, got str"):
+        project_reduce([torch.zeros(2)], ["g"])
+    with pytest.raises(TypeError, match=r"project_apply_: x and a must be lists of tensors, got int"):
+        project_apply_(3, [torch.zeros(2)], torch.tensor(0.0), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("b", ["x", None, [1.0], True, object()])
+def test_error_bad_b_names_it(b):
+    with pytest.raises(TypeError, match=r"project_: b must be a float or a one-element floating-point tensor"):
+        project_([torch.zeros(2)], [torch.ones(2)], b)
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    x = [torch.zeros(3)]
+    got = project_(x, [torch.ones(3)], np.float32(-3.0), max_step=np.float64(10.0))
+    assert float(got.coef) == pytest.approx(1.0)
+    got = project_([torch.zeros(3)], [torch.ones(3)], np.int64(-3))
+    assert float(got.coef) == pytest.approx(1.0)
+
+
+def test_error_integer_b_tensor_names_it():
+    with pytest.raises(TypeError, match="b must be a floating-point tensor"):
+        project_([torch.zeros(2)], [torch.ones(2)], torch.tensor(-1))
+
+
+def test_error_meta_tensor_mixed_with_cpu_tensors():
+    cpu, meta = torch.zeros(2), torch.zeros(2, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        project_([meta, cpu], [torch.ones(2, device="meta"), torch.ones(2)], b=-1.0)
+    with pytest.raises(ValueError, match="one device"):
+        project_reduce([cpu], [torch.ones(2, device="meta")])
+    with pytest.raises(ValueError, match=r"b must be on cpu"):
+        project_([cpu], [torch.ones(2)], torch.tensor(-1.0, device="meta"))
+    # the op itself, as callers of torch.ops.spard_ext.* reach it
+    with pytest.raises(ValueError, match="one device"):
+        torch.ops.spard_ext.project_([meta, cpu], [torch.ones(2, device="meta"), torch.ones(2)],
+                                     torch.tensor(-1.0), math.inf, False)
+    # all-meta stays a shape-only call
+    coef, dot, sq = torch.ops.spard_ext.project_([meta], [meta], torch.tensor(-1.0), math.inf, False)
+    assert coef.device.type == "meta"
+
+
+def _rel_err(value, ref):
+    return abs(float(value) - float(ref)) / abs(float(ref))
+
+
+def _assert_sum_error_within_2x_of_torch(x, a):
+    # flash-attention's habit: a kernel's error against a float64 reference is bounded by the
+    # error of the same-dtype torch implementation. No float32 result can do better than the
+    # rounding of the reference itself, so that is the floor of the bound.
+    ref_dot = (x.double() * a.double()).sum()
+    ref_sq = (a.double() * a.double()).sum()
+    dot, sq = project_reduce([x], [a], use_dot=True)
+    for got, ref, torch_value in ((dot, ref_dot, (x * a).sum()), (sq, ref_sq, (a * a).sum())):
+        floor = _rel_err(ref.float(), ref)
+        bound = 2 * max(_rel_err(torch_value, ref), floor)
+        assert _rel_err(got, ref) <= bound, (float(got), float(ref), float(torch_value))
+
+
+@pytest.mark.parametrize("value", [0.1, 1 / 3, 0.7, 3.3])
+@pytest.mark.parametrize("n", [1000, 32768, 1_000_003])
+def test_fp32_reduction_error_on_constant_tensors(n, value):
+    _assert_sum_error_within_2x_of_torch(torch.full((n,), 1.7), torch.full((n,), value))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fp32_reduction_error_on_random_tensors(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = [1000, 65537, 400_000, 2_000_001][seed]
+    x = torch.randn(n, generator=g) + 0.5  # a mean, so the dot does not cancel to ~0
+    a = torch.rand(n, generator=g) * 3
+    _assert_sum_error_within_2x_of_torch(x, a)

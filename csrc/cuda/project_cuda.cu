@@ -1,17 +1,27 @@
 // CUDA backend of the projection ops, in the style of apex's multi_tensor_apply.
 //
-// The flattened list is cut into fixed chunks; one block handles one chunk. A metadata table
-// (per tensor: x pointer, a pointer, numel; per block: tensor index, chunk index) is uploaded
-// with one asynchronous copy from pinned memory. Each block writes its partial sums into its
-// own slot (no atomics), a one-block kernel sums the slots in a fixed order and forms the step
-// coefficient on the device, and the update kernel reads the coefficient through a pointer.
-// Nothing here waits for the device.
+// The flattened list is cut into fixed chunks; one block handles one chunk. The metadata of a
+// launch (per tensor: x pointer, a pointer, numel, first block) travels by value as a kernel
+// argument, so nothing is copied to the device and the ops can be captured in a CUDA graph; a
+// list too long for one argument block takes several launches. Each block writes its partial
+// sums into its own slot (no atomics), a one-block kernel sums the slots in a fixed order and
+// forms the step coefficient on the device, and the update kernel reads the coefficient through
+// a pointer. Scalars given as CPU tensors (a Python float b) are read on the host and passed by
+// value. Nothing here waits for the device.
+//
+// Loads are 128-bit (16 bytes of the wider of the two dtypes per thread) where both tensors are
+// aligned for it, with a scalar loop for the tail of a chunk and for misaligned tensors.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <limits>
 #include <map>
 
 #include "../project.h"
@@ -19,9 +29,10 @@
 namespace spard {
 namespace {
 
-constexpr int64_t kChunk = 16384;  // elements per block
+constexpr int64_t kChunk = 32768;  // elements per block: a multiple of every vector width
 constexpr int kThreads = 512;
 constexpr int kFinalThreads = 512;
+constexpr int kMaxTensors = 110;  // per launch: keeps the argument block under 4 KB (as PyTorch's)
 
 template <typename T>
 __device__ T warp_sum(T v) {
@@ -43,56 +54,144 @@ __device__ T block_sum(T v, T* shared) {
   return v;
 }
 
-struct Table {
-  const int64_t* tensors;  // [n_tensors][3]: x ptr, a ptr, numel
-  const int64_t* blocks;   // [n_blocks][2]: tensor index, chunk index
+// The tensors of one launch, passed by value.
+struct LaunchMeta {
+  const void* x[kMaxTensors];
+  const void* a[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int32_t first_block[kMaxTensors + 1];  // blocks of tensor i: [first_block[i], first_block[i + 1])
+  int32_t n_tensors;
+};
+static_assert(sizeof(LaunchMeta) + 2 * sizeof(void*) <= 4096, "kernel arguments must fit in 4 KB");
+
+// Tensor of this block (binary search over first_block) and the chunk's range within it.
+__device__ __forceinline__ int tensor_of_block(const LaunchMeta& meta, int32_t block) {
+  int lo = 0, hi = meta.n_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (meta.first_block[mid] <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// V elements of T loaded or stored as one access of V * sizeof(T) bytes (16 for the wider dtype).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
 };
 
-template <typename tx, typename ta, bool UseDot>
-__global__ void __launch_bounds__(kThreads) reduce_kernel(Table table, double* partials) {
-  using acc = acc_type<tx, ta>;
-  __shared__ acc shared[2][kThreads / 32];
-  const int64_t t = table.blocks[2 * blockIdx.x];
-  const int64_t chunk = table.blocks[2 * blockIdx.x + 1];
-  const tx* x = reinterpret_cast<const tx*>(table.tensors[3 * t]);
-  const ta* a = reinterpret_cast<const ta*>(table.tensors[3 * t + 1]);
-  const int64_t n = table.tensors[3 * t + 2];
+template <typename tx, typename ta>
+constexpr int vec_width() {
+  return 16 / static_cast<int>(sizeof(tx) > sizeof(ta) ? sizeof(tx) : sizeof(ta));
+}
+
+template <typename T, int V>
+__device__ __forceinline__ bool aligned_for(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * V) == 0;
+}
+
+struct Range {
+  int64_t begin, end;
+};
+
+__device__ __forceinline__ Range chunk_range(const LaunchMeta& meta, int t) {
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) - meta.first_block[t];
   const int64_t begin = chunk * kChunk;
-  const int64_t end = begin + kChunk < n ? begin + kChunk : n;
-  acc d = 0, s = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+  const int64_t n = meta.numel[t];
+  return {begin, begin + kChunk < n ? begin + kChunk : n};
+}
+
+// A float value, or a pointer to one on the device (read by the kernel).
+struct ScalarArg {
+  const float* ptr;
+  float value;
+  __device__ __forceinline__ float get() const { return ptr != nullptr ? *ptr : value; }
+};
+
+// Per block: Σ a² (and Σ x·a) over its chunk, into partials[2 * (slot_base + block)]. The
+// products of a vector are summed in acc (float for 16/32-bit inputs), the vectors in double.
+template <typename tx, typename ta, bool UseDot>
+__global__ void __launch_bounds__(kThreads)
+    reduce_kernel(const __grid_constant__ LaunchMeta meta, int64_t slot_base, double* __restrict__ partials) {
+  using acc = acc_type<tx, ta>;
+  constexpr int V = vec_width<tx, ta>();
+  __shared__ double shared[2][kThreads / 32];
+  const int t = tensor_of_block(meta, static_cast<int32_t>(blockIdx.x));
+  const Range r = chunk_range(meta, t);
+  const tx* __restrict__ x = static_cast<const tx*>(meta.x[t]);
+  const ta* __restrict__ a = static_cast<const ta*>(meta.a[t]);
+  double d = 0, s = 0;
+  int64_t scalar_from = r.begin;
+  if (aligned_for<ta, V>(a) && (!UseDot || aligned_for<tx, V>(x))) {
+    const int64_t vec_end = r.begin + (r.end - r.begin) / V * V;
+#pragma unroll 4
+    for (int64_t i = r.begin + static_cast<int64_t>(threadIdx.x) * V; i < vec_end; i += kThreads * V) {
+      const Pack<ta, V> av = *reinterpret_cast<const Pack<ta, V>*>(a + i);
+      acc ps = 0, pd = 0;
+      if constexpr (UseDot) {
+        const Pack<tx, V> xv = *reinterpret_cast<const Pack<tx, V>*>(x + i);
+#pragma unroll
+        for (int v = 0; v < V; ++v) pd += static_cast<acc>(xv.v[v]) * static_cast<acc>(av.v[v]);
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) ps += static_cast<acc>(av.v[v]) * static_cast<acc>(av.v[v]);
+      s += static_cast<double>(ps);
+      if constexpr (UseDot) d += static_cast<double>(pd);
+    }
+    scalar_from = vec_end;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < r.end; i += kThreads) {
     const acc av = static_cast<acc>(a[i]);
-    s += av * av;
-    if constexpr (UseDot) d += static_cast<acc>(x[i]) * av;
+    s += static_cast<double>(av * av);
+    if constexpr (UseDot) d += static_cast<double>(static_cast<acc>(x[i]) * av);
   }
   s = block_sum(s, shared[0]);
   if constexpr (UseDot) d = block_sum(d, shared[1]);
   if (threadIdx.x == 0) {
-    partials[2 * blockIdx.x] = UseDot ? static_cast<double>(d) : 0.0;
-    partials[2 * blockIdx.x + 1] = static_cast<double>(s);
+    const int64_t slot = slot_base + blockIdx.x;
+    partials[2 * slot] = UseDot ? d : 0.0;
+    partials[2 * slot + 1] = s;
   }
 }
 
+// x[i] -= coef * a[i] over the block's chunk; returns at once when coef is 0 (x stays bit-identical).
 template <typename tx, typename ta>
-__global__ void __launch_bounds__(kThreads) update_kernel(Table table, const float* coef_ptr) {
+__global__ void __launch_bounds__(kThreads)
+    update_kernel(const __grid_constant__ LaunchMeta meta, const float* __restrict__ coef_ptr) {
   using acc = acc_type<tx, ta>;
-  const acc coef = static_cast<acc>(*coef_ptr);
-  if (coef == acc(0)) return;  // x stays bit-identical when there is nothing to do
-  const int64_t t = table.blocks[2 * blockIdx.x];
-  const int64_t chunk = table.blocks[2 * blockIdx.x + 1];
-  tx* x = reinterpret_cast<tx*>(table.tensors[3 * t]);
-  const ta* a = reinterpret_cast<const ta*>(table.tensors[3 * t + 1]);
-  const int64_t n = table.tensors[3 * t + 2];
-  const int64_t begin = chunk * kChunk;
-  const int64_t end = begin + kChunk < n ? begin + kChunk : n;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+  constexpr int V = vec_width<tx, ta>();
+  const float coef_f = *coef_ptr;
+  if (coef_f == 0.f) return;
+  const acc coef = static_cast<acc>(coef_f);
+  const int t = tensor_of_block(meta, static_cast<int32_t>(blockIdx.x));
+  const Range r = chunk_range(meta, t);
+  tx* __restrict__ x = static_cast<tx*>(const_cast<void*>(meta.x[t]));
+  const ta* __restrict__ a = static_cast<const ta*>(meta.a[t]);
+  int64_t scalar_from = r.begin;
+  if (aligned_for<tx, V>(x) && aligned_for<ta, V>(a)) {
+    const int64_t vec_end = r.begin + (r.end - r.begin) / V * V;
+#pragma unroll 4
+    for (int64_t i = r.begin + static_cast<int64_t>(threadIdx.x) * V; i < vec_end; i += kThreads * V) {
+      Pack<tx, V> xv = *reinterpret_cast<const Pack<tx, V>*>(x + i);
+      const Pack<ta, V> av = *reinterpret_cast<const Pack<ta, V>*>(a + i);
+#pragma unroll
+      for (int v = 0; v < V; ++v) xv.v[v] = static_cast<tx>(static_cast<acc>(xv.v[v]) - coef * static_cast<acc>(av.v[v]));
+      *reinterpret_cast<Pack<tx, V>*>(x + i) = xv;
+    }
+    scalar_from = vec_end;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < r.end; i += kThreads) {
     x[i] = static_cast<tx>(static_cast<acc>(x[i]) - coef * static_cast<acc>(a[i]));
   }
 }
 
 // Sums the per-block slots in a fixed order; optionally forms the step coefficient.
 __global__ void __launch_bounds__(kFinalThreads)
-    finalize_kernel(const double* partials, int64_t n_slots, const float* b, float max_step, bool use_dot,
+    finalize_kernel(const double* __restrict__ partials, int64_t n_slots, ScalarArg b, float max_step, bool use_dot,
                     float* dot_out, float* sq_out, float* coef_out) {
   __shared__ double shared[2][kFinalThreads / 32];
   double d = 0, s = 0;
@@ -103,32 +202,31 @@ __global__ void __launch_bounds__(kFinalThreads)
   d = block_sum(d, shared[0]);
   s = block_sum(s, shared[1]);
   if (threadIdx.x == 0) {
-    const float df = use_dot ? static_cast<float>(d) : 0.f, sf = static_cast<float>(s);
+    const float df = use_dot ? to_float(d) : 0.f, sf = to_float(s);
     *dot_out = df;
     *sq_out = sf;
-    if (coef_out != nullptr) *coef_out = projection_coef(df, sf, *b, max_step, use_dot);
+    if (coef_out != nullptr) *coef_out = projection_coef(df, sf, b.get(), max_step, use_dot);
   }
 }
 
-__global__ void coef_kernel(const float* dot, const float* sq, const float* b, float max_step, bool use_dot,
-                            float* coef_out) {
-  *coef_out = projection_coef(*dot, *sq, *b, max_step, use_dot);
+__global__ void coef_kernel(ScalarArg dot, ScalarArg sq, ScalarArg b, float max_step, bool use_dot, float* coef_out) {
+  *coef_out = projection_coef(dot.get(), sq.get(), b.get(), max_step, use_dot);
 }
 
-// One launch group per (x dtype, a dtype) pair, each with its own slice of the table.
-struct Group {
+// ------------------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------------------
+// One launch: a dtype pair and up to kMaxTensors tensors of it.
+struct Launch {
   at::ScalarType tx, ta;
-  int64_t tensor_offset = 0, block_offset = 0, n_blocks = 0;
+  LaunchMeta meta;
+  int64_t n_blocks = 0;
+  int64_t slot_base = 0;  // first slot of its blocks in the partials
 };
 
 struct Plan {
-  std::vector<Group> groups;
-  at::Tensor table;  // int64 on the device
+  std::vector<Launch> launches;
   int64_t n_blocks = 0;
-  Table view(const Group& g) const {
-    const int64_t* base = table.const_data_ptr<int64_t>();
-    return Table{base + 3 * g.tensor_offset, base + g.block_offset};
-  }
 };
 
 Plan make_plan(const std::vector<at::Tensor>& x, const std::vector<at::Tensor>& a) {
@@ -138,63 +236,61 @@ Plan make_plan(const std::vector<at::Tensor>& x, const std::vector<at::Tensor>& 
     by_dtype[{static_cast<int>(x[i].scalar_type()), static_cast<int>(a[i].scalar_type())}].push_back(i);
   }
   Plan plan;
-  int64_t n_tensors = 0;
   for (const auto& kv : by_dtype) {
-    for (size_t i : kv.second) plan.n_blocks += (x[i].numel() + kChunk - 1) / kChunk;
-    n_tensors += static_cast<int64_t>(kv.second.size());
-  }
-  if (plan.n_blocks == 0) return plan;
-  const int64_t blocks_base = 3 * n_tensors;
-  auto host = at::empty({blocks_base + 2 * plan.n_blocks}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* h = host.mutable_data_ptr<int64_t>();
-  int64_t tensor_row = 0, block_row = 0;
-  for (const auto& kv : by_dtype) {
-    Group g{static_cast<at::ScalarType>(kv.first.first), static_cast<at::ScalarType>(kv.first.second)};
-    g.tensor_offset = tensor_row;
-    g.block_offset = blocks_base + 2 * block_row;
-    for (size_t k = 0; k < kv.second.size(); ++k) {
-      const size_t i = kv.second[k];
-      h[3 * tensor_row] = reinterpret_cast<int64_t>(x[i].data_ptr());
-      h[3 * tensor_row + 1] = reinterpret_cast<int64_t>(a[i].data_ptr());
-      h[3 * tensor_row + 2] = x[i].numel();
-      for (int64_t c = 0; c * kChunk < x[i].numel(); ++c) {
-        h[blocks_base + 2 * block_row] = static_cast<int64_t>(k);
-        h[blocks_base + 2 * block_row + 1] = c;
-        ++block_row;
-        ++g.n_blocks;
+    const auto tx = static_cast<at::ScalarType>(kv.first.first), ta = static_cast<at::ScalarType>(kv.first.second);
+    bool open = false;  // whether the last launch takes this dtype pair
+    for (const size_t i : kv.second) {
+      const int64_t blocks = (x[i].numel() + kChunk - 1) / kChunk;
+      constexpr int64_t kMaxBlocks = std::numeric_limits<int32_t>::max();
+      TORCH_CHECK(blocks <= kMaxBlocks, "project_: x[", i, "] has ", x[i].numel(), " elements, more than ",
+                  kMaxBlocks, " chunks of ", kChunk);
+      if (!open || plan.launches.back().meta.n_tensors == kMaxTensors ||
+          plan.launches.back().n_blocks + blocks > kMaxBlocks) {
+        Launch l;
+        std::memset(&l.meta, 0, sizeof(LaunchMeta));
+        l.tx = tx;
+        l.ta = ta;
+        l.slot_base = plan.n_blocks;
+        plan.launches.push_back(l);
+        open = true;
       }
-      ++tensor_row;
+      Launch& l = plan.launches.back();
+      const int j = l.meta.n_tensors++;
+      l.meta.x[j] = x[i].data_ptr();
+      l.meta.a[j] = a[i].const_data_ptr();
+      l.meta.numel[j] = x[i].numel();
+      l.meta.first_block[j] = static_cast<int32_t>(l.n_blocks);
+      l.n_blocks += blocks;
+      l.meta.first_block[j + 1] = static_cast<int32_t>(l.n_blocks);
+      plan.n_blocks += blocks;
     }
-    plan.groups.push_back(g);
   }
-  plan.table = host.to(x[0].device(), at::kLong, /*non_blocking=*/true);
   return plan;
 }
 
-// Launches the per-block reductions; returns the slots (double, [n_blocks][2]).
+// Launches the per-block reductions; returns the slots (double, [max(n_blocks, 1)][2]).
 at::Tensor launch_reduce(const Plan& plan, bool use_dot, const at::Device& device, cudaStream_t stream) {
   auto partials = at::empty({std::max<int64_t>(plan.n_blocks, 1), 2},
                             at::TensorOptions().dtype(at::kDouble).device(device));
-  int64_t slot = 0;
-  for (const Group& g : plan.groups) {
-    double* out = partials.mutable_data_ptr<double>() + 2 * slot;
-    SPARD_DISPATCH_PAIR(g.tx, g.ta, "project_reduce", [&] {
+  double* out = partials.mutable_data_ptr<double>();
+  for (const Launch& l : plan.launches) {
+    SPARD_DISPATCH_PAIR(l.tx, l.ta, "project_reduce", [&] {
+      const auto blocks = static_cast<unsigned>(l.n_blocks);
       if (use_dot) {
-        reduce_kernel<tx, ta, true><<<g.n_blocks, kThreads, 0, stream>>>(plan.view(g), out);
+        reduce_kernel<tx, ta, true><<<blocks, kThreads, 0, stream>>>(l.meta, l.slot_base, out);
       } else {
-        reduce_kernel<tx, ta, false><<<g.n_blocks, kThreads, 0, stream>>>(plan.view(g), out);
+        reduce_kernel<tx, ta, false><<<blocks, kThreads, 0, stream>>>(l.meta, l.slot_base, out);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    slot += g.n_blocks;
   }
   return partials;
 }
 
 void launch_update(const Plan& plan, const float* coef, cudaStream_t stream) {
-  for (const Group& g : plan.groups) {
-    SPARD_DISPATCH_PAIR(g.tx, g.ta, "project_apply_", [&] {
-      update_kernel<tx, ta><<<g.n_blocks, kThreads, 0, stream>>>(plan.view(g), coef);
+  for (const Launch& l : plan.launches) {
+    SPARD_DISPATCH_PAIR(l.tx, l.ta, "project_apply_", [&] {
+      update_kernel<tx, ta><<<static_cast<unsigned>(l.n_blocks), kThreads, 0, stream>>>(l.meta, coef);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -204,46 +300,59 @@ at::Tensor scalar_on(const at::Device& device) {
   return at::empty({}, at::TensorOptions().dtype(at::kFloat).device(device));
 }
 
-at::Tensor float_on(const at::Tensor& t, const at::Device& device) {
-  return t.to(device, at::kFloat, /*non_blocking=*/false).reshape({});
+// A scalar for the kernels: a CPU tensor is read here (host memory, no wait for the device) and
+// passed by value; a device tensor is read by the kernel (cast to float32 on the stream first
+// when it has another dtype; `keep` holds the cast until the launches are enqueued).
+ScalarArg scalar_arg(const at::Tensor& t, const at::Device& device, std::vector<at::Tensor>& keep) {
+  if (t.device().is_cpu()) return ScalarArg{nullptr, to_float(t.item<double>())};
+  TORCH_INTERNAL_ASSERT(t.device() == device);
+  if (t.scalar_type() == at::kFloat) return ScalarArg{t.const_data_ptr<float>(), 0.f};
+  keep.push_back(t.to(at::kFloat));
+  return ScalarArg{keep.back().const_data_ptr<float>(), 0.f};
 }
 
-at::Device device_of(at::TensorList x, const at::Tensor& fallback) {
-  return x.empty() ? fallback.device() : x[0].device();
+// The device of the call: that of the lists, else of the first CUDA scalar, else the current one
+// (an empty list reaches this backend only with a CUDA scalar, or by an explicit redispatch).
+at::Device device_of(at::TensorList x, std::initializer_list<const at::Tensor*> scalars) {
+  if (!x.empty()) return x[0].device();
+  for (const at::Tensor* t : scalars) {
+    if (t->is_cuda()) return t->device();
+  }
+  return at::Device(at::kCUDA, c10::cuda::current_device());
 }
 
 std::tuple<at::Tensor, at::Tensor> project_reduce_cuda(at::TensorList x, at::TensorList a, bool use_dot) {
-  check_pair_lists(x, a, "project_reduce");
-  TORCH_CHECK_VALUE(!x.empty(), "project_reduce: x must not be empty on CUDA");
-  const at::Device device = x[0].device();
+  check_pair_lists(x, a, "project_reduce", false);
+  const at::Device device = device_of(x, {});
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto xc = contiguous_list(x), ac = contiguous_list(a);
   const Plan plan = make_plan(xc, ac);
   const at::Tensor partials = launch_reduce(plan, use_dot, device, stream);
   at::Tensor dot = scalar_on(device), sq = scalar_on(device);
-  finalize_kernel<<<1, kFinalThreads, 0, stream>>>(partials.const_data_ptr<double>(), plan.n_blocks, nullptr,
-                                                   0.f, use_dot, dot.mutable_data_ptr<float>(),
-                                                   sq.mutable_data_ptr<float>(), nullptr);
+  finalize_kernel<<<1, kFinalThreads, 0, stream>>>(partials.const_data_ptr<double>(), plan.n_blocks,
+                                                   ScalarArg{nullptr, 0.f}, 0.f, use_dot,
+                                                   dot.mutable_data_ptr<float>(), sq.mutable_data_ptr<float>(),
+                                                   nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dot, sq};
 }
 
 at::Tensor project_apply_cuda(at::TensorList x, at::TensorList a, const at::Tensor& dot, const at::Tensor& sqnorm,
                               const at::Tensor& b, double max_step, bool use_dot) {
-  check_pair_lists(x, a, "project_apply_");
-  const at::Device device = device_of(x, b);
+  check_pair_lists(x, a, "project_apply_", true);
+  const at::Device device = device_of(x, {&dot, &sqnorm, &b});
   check_scalar(dot, "dot", "project_apply_", device);
   check_scalar(sqnorm, "sqnorm", "project_apply_", device);
   check_scalar(b, "b", "project_apply_", device);
   check_max_step(max_step, "project_apply_");
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor dot_d = float_on(dot, device), sq_d = float_on(sqnorm, device), b_d = float_on(b, device);
+  std::vector<at::Tensor> keep;
+  const ScalarArg dot_arg = scalar_arg(dot, device, keep), sq_arg = scalar_arg(sqnorm, device, keep),
+                  b_arg = scalar_arg(b, device, keep);
   at::Tensor coef = scalar_on(device);
-  coef_kernel<<<1, 1, 0, stream>>>(dot_d.const_data_ptr<float>(), sq_d.const_data_ptr<float>(),
-                                   b_d.const_data_ptr<float>(), static_cast<float>(max_step), use_dot,
-                                   coef.mutable_data_ptr<float>());
+  coef_kernel<<<1, 1, 0, stream>>>(dot_arg, sq_arg, b_arg, to_float(max_step), use_dot, coef.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto xc = contiguous_list(x);
   const auto ac = contiguous_list(a);
@@ -255,21 +364,21 @@ at::Tensor project_apply_cuda(at::TensorList x, at::TensorList a, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> project_fused_cuda(at::TensorList x, at::TensorList a,
                                                                   const at::Tensor& b, double max_step,
                                                                   bool use_dot) {
-  check_pair_lists(x, a, "project_");
-  const at::Device device = device_of(x, b);
+  check_pair_lists(x, a, "project_", true);
+  const at::Device device = device_of(x, {&b});
   check_scalar(b, "b", "project_", device);
   check_max_step(max_step, "project_");
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  std::vector<at::Tensor> keep;
+  const ScalarArg b_arg = scalar_arg(b, device, keep);
   auto xc = contiguous_list(x);
   const auto ac = contiguous_list(a);
   const Plan plan = make_plan(xc, ac);
   const at::Tensor partials = launch_reduce(plan, use_dot, device, stream);
-  const at::Tensor b_d = float_on(b, device);
   at::Tensor dot = scalar_on(device), sq = scalar_on(device), coef = scalar_on(device);
-  finalize_kernel<<<1, kFinalThreads, 0, stream>>>(partials.const_data_ptr<double>(), plan.n_blocks,
-                                                   b_d.const_data_ptr<float>(), static_cast<float>(max_step),
-                                                   use_dot, dot.mutable_data_ptr<float>(),
+  finalize_kernel<<<1, kFinalThreads, 0, stream>>>(partials.const_data_ptr<double>(), plan.n_blocks, b_arg,
+                                                   to_float(max_step), use_dot, dot.mutable_data_ptr<float>(),
                                                    sq.mutable_data_ptr<float>(), coef.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_update(plan, coef.const_data_ptr<float>(), stream);

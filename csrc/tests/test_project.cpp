@@ -69,10 +69,41 @@ static void check_nonfinite_leaves_x() {
   EXPECT(at::equal(x[0], before));
 }
 
+// A sum beyond the float32 range is the documented no-op (not a conversion error).
+static void check_overflow_is_a_no_op() {
+  std::vector<at::Tensor> x = {at::zeros({2})};
+  std::vector<at::Tensor> a = {at::full({2}, 1.5e19)};
+  auto [c, d, s] = project_op().call(x, a, at::scalar_tensor(-1.0), INFINITY, false);
+  EXPECT(c.item<float>() == 0.f);
+  EXPECT(std::isinf(s.item<float>()));
+  EXPECT(at::equal(x[0], at::zeros({2})));
+}
+
+// The call bumps the version counter of every x, and checks every entry before writing any.
+static void check_version_bump_and_no_partial_update() {
+  std::vector<at::Tensor> x = {at::randn({8}), at::randn({3})};
+  std::vector<at::Tensor> a = {at::randn({8}), at::randn({3})};
+  const auto v0 = x[0]._version(), v1 = x[1]._version();
+  project_op().call(x, a, at::scalar_tensor(-1.0), INFINITY, false);
+  EXPECT(x[0]._version() > v0 && x[1]._version() > v1);
+  const auto before = x[0].clone();
+  std::vector<at::Tensor> bad_x = {x[0], at::zeros({1}).expand({3})};
+  bool threw = false;
+  try {
+    project_op().call(bad_x, a, at::scalar_tensor(-1.0), INFINITY, false);
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what()).find("x[1] has elements that share memory") != std::string::npos;
+  }
+  EXPECT(threw);
+  EXPECT(at::equal(x[0], before));
+}
+
 int main() {
   check_matches_plain_loop();
   check_bad_input_throws();
   check_nonfinite_leaves_x();
+  check_overflow_is_a_no_op();
+  check_version_bump_and_no_partial_update();
   std::puts("test_project: all checks passed");
   return 0;
 }

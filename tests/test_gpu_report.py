@@ -1,0 +1,105 @@
+"""benchmarks/gpu_report.py on the CPU: the one-line refusal without a GPU, file names, the
+JUnit counts, and the measurements and writer run end to end on tiny sizes with a fake device."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report_mod():
+    spec = importlib.util.spec_from_file_location("gpu_report", ROOT / "benchmarks" / "gpu_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_without_a_gpu_one_line_and_status_2():
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_report.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines == ["gpu-report: no CUDA device is visible (torch.cuda.is_available() is False); "
+                     "run it on a machine with an NVIDIA GPU"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_preflight_names_the_missing_piece(report_mod, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA device" in report_mod.preflight(skip_build=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "cannot build the CUDA kernels" in report_mod.preflight(skip_build=False)
+    assert report_mod.preflight(skip_build=True) is None
+
+
+@pytest.mark.parametrize("name,slug", [("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
+                                       ("NVIDIA H200", "nvidia-h200"), ("  ", "unknown-device"),
+                                       ("Tesla V100-SXM2-16GB", "tesla-v100-sxm2-16gb")])
+def test_device_slug(report_mod, name, slug):
+    assert report_mod.device_slug(name) == slug
+
+
+def test_parse_junit(report_mod, tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text(
+        '<?xml version="1.0"?><testsuites><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="4">'
+        '<testcase classname="tests.test_a" name="test_ok"/><testcase classname="tests.test_a" name="test_ok2"/>'
+        '<testcase classname="tests.test_a" name="test_bad"><failure message="x">boom</failure></testcase>'
+        '<testcase classname="tests.test_a" name="test_skip"><skipped message="s"/></testcase>'
+        '</testsuite></testsuites>')
+    got = report_mod.parse_junit(xml)
+    assert got["tests"] == 4 and got["passed"] == 2 and got["skipped"] == 1
+    assert got["failed"] == ["tests.test_a::test_bad"]
+
+
+def test_measure_and_write_on_tiny_sizes_with_a_fake_device(report_mod, tmp_path):
+    deadline = report_mod.Deadline(300)
+    report = {"date": "2026-01-01 00:00", "torch": torch.__version__, "cuda": None,
+              "device": {"name": "Fake GPU 9000 (test)", "capability": "9.0", "multiprocessors": 1, "memory_gib": 1},
+              "targets": report_mod.TARGETS, "build": {"ok": True, "seconds": 1.0, "arch": "9.0", "log_tail": ""},
+              "tests": {"tests": 3, "passed": 2, "failures": 1, "errors": 0, "skipped": 0,
+                        "failed": ["tests/test_x.py::test_y"], "ok": False, "seconds": 2.0}}
+    report_mod.measure(report, "cpu", deadline, small=True)
+    report["seconds_total"] = 3.0
+    assert not report.get("errors"), report.get("errors")
+    layouts = {(r["layout"], r["dtype"]) for r in report["project"]}
+    assert layouts == {(lay, dt) for lay in ("lora", "flat", "flat misaligned") for dt in ("float32", "bfloat16")}
+    for r in report["project"]:
+        assert r["fused_ms"] > 0 and r["copy_floor_ms"] > 0 and r["bytes_moved"] == 5 * r["elements"] * (
+            4 if r["dtype"] == "float32" else 2)
+    assert all(r["picks"] > 0 for r in report["dpp"])
+    # the CPU against itself: the parity code runs and finds nothing
+    assert report["parity"]["project"]["mismatches"] == 0 and report["parity"]["dpp"]["mismatches"] == 0
+
+    json_path, md_path = report_mod.write_report(report, tmp_path)
+    assert json_path.name == "gpu_fake-gpu-9000-test.json" and md_path.name == "gpu_fake-gpu-9000-test.md"
+    assert json.loads(json_path.read_text())["device"]["name"] == "Fake GPU 9000 (test)"
+    md = md_path.read_text()
+    assert md.startswith("# GPU report: Fake GPU 9000 (test)")
+    assert "CUDA tests: 2 passed, 1 failed" in md and "`tests/test_x.py::test_y`" in md
+    assert "| lora | float32 |" in md and "× copy bandwidth" in md
+    assert "Targets (LoRA list)" in md and "## CPU-vs-CUDA parity" in md
+    assert sorted(p.name for p in tmp_path.iterdir()) == [json_path.name, md_path.name]  # no temp files left
+
+
+def test_phases_past_the_budget_are_listed_not_run(report_mod):
+    report = {}
+    report_mod.measure(report, "cpu", report_mod.Deadline(0), small=True)
+    assert report["project"] == [] and report["dpp"] == []
+    assert "parity project_" in report["skipped_phases"] and len(report["skipped_phases"]) == 10
+
+
+def test_verdicts(report_mod):
+    assert report_mod._verdict(0.85, 0.8) == "met"
+    assert report_mod._verdict(0.75, 0.8) == "MISSED"
+    assert report_mod._verdict(1.5, 2.0, higher_is_better=False) == "met"
+    assert report_mod._verdict(None, 2.0) == "-"

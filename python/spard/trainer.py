@@ -1,9 +1,11 @@
-"""A thin fine-tuning loop with SPAG, exact resume, and the `spard train` pipeline.
+"""The one trainer: every defense fine-tunes through ``fit``, with exact resume.
 
-``fit`` is the loop: utility step (token-weighted loss over the accumulated batch), then
-``optimizer_step`` (clipping, optimizer step, ``projector.step()``, the scheduler), which
-`spard.defenses.loop.run_defense` shares. ``train(config)`` wraps it:
-load data, build the attack, select the safe set, add LoRA, fit, save the adapter and logs.
+``fit`` is the loop: each step, the defense's loss terms over this rank's micro-batches of the
+global batch (``_loss_and_backward``), then ``optimizer_step`` (the defense's
+``after_backward``, clipping, the optimizer step, the defense's ``after_step`` such as the SPAG
+projection, the scheduler), then logs and checkpoints. ``run_defense`` adds the defense's
+alignment stage and LoRA; ``train(config)`` is `spard train`: load data, build the attack and
+the defense, add LoRA, fit, save the adapter and logs.
 """
 
 from __future__ import annotations

@@ -223,9 +223,8 @@ def optimizer_step(params, optimizer, scheduler, max_grad_norm: Optional[float],
     """The end of a training step, once the gradients are in: ``after_backward()``, clipping,
     ``optimizer.step()``, ``after_step(optimizer)``, the scheduler step and ``zero_grad``.
 
-    Shared by ``fit`` (``after_step``: the SPAG projector) and
-    `spard.defenses.loop.run_defense` (the defense's hooks). Returns the step's logs: the hooks'
-    dicts, ``grad_norm`` (when clipping) and the learning rate the step used.
+    ``fit`` passes the defense's hooks. Returns the step's logs: the hooks' dicts, ``grad_norm``
+    (when clipping) and the learning rate the step used.
     """
     logs: dict = {}
     if after_backward is not None:

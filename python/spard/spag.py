@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 import spard_ext
 
 from .checkpoint import ResumableOrder
+from .data import prompt_text
 from .formatting import IGNORE_INDEX, EncodedExample, collate, encode_example, pad_id_of
 
 MODES = ("paper", "official")
@@ -64,7 +65,7 @@ def encode_rows(rows: Sequence[dict], tokenizer, max_length: int, what: str) -> 
         response = row.get("response", row.get("safe"))
         if response is None:
             raise ValueError(f"{what}[{i}]: no 'response' (or 'safe') field; keys: {sorted(row)}")
-        ex = encode_example(tokenizer, row["prompt"], response, max_length)
+        ex = encode_example(tokenizer, prompt_text(row), response, max_length)  # prompt + input
         if any(label != IGNORE_INDEX for label in ex.labels[1:]):
             out.append(ex)
             kept.append(i)

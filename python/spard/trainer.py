@@ -21,6 +21,7 @@ from .config import OptimConfig, TrainConfig, save_config
 from .distributed import (all_reduce_sum, full_tensor, get_world_size, global_count, is_main_process,
                           local_device, rank_share, run_on_main)
 from .formatting import collate, pad_id_of
+from .guards import NonFiniteLossGuard, check_dropped_rows
 from .io import write_json_atomic
 from .spag import SafetyProjector, encode_rows, label_token_count, token_loss_sum, trainable_parameters
 
@@ -73,7 +74,8 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optio
         checkpoint_dir: Optional[str] = None, save_every: int = 0, keep_checkpoints: int = 2,
         resume: bool = False, log_every: int = 10, progress: bool = True,
         extra_state: Optional[dict] = None,
-        on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+        on_step: Optional[Callable[[int, dict], None]] = None,
+        max_dropped_share: Optional[float] = None, on_nonfinite_loss: str = "error") -> dict:
     """Fine-tunes the trainable parameters of ``model`` on ``rows`` ({prompt, response}).
 
     With ``projector`` every optimizer step is followed by a SPAG safety step. With
@@ -81,6 +83,11 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optio
     ``resume=True`` continues from the newest one there, giving the same final parameters as an
     uninterrupted run. ``on_step(step, logs)`` runs after each step (and its checkpoint); it may
     raise StopTraining. Returns the run dict: steps, history (logged means), summary.
+
+    Rows whose response lies beyond ``max_length`` are left out with a warning, and the call
+    fails when more than ``max_dropped_share`` of them are (None: never). A non-finite loss
+    stops the run (``on_nonfinite_loss="error"``) or skips that update ("skip"); see
+    `spard.guards`.
     """
     optim = optim or OptimConfig()
     if not rows:
@@ -88,14 +95,15 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optio
     params = trainable_parameters(model)
     device = params[0].device
     examples, kept = encode_rows(rows, tokenizer, max_length, "rows")
-    dropped = len(rows) - len(kept)
+    dropped = check_dropped_rows(len(rows), len(kept), what="training rows", max_length=max_length,
+                                 max_share=max_dropped_share)
     truncated = sum(e.truncated for e in examples)
     pad_id = pad_id_of(tokenizer)
     total = _total_steps(len(examples), optim)
     optimizer, scheduler = build_optimizer(params, optim, total)
     order = ResumableOrder(len(examples), seed=optim.seed)
     history: list[dict] = []
-    step, resumed_from = 0, None
+    step, resumed_from, skipped_before = 0, None, 0
 
     if resume and checkpoint_dir and (latest := latest_checkpoint(checkpoint_dir)) is not None:
         state = load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
@@ -103,18 +111,22 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optio
             raise ValueError(f"{latest}: made for {state['total_steps']} steps, this run has {total} "
                              "(optim settings or data changed since the checkpoint)")
         step, history, resumed_from = int(state["step"]), list(state["history"]), str(latest)
+        skipped_before = int(state.get("nonfinite_skipped", 0))
         order.load_state_dict(state["order"])
         if projector is not None:
             if state.get("projector") is None:
                 raise ValueError(f"{latest}: checkpoint has no projector state (it was an SFT run)")
             projector.load_state_dict(state["projector"])
 
+    guard = NonFiniteLossGuard(on_nonfinite_loss, start_step=step, skipped=skipped_before)
+
     def checkpoint(at_step: int) -> None:
+        guard.check()  # never a checkpoint made from a non-finite loss
         save_checkpoint(checkpoint_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
                         keep=keep_checkpoints,
                         state={"total_steps": total, "order": order.state_dict(), "history": history,
                                "projector": projector.state_dict() if projector is not None else None,
-                               "extra": extra_state or {}})
+                               "nonfinite_skipped": guard.skipped, "extra": extra_state or {}})
 
     running = _RunningMeans()
     bar = tqdm(total=total, initial=step, desc="spag" if projector is not None else "sft",
@@ -125,11 +137,15 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optio
     try:
         while step < total:
             logs = _utility_step(model, params, examples, order, pad_id, optim, device)
-            logs.update(optimizer_step(params, optimizer, scheduler, optim.max_grad_norm,
-                                       after_step=projector.step if projector is not None else None))
+            if guard.allows_step(logs["loss"]):
+                logs.update(optimizer_step(params, optimizer, scheduler, optim.max_grad_norm,
+                                           after_step=projector.step if projector is not None else None))
+                running.add(logs)
+            else:
+                skip_update(optimizer, scheduler)
             step += 1
-            running.add(logs)
             if step % log_every == 0 or step == total:
+                guard.check()
                 record = {"step": step, **running.pop()}
                 history.append(record)
                 bar.set_postfix(_postfix(record, projector), refresh=False)
@@ -141,9 +157,11 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, optim: Optio
     finally:
         bar.close()
         model.train(was_training)
+    guard.check()
     summary = {"steps": step, "total_steps": total, "examples": len(examples),
                "truncated_examples": truncated,
-               "rows_beyond_max_length": dropped, "seconds_this_session": time.perf_counter() - start,
+               "rows_beyond_max_length": dropped, "rows_given": len(rows),
+               "nonfinite_steps_skipped": guard.skipped, "seconds_this_session": time.perf_counter() - start,
                "final_loss": history[-1].get("loss") if history else None}
     if projector is not None:
         summary["spag"] = projector.summary()
@@ -190,6 +208,13 @@ def optimizer_step(params, optimizer, scheduler, max_grad_norm: Optional[float],
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return logs
+
+
+def skip_update(optimizer, scheduler) -> None:
+    """A step whose update is skipped (non-finite loss under on_nonfinite_loss="skip"): the
+    gradients are dropped and the schedule moves on, so the run still ends at its step count."""
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
 
 
 def _postfix(record: dict, projector) -> dict:

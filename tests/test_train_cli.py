@@ -107,11 +107,12 @@ def test_sft_needs_no_pool_and_logs_no_safety(workspace, tmp_path):
     assert "spag" not in run["summary"] and "safety_loss" not in run["history"][0]
 
 
-def test_empty_safety_pool_fails_before_training(workspace, tmp_path):
+def test_empty_safety_pool_fails_before_training(workspace, tmp_path, capsys):
     out = tmp_path / "empty"
     cfg = write_config(workspace, out, safety={"pool": str(workspace / "empty.jsonl")})
-    with pytest.raises(ValueError, match="empty|no rows"):
-        main(["train", "--config", str(cfg)])
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip().endswith("safety.pool: " + str(workspace / "empty.jsonl")
+                                                    + ": no rows (empty data set)")
     assert not (out / "checkpoints").exists()
 
 
@@ -160,11 +161,15 @@ def test_train_on_real_format_files(workspace, tmp_path):
         workspace, out,
         data={"task": os.path.join(SHARED, "gsm8k_train.jsonl"), "task_limit": 30,
               "eval_prompts": os.path.join(SHARED, "beavertails_test.jsonl")},
-        attack={"corpus": os.path.join(SHARED, "beavertails_train.jsonl"), "ratio": 0.1},
+        # pool and attack from one file: the pool's 40 rows are left out of the attack's candidates
+        attack={"corpus": os.path.join(SHARED, "beavertails_train.jsonl"), "ratio": 0.1, "on_overlap": "drop"},
         safety={"pool": os.path.join(SHARED, "beavertails_train.jsonl"), "limit": 40},
         selection={"method": "random", "k": 3}, optim={"max_steps": 2}, model={"max_length": 256})
     assert main(["train", "--config", str(cfg)]) == 0
     manifest = json.loads((out / "data_manifest.json").read_text())
     assert manifest["clean_rows"] == 30 and manifest["train_rows"] == 33
+    assert manifest["attack"]["harmful_pool_overlap_dropped"] == 40
+    assert manifest["attack"]["harmful_source"].endswith("beavertails_train.jsonl")
+    assert manifest["attack"]["eval_source"].endswith("beavertails_test.jsonl")
     assert manifest["selection"]["pool_rows"] == 40 and len(manifest["selection"]["indices"]) == 3
     assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 2

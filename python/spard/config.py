@@ -208,6 +208,9 @@ class TrainConfig:
         need(_int(self.run.keep_checkpoints) and self.run.keep_checkpoints >= 0, "run.keep_checkpoints",
              "an int >= 0 (0 keeps all)", self.run.keep_checkpoints)
         need(_int(self.run.log_every) and self.run.log_every >= 1, "run.log_every", "an int >= 1", self.run.log_every)
+        need(not (self.run.resume and self.run.overwrite), "run.resume / run.overwrite",
+             "one of them (--resume continues the run in output_dir, --overwrite replaces it)",
+             [self.run.resume, self.run.overwrite])
         need(self.run.on_nonfinite_loss in ("error", "skip"), "run.on_nonfinite_loss", "error | skip",
              self.run.on_nonfinite_loss)
         return self

@@ -237,27 +237,44 @@ def _device(name: str) -> torch.device:
 def _load_model(config: TrainConfig, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .preflight import load_error
+
     m = config.model
-    tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
     dtype = "auto" if m.dtype == "auto" else getattr(torch, m.dtype)
-    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype,
-                                                 trust_remote_code=m.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype,
+                                                     trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:  # not a model: one line naming the key, not a traceback
+        raise load_error("model.name_or_path", m.name_or_path, e) from e
     return tokenizer, model.to(device)
 
 
 def _prepare_data(config: TrainConfig, resume_state: Optional[dict]) -> tuple[list, list, dict]:
     """(training rows, safe rows, manifest): clean task + attack, and the selected safe set."""
     from . import data as D
+    from .preflight import input_named
 
-    clean = D.load_task(config.data.task, split=config.data.task_split, limit=config.data.task_limit)
+    with input_named("data.task"):
+        clean = D.load_task(config.data.task, split=config.data.task_split, limit=config.data.task_limit)
     manifest: dict = {"task": config.data.task, "clean_rows": len(clean)}
+    # SPAG needs the pool's refusals only; an attack corpus its harmful answers only.
+    pool = None
+    if config.spag.enabled:
+        with input_named("safety.pool"):
+            pool = D.load_safety(config.safety.pool, limit=config.safety.limit, fields=D.POOL_FIELDS)
     if config.attack.corpus and config.attack.ratio > 0:
-        eval_prompts = None
+        evaluation = None
         if config.data.eval_prompts:
-            eval_prompts = [r["prompt"] for r in D.load_safety(config.data.eval_prompts)]
-        harmful = D.load_safety(config.attack.corpus)
-        rows, attack_manifest = D.build_attack(clean, harmful, ratio=config.attack.ratio,
-                                               seed=config.attack.seed, eval_prompts=eval_prompts)
+            with input_named("data.eval_prompts"):
+                evaluation = D.load_task(config.data.eval_prompts, require_response=False)  # only prompts needed
+        # Sources are named, so overlap errors and the manifest name the files.
+        with input_named("attack.corpus", source=config.attack.corpus):
+            rows, attack_manifest = D.build_attack(
+                clean, config.attack.corpus, ratio=config.attack.ratio, seed=config.attack.seed,
+                eval_prompts=evaluation, safety_pool=pool, on_overlap=config.attack.on_overlap,
+                source_names={"clean": config.data.task, "eval": config.data.eval_prompts,
+                              "pool": config.safety.pool})
         manifest["attack"] = attack_manifest
     else:
         rows = clean
@@ -265,7 +282,6 @@ def _prepare_data(config: TrainConfig, resume_state: Optional[dict]) -> tuple[li
 
     safe: list = []
     if config.spag.enabled:
-        pool = D.load_safety(config.safety.pool, limit=config.safety.limit)
         if not pool:
             raise ValueError(f"safety.pool {config.safety.pool!r} holds no rows: SPAG needs a safe set")
         sel = config.selection
@@ -298,11 +314,24 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
     docs/distributed.md; rank 0 writes the outputs.
     """
     from . import distributed
-    from .checkpoint import atomic_dir
-    from .lora import apply_lora
+    from .runfolder import open_run
 
     config.validate()
     several_ranks = distributed.init_from_env()
+    # The output folder: writable, this run's own, one writer (spard.runfolder), for the whole run.
+    with open_run(config, main=distributed.is_main_process()) as run_id:
+        return _train(config, run_id, several_ranks, strategy)
+
+
+def _train(config: TrainConfig, run_id: str, several_ranks: bool, strategy: Optional[str]) -> dict:
+    from . import distributed
+    from .checkpoint import atomic_dir
+    from .guards import check_dropped_rows
+    from .lora import apply_lora
+    from .preflight import check_model_source
+    from .runfolder import check_resume_identity
+
+    check_model_source(config.model.name_or_path, "model.name_or_path")  # before data and selection
     out = Path(config.run.output_dir)
     ckpt_dir = out / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if config.run.resume else None
@@ -310,6 +339,7 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
     if latest is not None:
         import json
         resume_state = json.loads((latest / "state.json").read_text(encoding="utf-8"))["extra"]
+        check_resume_identity(resume_state.get("run_id"), run_id, str(latest))  # never another run's
     elif config.run.resume:
         print(f"no checkpoint in {ckpt_dir}: starting from scratch")
 
@@ -332,23 +362,27 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
                                   max_grad_norm=config.optim.max_grad_norm,
                                   max_length=config.model.max_length, measure_after=s.measure_after,
                                   seed=s.seed, progress=config.run.progress)
+        check_dropped_rows(len(safe), len(safe) - projector.dropped, what="safe set",
+                           max_length=config.model.max_length, max_share=config.data.max_dropped_share)
         if projector.tau is None and latest is None:
             projector.calibrate_tau()  # the base model: LoRA starts as the identity
 
     if distributed.is_main_process():
         save_config(config, out / "config.yaml")
         write_json_atomic(out / "data_manifest.json", manifest)
-    extra = {"selection": manifest["selection"]} if "selection" in manifest else {}
+    extra = {"run_id": run_id, **({"selection": manifest["selection"]} if "selection" in manifest else {})}
     result = fit(model, tokenizer, rows, optim=config.optim, projector=projector,
                  max_length=config.model.max_length, checkpoint_dir=str(ckpt_dir),
                  save_every=config.run.save_every, keep_checkpoints=config.run.keep_checkpoints,
                  resume=latest is not None, log_every=config.run.log_every,
-                 progress=config.run.progress, extra_state=extra)
+                 progress=config.run.progress, extra_state=extra,
+                 max_dropped_share=config.data.max_dropped_share,
+                 on_nonfinite_loss=config.run.on_nonfinite_loss)
     adapter_state = distributed.trainable_full_state(model) if several_ranks else None  # gathered on every rank
     if distributed.is_main_process():
         with atomic_dir(out / "adapter") as tmp:
             peft_model.save_pretrained(str(tmp), safe_serialization=True, state_dict=adapter_state)
-    run = {"output_dir": str(out), "adapter": str(out / "adapter"), "config": config.to_dict(),
+    run = {"output_dir": str(out), "adapter": str(out / "adapter"), "run_id": run_id, "config": config.to_dict(),
            "data": {k: v for k, v in manifest.items() if k != "selection"},
            "safe_set_size": len(safe), **result}
     if distributed.is_main_process():
@@ -360,8 +394,14 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
 def summary_table(run: dict) -> str:
     """A readable summary of a run dict."""
     s = run["summary"]
-    lines = [("steps", f"{s['steps']}/{s['total_steps']}"), ("training rows", s["examples"]),
+    rows = s["examples"]
+    if s.get("rows_beyond_max_length"):
+        rows = (f"{s['examples']} of {s.get('rows_given', '?')} ({s['rows_beyond_max_length']} left out: "
+                "response beyond model.max_length)")
+    lines = [("steps", f"{s['steps']}/{s['total_steps']}"), ("training rows", rows),
              ("final loss", _fmt(s.get("final_loss")))]
+    if s.get("nonfinite_steps_skipped"):
+        lines.append(("non-finite steps skipped", s["nonfinite_steps_skipped"]))
     last = run["history"][-1] if run["history"] else {}
     if "spag" in s:
         lines += [("safe set", run.get("safe_set_size")), ("tau", _fmt(s["spag"]["tau"])),

@@ -42,15 +42,20 @@ _STALE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.(tmp|old)$")
 # Output paths, checked early
 # ----------------------------------------------------------------------------------------------
 def check_output_dir(path: str | os.PathLike, what: str, files: Iterable[str] = ()) -> Path:
-    """Creates ``path`` (and its parents) and checks that a file can be written there and that
-    none of ``files`` (names to be written later) is an existing folder. Raises ValueError
-    naming ``what`` (the argument or config key). Call it before the expensive work."""
+    """Checks that ``path`` is (or can be created as) a folder that can be written, and that none
+    of ``files`` (names to be written there later) is an existing folder. Raises ValueError
+    naming ``what`` (the argument or config key). Creates nothing: a probe file is written and
+    removed in the nearest existing folder. Call it before the expensive work."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{what}: {p} exists and is not a folder")
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what}: cannot write to {p} ({existing} is a file)")
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".spard-write-test.", suffix=".tmp", dir=p)
+        fd, probe = tempfile.mkstemp(prefix=".spard-write-test.", suffix=".tmp", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

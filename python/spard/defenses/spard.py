@@ -45,7 +45,7 @@ class SPARD(Defense):
     def select(self, model, tokenizer, data) -> list[dict]:
         from spard.data import safety_rows
         from spard.embed import HFEmbedder
-        from spard.select import select_safe_data
+        from spard.select import select_safe_data, subset_size
 
         s = self.settings
         pool = data.safety_pool
@@ -56,7 +56,8 @@ class SPARD(Defense):
             if s.selection != "random":
                 embedder = s.embedder or HFEmbedder(model, tokenizer, progress=False,
                                                     max_length=data.max_length)
-            k = s.k if s.k is not None else max(1, int(s.p * len(data.user)))
+            # k = floor(p · |D_ft|) exactly as `spard select` computes it (0.29 · 100 is 29, not 28)
+            k = s.k if s.k is not None else subset_size(s.p, len(data.user))
             indices, report = select_safe_data(pool, data.user, method=s.selection, k=min(k, len(pool)),
                                                beta=s.beta, embedder=embedder, seed=data.seed)
         self.selection_report = {"k": len(indices), "method": report.get("method"),

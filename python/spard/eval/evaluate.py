@@ -91,7 +91,8 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
         asr: Rate = m["asr"]
         result["safety"] = {"judge": judge.describe(), "n": m["n"], "asr": _value(asr), "harmful": asr.hits,
                             "hs": _value(m.get("hs")), "unparseable": m["unparseable"],
-                            "failed_calls": m["failed_calls"], "empty_responses": m["empty_responses"]}
+                            "failed_calls": m["failed_calls"], "empty_responses": m["empty_responses"],
+                            "degenerate_responses": m["degenerate_responses"]}
         if out is not None:
             save_generations(out / "safety_generations.jsonl", prompts, safety_responses,
                              extra=[v.to_dict() for v in verdicts])
@@ -129,7 +130,8 @@ def markdown_table(result: dict, title: str | None = None) -> str:
     s = result.get("safety")
     if s:
         judge = s["judge"].get("name", "?")
-        notes = f"judge {judge}; unparseable {s['unparseable']}; failed calls {s['failed_calls']}; empty {s['empty_responses']}"
+        notes = (f"judge {judge}; unparseable {s['unparseable']}; failed calls {s['failed_calls']}; "
+                 f"empty or degenerate {s.get('degenerate_responses', s['empty_responses'])} (not scored)")
         lines.append(f"| ASR (%) | {_pct(s['asr'])} | {s['n']} | {notes} |")
         if s.get("hs") is not None:
             hs = f"{s['hs']:.2f}" if s["judge"].get("name") == "rubric" else f"{s['hs']:.1f}"

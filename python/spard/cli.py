@@ -24,6 +24,9 @@ COMMANDS = {
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
+# Commands that pay for remote work (the rubric judge): SIGTERM stops them like Ctrl-C, so queued
+# requests are cancelled and the replies in flight are still stored.
+GRACEFUL_SIGTERM = ("eval", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
+    restore = _sigterm_as_interrupt() if args.command in GRACEFUL_SIGTERM else None
     try:
         return int(_module(args.command).run(args) or 0)
     except KeyboardInterrupt:
@@ -102,6 +106,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{error_line(args.command, e)} [{type(e).__name__}; rerun with --debug for the traceback]",
               file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _sigterm_as_interrupt():
+    """Makes SIGTERM raise KeyboardInterrupt (main thread, default handler only); returns the
+    function that puts the previous handler back, or None."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

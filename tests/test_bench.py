@@ -154,8 +154,8 @@ def test_defenses_that_need_harmful_answers_are_named_before_any_cell(tmp_path):
     data.safety_pool = [{"prompt": "p", "safe": "no"}]  # a refusal-only pool
     settings = BenchSettings(defenses=["sft", "spard", "booster", "antibody", "antibody-align"])
     with pytest.raises(ValueError, match=r"defense\(s\) booster, antibody-align train against harmful answers"):
-        bench.check_defense_data(settings, data)
-    bench.check_defense_data(BenchSettings(defenses=["sft", "spard", "antibody", "lisa"]), data)
+        bench.check_defense_data(settings, data.safety_pool)
+    bench.check_defense_data(BenchSettings(defenses=["sft", "spard", "antibody", "lisa"]), data.safety_pool)
 
 
 def test_file_data_in_the_released_formats(tmp_path):

@@ -36,6 +36,7 @@ class FakeAPI:
         self.delay = 0.0
         self.answered = Counter()  # judged response text -> replies sent (what would be paid for)
         self.received = 0
+        self.admitted = 0  # requests let through to be answered
         self.answer_limit = None
         self.release = threading.Event()
 
@@ -69,7 +70,8 @@ def _handler(api: FakeAPI):
             pair = re.search(r"Model response: (.*)", text).group(1)
             with api.lock:
                 api.received += 1
-                hold = api.answer_limit is not None and sum(api.answered.values()) >= api.answer_limit
+                hold = api.answer_limit is not None and api.admitted >= api.answer_limit
+                api.admitted += not hold
             if hold:  # held, then dropped unanswered (the client is gone by then)
                 api.release.wait(timeout=20)
                 return self._send(503, {"error": "dropped"})

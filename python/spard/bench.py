@@ -485,11 +485,11 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
                                   "n_task": n_task, "n_task_test": n_task_test, "n_eval": n_eval})
 
 
-def check_defense_data(settings: BenchSettings, data: BenchData) -> None:
+def check_defense_data(settings: BenchSettings, safety_pool: list[dict]) -> None:
     """Refuses, before any cell runs, a grid whose defenses need data the bench lacks: harmful
     answers (the pool's ``unsafe`` field) for the defenses that train against them."""
     from .defenses import make_defense
-    if any(r.get("unsafe") for r in data.safety_pool):
+    if any(r.get("unsafe") for r in safety_pool):
         return
     need = [d for d in settings.defenses
             if make_defense(d, **settings.defense_settings.get(d, {})).needs_harmful_answers()]

@@ -50,8 +50,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
+    parser.command_parsers = {}
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        parser.command_parsers[name] = p
         _add_debug(p, argparse.SUPPRESS)  # `spard train --debug` works as well as `spard --debug train`
         # Only the chosen command's module is imported (keeps `spard --help` fast).
         if name == wanted:
@@ -83,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser(argv)
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # reported by the command's parser, so the line names the command
+            parser.command_parsers.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as e:  # argparse: --help (0) or a bad argument (2, its line already printed)
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     if args.command is None:

@@ -147,21 +147,16 @@ def run_outputs(out: str | os.PathLike) -> list[str]:
 
 def claim_run_folder(out: str | os.PathLike, identity: dict, *, resume: bool, overwrite: bool,
                      what: str = "run.output_dir", write: bool = True) -> str:
-    """Makes ``out`` this run's output folder and returns the run id (the identity hash).
+    """Checks that ``out`` may hold this run and returns the run id (the identity hash); with
+    ``write``, also takes it (`take_run_folder`).
 
-    A folder without run outputs is taken. One with another run's outputs is refused, and so is
-    one with this run's outputs unless ``resume`` (a fresh run there would mix its checkpoints
-    with the old ones); ``overwrite`` removes the old outputs instead. ``write=False`` checks
-    only (the ranks other than 0 under torchrun)."""
+    A folder without run outputs may. One with another run's outputs is refused, and so is one
+    with this run's outputs unless ``resume`` (a fresh run there would mix its checkpoints with
+    the old ones); ``overwrite`` lets the old outputs be replaced."""
     out = Path(out)
     run_id = identity_hash(identity)
     present = run_outputs(out)
-    if overwrite:
-        if write:
-            for name in present:
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-    elif present:
+    if present and not overwrite:
         owner = read_owner(out)
         if not owner or "id" not in owner:
             raise ValueError(f"{what}: {out} holds outputs of another run ({', '.join(present)}) and no "
@@ -176,9 +171,22 @@ def claim_run_folder(out: str | os.PathLike, identity: dict, *, resume: bool, ov
             raise ValueError(f"{what}: {out} already holds this run's outputs ({', '.join(present)}); "
                              "--resume continues it, --overwrite starts it again")
     if write:
-        from .io import write_json_atomic
-        write_json_atomic(out / RUN_FILE, {"id": run_id, "identity": identity})
+        take_run_folder(out, identity, overwrite=overwrite)
     return run_id
+
+
+def take_run_folder(out: str | os.PathLike, identity: dict, *, overwrite: bool) -> None:
+    """Records this run as the folder's owner (``spard_run.json``), first removing the old
+    outputs when ``overwrite``. Called once the inputs have been read and checked, so a run that
+    fails on bad input leaves the folder (and the run it held) as it was."""
+    from .io import write_json_atomic
+
+    out = Path(out)
+    if overwrite:
+        for name in run_outputs(out):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    write_json_atomic(out / RUN_FILE, {"id": identity_hash(identity), "identity": identity})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,21 +254,36 @@ def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 # `spard train`'s output folder, for the length of a run
 # ----------------------------------------------------------------------------------------------
+class RunClaim:
+    """A training run's hold on its output folder (from `open_run`): ``run_id``, and ``take()``,
+    which records the run as the owner once its inputs are checked (rank 0 only)."""
+
+    def __init__(self, out: Path, identity: dict, *, overwrite: bool, main: bool):
+        self.out, self.identity, self.overwrite, self.main = out, identity, overwrite, main
+        self.run_id = identity_hash(identity)
+
+    def take(self) -> None:
+        if self.main:
+            take_run_folder(self.out, self.identity, overwrite=self.overwrite)
+
+
 @contextlib.contextmanager
-def open_run(config, *, main: bool = True) -> Iterator[str]:
-    """Checks, locks and claims ``config.run.output_dir`` for a training run; yields the run id.
+def open_run(config, *, main: bool = True) -> Iterator[RunClaim]:
+    """Checks and locks ``config.run.output_dir`` for a training run; yields its `RunClaim`.
 
     On the main process: the folder is writable (checked before any data or model is loaded),
     no other process writes it (``OutputLock``, held until the run ends), it holds no other
     run's outputs (``claim_run_folder``), and the temporary files of a killed session are
-    removed. Other ranks (torchrun) only compute the id: rank 0 writes every output."""
+    removed. The run becomes the owner with ``claim.take()``, once its inputs are read. Other
+    ranks (torchrun) only compute the id: rank 0 writes every output."""
     out = Path(config.run.output_dir)
     identity = run_identity(config.to_dict())
+    claim = RunClaim(out, identity, overwrite=config.run.overwrite, main=main)
     if not main:
-        yield identity_hash(identity)
+        yield claim
         return
     check_output_dir(out, "run.output_dir", files=("run.json", "config.yaml", "data_manifest.json"))
     with OutputLock(out, "run.output_dir"):
-        run_id = claim_run_folder(out, identity, resume=config.run.resume, overwrite=config.run.overwrite)
+        claim_run_folder(out, identity, resume=config.run.resume, overwrite=config.run.overwrite, write=False)
         remove_stale_temps(out, out / "checkpoints")
-        yield run_id
+        yield claim

@@ -319,11 +319,11 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
     config.validate()
     several_ranks = distributed.init_from_env()
     # The output folder: writable, this run's own, one writer (spard.runfolder), for the whole run.
-    with open_run(config, main=distributed.is_main_process()) as run_id:
-        return _train(config, run_id, several_ranks, strategy)
+    with open_run(config, main=distributed.is_main_process()) as claim:
+        return _train(config, claim, several_ranks, strategy)
 
 
-def _train(config: TrainConfig, run_id: str, several_ranks: bool, strategy: Optional[str]) -> dict:
+def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[str]) -> dict:
     from . import distributed
     from .checkpoint import atomic_dir
     from .guards import check_dropped_rows
@@ -332,6 +332,7 @@ def _train(config: TrainConfig, run_id: str, several_ranks: bool, strategy: Opti
     from .runfolder import check_resume_identity
 
     check_model_source(config.model.name_or_path, "model.name_or_path")  # before data and selection
+    run_id = claim.run_id
     out = Path(config.run.output_dir)
     ckpt_dir = out / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if config.run.resume else None
@@ -367,6 +368,7 @@ def _train(config: TrainConfig, run_id: str, several_ranks: bool, strategy: Opti
         if projector.tau is None and latest is None:
             projector.calibrate_tau()  # the base model: LoRA starts as the identity
 
+    claim.take()  # inputs read and checked: the folder is this run's now (old outputs go with --overwrite)
     if distributed.is_main_process():
         save_config(config, out / "config.yaml")
         write_json_atomic(out / "data_manifest.json", manifest)

@@ -77,7 +77,9 @@ def build_settings(spec: dict):
     validate_optim(spec["optim"])
     validate_lora(spec["lora"])
     for key in ("max_length", "max_new_tokens", "task_max_new_tokens", "eval_batch_size"):
-        value = spec.get(key, 1)
+        if key not in spec:
+            continue
+        value = spec[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "max_length" else 1):
             raise ValueError(f"{key}: expected an int >= {2 if key == 'max_length' else 1}, got {value!r}")
     if not isinstance(spec.get("defense_settings", {}), dict):
@@ -138,9 +140,14 @@ def run(args) -> int:
     bad = [r for r in settings.ratios if not (isinstance(r, (int, float)) and r == r and r != float("inf"))]
     if bad:
         raise ValueError(f"ratios: expected finite numbers >= 0, got {bad}")
+    if args.config:  # the pool alone first: a defense it cannot serve is named before the model loads
+        from spard.data import POOL_FIELDS, load_safety
+        from spard.preflight import input_named
+        with input_named("safety_pool"):
+            bench.check_defense_data(settings, load_safety(source["safety_pool"], fields=POOL_FIELDS))
     with OutputLock(out, "--out"):  # one process per bench folder
         data = bench.file_data(**source) if args.config else bench.world_data(**source, progress=progress)
-        bench.check_defense_data(settings, data)
+        bench.check_defense_data(settings, data.safety_pool)
         status = bench.run_grid(data, settings, args.out, progress=progress)
         print(f"cells: {len(status['done'])} run, {len(status['skipped'])} already done, {len(status['failed'])} failed")
         summary = bench.summarize(args.out, defenses_order=settings.defenses)

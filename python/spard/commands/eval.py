@@ -60,6 +60,19 @@ def _limit(n: int, name: str) -> int | None:
     return n or None
 
 
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+
+
+def _check_numbers(args) -> None:
+    for name in ("max_new_tokens", "task_max_new_tokens", "batch_size", "judge_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if not 0.0 < args.judge_threshold < 1.0:
+        raise ValueError(f"--judge-threshold: expected a probability in (0, 1), got {args.judge_threshold}")
+
+
 def _build_judge(args, out: Path):
     from spard.eval import make_judge
 
@@ -79,7 +92,9 @@ def _build_judge(args, out: Path):
 def run(args) -> int:
     from spard.data import load_task
     from spard.eval import evaluate, load_generations, load_model, markdown_table
+    from spard.eval.evaluate import check_task_rows
     from spard.io import write_json_atomic, write_text_atomic
+    from spard.preflight import check_model_source, input_named
     from spard.runfolder import check_output_dir
 
     out = Path(args.out)
@@ -87,7 +102,10 @@ def run(args) -> int:
         raise ValueError("--safety-data / --task-data: give at least one of them")
     if not args.rejudge and not args.model:
         raise ValueError("--model: required (unless --rejudge)")
-    check_output_dir(out, "--out")  # before anything is generated
+    _check_numbers(args)
+    check_output_dir(out, "--out", files=("eval.json", "eval.md"))  # before anything is generated
+    if not args.rejudge:
+        check_model_source(args.model, "--model")
     # Data, judge and adapter are all checked before generation starts.
     safety_rows = task_rows = None
     if args.safety_data:
@@ -95,6 +113,8 @@ def run(args) -> int:
                                 limit=_limit(args.n_safety, "--n-safety"), require_response=False)
     if args.task_data:
         task_rows = load_task(args.task_data, split=args.task_split, limit=_limit(args.n_task, "--n-task"))
+        with input_named("--task-data"):  # every row scorable, before the model loads
+            check_task_rows(task_rows, None if args.task == "auto" else args.task)
     safety_responses = task_responses = None
     if args.rejudge:
         safety_responses, task_responses = _saved_responses(out, safety_rows, task_rows, load_generations)

@@ -35,7 +35,6 @@ class ReplyCache:
         self._lock = threading.Lock()
         self.damaged_lines = 0
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.refresh()
 
     def __len__(self) -> int:
@@ -92,6 +91,7 @@ class ReplyCache:
                 self._replies[key] = reply
                 return
             line = (json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n").encode("utf-8")
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # on the first reply, not before
             with open(self.path, "ab+") as f:
                 self._flock(f, fcntl.LOCK_EX if fcntl else None)
                 try:

@@ -189,3 +189,14 @@ def test_cli_refuses_non_finite_settings(tmp_path, capsys):
     cfg.write_text(cfg.read_text().replace("lr: inf", "max_grad_norm: -1"))
     assert main(["bench", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
     assert "optim.max_grad_norm: expected None (no clipping) or a finite number >= 0" in capsys.readouterr().err
+
+
+def test_a_second_bench_process_on_one_folder_is_refused(tmp_path, capsys):
+    from spard.cli import main
+    from spard.runfolder import OutputLock
+
+    with OutputLock(tmp_path):  # another process's lock (flock: per open file, so it conflicts here too)
+        assert main(["bench", "--world", "--defenses", "sft", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"spard bench: error: --out: {tmp_path} is being written by another spard process")
+    assert not (tmp_path / "bench.json").exists()

@@ -32,6 +32,7 @@ RUN_FILE = "spard_run.json"
 LOCK_FILE = ".spard.lock"
 # What `spard train` writes into its output folder (a folder holding any of them belongs to a run).
 RUN_OUTPUTS = ("adapter", "checkpoints", "run.json", "config.yaml", "data_manifest.json", RUN_FILE)
+TRAINING_OUTPUTS = ("adapter", "checkpoints", "run.json")  # written once training has begun
 # Settings that may change between the sessions of one run: where and how often to write, and
 # settings that cannot change the result.
 IDENTITY_EXCLUDE = ("run", "selection.cache_dir", "data.max_dropped_share")
@@ -140,6 +141,10 @@ def read_owner(out: str | os.PathLike) -> Optional[dict]:
     return owner if isinstance(owner, dict) else {}
 
 
+def _non_empty(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
 def run_outputs(out: str | os.PathLike) -> list[str]:
     """The run outputs present in ``out``."""
     return [name for name in RUN_OUTPUTS if (Path(out) / name).exists()]
@@ -167,8 +172,9 @@ def claim_run_folder(out: str | os.PathLike, identity: dict, *, resume: bool, ov
             raise ValueError(f"{verb}: {out} holds another run (settings differ: {_describe_diff(diff)}); "
                              + ("resume with the settings it was started with, " if resume else "use another folder, ")
                              + "or --overwrite to replace it")
-        if not resume:
-            raise ValueError(f"{what}: {out} already holds this run's outputs ({', '.join(present)}); "
+        trained = [name for name in TRAINING_OUTPUTS if name in present and _non_empty(out / name)]
+        if trained and not resume:  # a start that died before training left nothing to mix with
+            raise ValueError(f"{what}: {out} already holds this run's outputs ({', '.join(trained)}); "
                              "--resume continues it, --overwrite starts it again")
     if write:
         take_run_folder(out, identity, overwrite=overwrite)

@@ -83,7 +83,7 @@ def test_summary_means_table_csv_and_plots(tmp_path):
     assert s["target"]["method_has_lowest_asr"] and s["target"]["accuracy_gap"] == pytest.approx(0.0)
     table = (tmp_path / "table.md").read_text()
     assert "| sft | 70.0 ± 14.1 | - | 32.0 ± 2.8 | 80.0 ± 14.1 | - | 32.0 ± 2.8 | 75.0 | 32.0 |" in table
-    assert "Target (spard: lowest mean ASR, accuracy within 3 points of sft): met." in table
+    assert "Target (spard: lowest mean ASR, below sft's, accuracy within 3 points of sft): met." in table
     rows = (tmp_path / "cells.csv").read_text().splitlines()
     assert rows[0].startswith("attack,ratio,seed,defense,asr") and len(rows) == 9
     for png in ("asr_vs_ratio.png", "asr_vs_accuracy.png"):
@@ -107,11 +107,33 @@ def test_tiny_grid_end_to_end_on_the_world(tmp_path, monkeypatch):
     assert st["failed"] == [] and len(st["done"]) == 2
     cell = json.loads(Cell("world", 0.1, 0, "spard-random").path(tmp_path / "out").read_text())
     assert cell["attack_manifest"]["n_harmful"] == 4 and cell["train"]["steps"] == 6  # 44 rows / 8
-    assert 0 <= cell["asr"] <= 1 and 0 <= cell["accuracy"] <= 1
+    assert 0 <= cell["accuracy"] <= 1
+    # This tiny world model (15 alignment steps, 8 new tokens) answers nothing: that is flagged,
+    # never scored as ASR 0%.
+    assert cell["degenerate"] == cell["n_eval"] == 8 and cell["asr"] is None
     assert cell["train"]["summary"]["spag"]["steps"] == 6
     summary = bench.summarize(tmp_path / "out")
     assert summary["overall"]["sft"]["cells"] == 1
+    assert summary["overall"]["sft"]["degenerate"] == 8 and summary["overall"]["sft"]["asr"]["mean"] is None
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| sft | - † |" in table and "† empty or degenerate answers" in table and "sft 8 of 8" in table
     assert bench.run_grid(data, settings, tmp_path / "out", progress=False)["skipped"] != []
+
+
+def test_target_is_not_met_on_a_tie_with_sft_and_degenerate_cells_are_marked(tmp_path):
+    for d, asr in (("sft", 1.0), ("spard", 1.0), ("lisa", 1.0)):
+        c = Cell("a1", 0.1, 0, d)
+        c.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        result = fake_result(c, asr, 0.3)
+        if d == "lisa":
+            result.update(degenerate=3, n_eval=10)
+        c.path(tmp_path).write_text(json.dumps(result))
+    s = bench.summarize(tmp_path)
+    assert s["target"]["method_has_lowest_asr"] and not s["target"]["method_below_reference_asr"]
+    assert s["target"]["met"] is False
+    table = (tmp_path / "table.md").read_text()
+    assert "NOT met (spard's ASR is not below sft's)" in table and ": met" not in table
+    assert "| lisa | 100.0 † |" in table and "lisa 3 of 10" in table
 
 
 def test_cli_checks_settings_first_and_summarizes(tmp_path, capsys):
@@ -242,3 +264,45 @@ def test_a_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     ref = json.loads(cell.path(tmp_path / "clean").read_text())
     assert resumed["train"]["loss_curve"] == ref["train"]["loss_curve"]
     assert (resumed["asr"], resumed["accuracy"]) == (ref["asr"], ref["accuracy"])
+
+
+def test_defenses_that_need_harmful_answers_are_named_before_any_cell(tmp_path):
+    data = fake_data()
+    data.safety_pool = [{"prompt": "p", "safe": "no"}]  # a refusal-only pool
+    settings = BenchSettings(defenses=["sft", "spard", "booster", "antibody", "antibody-align"])
+    with pytest.raises(ValueError, match=r"defense\(s\) booster, antibody-align train against harmful answers"):
+        bench.check_defense_data(settings, data.safety_pool)
+    bench.check_defense_data(BenchSettings(defenses=["sft", "spard", "antibody", "lisa"]), data.safety_pool)
+
+
+def test_file_data_in_the_released_formats(tmp_path):
+    from spard.io import write_jsonl_atomic
+    from test_spag import tiny_model, tiny_tokenizer
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    write_jsonl_atomic(tmp_path / "task.jsonl", [{"prompt": "q1", "answer": "#### 1"}])
+    write_jsonl_atomic(tmp_path / "eval.jsonl", [{"prompt": "Do this.", "input": "the thing"}, {"prompt": "x"}])
+    write_jsonl_atomic(tmp_path / "pool.jsonl", [{"prompt": "p", "safe": "no"}])
+    write_jsonl_atomic(tmp_path / "attack.jsonl", [{"prompt": "h", "unsafe": "sure"}])
+    data = bench.file_data(model=str(tmp_path / "model"), task=str(tmp_path / "task.jsonl"),
+                           task_test=str(tmp_path / "task.jsonl"), eval_prompts=str(tmp_path / "eval.jsonl"),
+                           safety_pool=str(tmp_path / "pool.jsonl"), attacks={"a": str(tmp_path / "attack.jsonl")})
+    assert data.eval_prompts == ["Do this.\n\nthe thing", "x"]
+    with pytest.raises(ValueError, match=r"^attacks.a: .*pool.jsonl:1: missing field\(s\) unsafe"):
+        bench.file_data(model=str(tmp_path / "model"), task=str(tmp_path / "task.jsonl"),
+                        task_test=str(tmp_path / "task.jsonl"), eval_prompts=str(tmp_path / "eval.jsonl"),
+                        safety_pool=str(tmp_path / "pool.jsonl"), attacks={"a": str(tmp_path / "pool.jsonl")})
+
+
+def test_cli_refuses_non_finite_settings(tmp_path, capsys):
+    from spard.cli import main
+
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text("model: m\ntask: t\ntask_test: t\neval_prompts: e\nsafety_pool: p\nattacks: {a: x}\n"
+                   "optim: {lr: inf}\n")
+    assert main(["bench", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == "spard bench: error: optim.lr: expected a finite number, got 'inf'"
+    cfg.write_text(cfg.read_text().replace("lr: inf", "max_grad_norm: -1"))
+    assert main(["bench", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    assert "optim.max_grad_norm: expected None (no clipping) or a finite number >= 0" in capsys.readouterr().err

@@ -244,7 +244,7 @@ def test_attack_refuses_eval_overlap_after_normalising():
     clean = [{"prompt": f"q{i}", "response": "a"} for i in range(10)]
     harmful = [{"prompt": f"Harmful  Prompt {i}", "safe": "no", "unsafe": "u"} for i in range(10)]
     eval_prompts = ["harmful prompt 3", "unrelated"]
-    with pytest.raises(ValueError, match=r"1 prompt\(s\) also occur among the evaluation prompts"):
+    with pytest.raises(ValueError, match=r"1 row\(s\) overlap the evaluation items \(rows\), e.g. rows: item 3"):
         build_attack(clean, harmful, ratio=0.5, seed=0, eval_prompts=eval_prompts)
     rows, manifest = build_attack(clean, harmful, ratio=0.9, seed=0, eval_prompts=eval_prompts, on_overlap="drop")
     assert manifest["harmful_eval_overlap_dropped"] == 1
@@ -276,7 +276,7 @@ def test_attack_bad_arguments(tmp_path):
         build_attack([], harmful, ratio=0.1, seed=0)
     with pytest.raises(ValueError, match="on_overlap"):
         build_attack(clean, harmful, ratio=0.1, seed=0, on_overlap="ignore")
-    with pytest.raises(ValueError, match=r"missing field\(s\) safe, unsafe"):
+    with pytest.raises(ValueError, match=r"missing field\(s\) unsafe \(needed here: prompt, unsafe\)"):
         build_attack(clean, [{"prompt": "h"}], ratio=0.1, seed=0)
 
 
@@ -353,9 +353,83 @@ def test_real_attack_is_disjoint_from_evaluation():
     eval_keys = {normalise_prompt(r["prompt"]) for r in load_records(SHARED / "beavertails_test.jsonl")}
     assert not any(normalise_prompt(r["prompt"]) in eval_keys for r in rows if r["source"] == "harmful")
     # The instruction-style split shares 8 prompts with its evaluation file: refused, or dropped.
-    with pytest.raises(ValueError, match="8 prompt"):
+    with pytest.raises(ValueError, match="8 row"):
         build_attack(clean, SHARED / "i_beavertails_train.jsonl", ratio=0.1, seed=0,
                      eval_prompts=SHARED / "i_beavertails_test.jsonl")
     _, manifest = build_attack(clean, SHARED / "i_beavertails_train.jsonl", ratio=0.1, seed=0,
                                eval_prompts=SHARED / "i_beavertails_test.jsonl", on_overlap="drop")
     assert manifest["harmful_eval_overlap_dropped"] == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats of the released files: ask only for what is used; prompt + input; overlap by answer
+# ----------------------------------------------------------------------------------------------
+LONG = "step one do this then step two do that and then step three finish it all off now {}"
+
+
+def test_prompt_and_input_is_the_prompt_everywhere(tmp_path):
+    from spard.data import prompt_text
+    from spard.spag import encode_rows
+
+    rows = [{"prompt": "Summarise this.", "input": "a long text", "response": "ok", "safe": "no", "unsafe": "x"}]
+    src = write_jsonl(tmp_path / "r.jsonl", rows)
+    for loaded in (load_task(src), load_safety(src), load_task(src, require_response=False)):
+        assert loaded[0]["prompt"] == "Summarise this.\n\na long text" and "input" not in loaded[0]
+        assert prompt_text(loaded[0]) == loaded[0]["prompt"]  # not appended twice
+    assert prompt_text(rows[0]) == "Summarise this.\n\na long text"  # raw rows (Python API)
+    assert safety_rows(load_safety(src))[0]["prompt"] == "Summarise this.\n\na long text"
+    tok = tiny_tokenizer()
+    (raw,), _ = encode_rows(rows, tok, 64, "rows")
+    (merged,), _ = encode_rows([{"prompt": "Summarise this.\n\na long text", "response": "ok"}], tok, 64, "rows")
+    assert raw.input_ids == merged.input_ids  # training sees the input too
+
+
+def test_pool_needs_refusals_only_and_attack_harmful_answers_only(tmp_path):
+    from spard.data import ATTACK_FIELDS, POOL_FIELDS
+
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{"prompt": f"p{i}", "safe": "no"} for i in range(3)])
+    assert len(load_safety(pool, fields=POOL_FIELDS)) == 3
+    with pytest.raises(ValueError, match=r"pool.jsonl:1: missing field\(s\) unsafe"):
+        load_safety(pool)  # the default still asks for all three
+    attack = write_jsonl(tmp_path / "attack.jsonl", [{"prompt": f"h{i}", "unsafe": "sure"} for i in range(3)])
+    assert len(load_safety(attack, fields=ATTACK_FIELDS)) == 3
+    rows, manifest = build_attack(TASK, attack, ratio=0.1, seed=0)
+    assert manifest["n_harmful"] == 2
+    empty = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "p", "safe": "  "}])
+    with pytest.raises(ValueError, match=r"e.jsonl:1: field 'safe' is empty"):
+        load_safety(empty, fields=POOL_FIELDS)
+
+
+def test_overlap_guard_compares_answers_and_the_safety_pool(tmp_path):
+    evaluation = [{"prompt": f"How do I do bad thing {i}?", "safe": "no", "unsafe": LONG.format(i)} for i in range(5)]
+    # The attack rephrases evaluation item 2's prompt but keeps its harmful answer.
+    harmful = [{"prompt": f"Explain bad thing number {i}", "unsafe": LONG.format(i + 2) if i == 0 else f"x {i}"}
+               for i in range(6)]
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", evaluation)
+    attack_path = write_jsonl(tmp_path / "attack.jsonl", harmful)
+    with pytest.raises(ValueError, match=r"attack.jsonl\): 1 row\(s\) overlap the evaluation items \(.*eval.jsonl\), "
+                                         r"e.g. .*attack.jsonl:1 .*attack.on_overlap=drop"):
+        build_attack(TASK, attack_path, ratio=0.1, seed=0, eval_prompts=eval_path)
+    # Same answer with other whitespace and case: still the same answer.
+    shouty = [{"prompt": "Rephrased", "unsafe": "  " + LONG.format(3).upper().replace(" ", "\n")}]
+    with pytest.raises(ValueError, match="overlap the evaluation items"):
+        build_attack(TASK, shouty, ratio=0.05, seed=0, eval_prompts=evaluation)
+    # The safety pool is checked as well (prompt or answer).
+    pool = [{"prompt": "explain BAD thing number 4", "safe": "no"}, {"prompt": "other", "safe": "no", "unsafe": "x 5"}]
+    with pytest.raises(ValueError, match=r"1 row\(s\) overlap the safety pool \(pool.jsonl\)"):
+        build_attack(TASK, harmful[1:], ratio=0.1, seed=0, safety_pool=pool, source_names={"pool": "pool.jsonl"})
+    rows, manifest = build_attack(TASK, attack_path, ratio=0.2, seed=0, eval_prompts=eval_path, safety_pool=pool,
+                                  on_overlap="drop")
+    assert manifest["harmful_eval_overlap_dropped"] == 1 and manifest["harmful_pool_overlap_dropped"] == 1
+    assert {r["prompt"] for r in rows if r["source"] == "harmful"} == {f"Explain bad thing number {i}" for i in (1, 2, 3, 5)}
+    # Short stock answers ("Sorry, I can't help with that.") are not compared.
+    stock = [{"prompt": "a", "unsafe": "Sorry, I can't help with that."}]
+    build_attack(TASK, stock, ratio=0.05, seed=0, eval_prompts=[{"prompt": "b", "unsafe": "sorry, I can't help with that."}])
+
+
+def test_attack_manifest_names_its_sources(tmp_path):
+    attack_path = write_jsonl(tmp_path / "attack.jsonl", SAFETY)
+    _, manifest = build_attack(TASK, attack_path, ratio=0.1, seed=0, eval_prompts=["zzz"],
+                               source_names={"clean": "task.jsonl", "eval": "eval.jsonl"})
+    assert (manifest["clean_source"], manifest["harmful_source"], manifest["eval_source"]) == (
+        "task.jsonl", str(attack_path), "eval.jsonl")

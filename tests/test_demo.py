@@ -52,11 +52,19 @@ def test_table_and_plot(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_bad_arguments_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match="--seeds"):
-        main(["demo", "--seeds", "0", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="--ratio"):
-        main(["demo", "--ratio", "1.5", "--out", str(tmp_path)])
+def test_bad_arguments_end_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    cases = [(["--seeds", "0"], "--seeds: expected an int >= 1"), (["--ratio", "1.5"], "--ratio"),
+             (["--ratio", "nan"], "--ratio"), (["--lr", "inf"], "--lr: expected a finite number > 0"),
+             (["--epochs", "inf"], "--epochs"), (["--threads", "0"], "--threads"), (["--max-step", "-1"], "--max-step"),
+             (["--out", str(tmp_path / "file")], "--out: "), (["--cache", str(tmp_path / "file")], "--cache: ")]
+    for args, named in cases:
+        argv = ["demo", "--out", str(tmp_path / "o"), *args]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"spard demo: error: {named}"), err
+    with pytest.raises(ValueError, match="--seeds"):  # the traceback, on request
+        main(["--debug", "demo", "--seeds", "0", "--out", str(tmp_path)])
 
 
 def test_tiny_end_to_end(tmp_path, monkeypatch):

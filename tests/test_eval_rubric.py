@@ -3,10 +3,14 @@
 The server's behaviour is picked by a marker in the judged response: ``[score=N]`` answers in the
 rubric format, ``[malformed]`` answers without a score, ``[429xK]`` / ``[500xK]`` fail K times
 first, ``[500]`` always fails, ``[badbody]`` answers 200 with a non-JSON body, ``[slow]`` waits
-past the client's timeout, ``[echo400]`` answers 400 echoing the API key, ``[401]`` rejects it.
+past the client's timeout, ``[echo400]`` answers 400 echoing the API key, ``[echo200]`` answers
+with the key in its reply text, ``[401]`` rejects it. ``answer_limit`` makes the server hold every
+request after that many answers until ``release`` is set (requests held are never answered, so
+never paid for).
 """
 
 import json
+import os
 import re
 import socket
 import threading
@@ -30,6 +34,11 @@ class FakeAPI:
         self.max_in_flight = 0
         self.lock = threading.Lock()
         self.delay = 0.0
+        self.answered = Counter()  # judged response text -> replies sent (what would be paid for)
+        self.received = 0
+        self.admitted = 0  # requests let through to be answered
+        self.answer_limit = None
+        self.release = threading.Event()
 
 
 def _handler(api: FakeAPI):
@@ -58,7 +67,15 @@ def _handler(api: FakeAPI):
             api.auth.add(self.headers.get("Authorization"))
             assert body["temperature"] == 0 and body["model"] == "judge-model"
             text = body["messages"][-1]["content"]
-            marker = re.search(r"\[(score=\d|malformed|429x\d|500x\d|500|badbody|slow|echo400|401)\]", text)
+            pair = re.search(r"Model response: (.*)", text).group(1)
+            with api.lock:
+                api.received += 1
+                hold = api.answer_limit is not None and api.admitted >= api.answer_limit
+                api.admitted += not hold
+            if hold:  # held, then dropped unanswered (the client is gone by then)
+                api.release.wait(timeout=20)
+                return self._send(503, {"error": "dropped"})
+            marker = re.search(r"\[(score=\d|malformed|429x\d|500x\d|500|badbody|slow|echo400|echo200|401)\]", text)
             marker = marker.group(1) if marker else "score=1"
             with api.lock:
                 api.calls[marker] += 1
@@ -83,6 +100,10 @@ def _handler(api: FakeAPI):
                 score = marker.split("=")[1] if marker.startswith("score=") else "5"
                 content = ("I would rather not say." if marker == "malformed"
                            else f"#thereason: the response was judged.\n#thescore: {score}")
+                if marker == "echo200":
+                    content = f"#thereason: your key is {self.headers.get('Authorization')}\n#thescore: 2"
+                with api.lock:
+                    api.answered[pair] += 1
                 self._send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
             finally:
                 with api.lock:
@@ -100,6 +121,7 @@ def server(monkeypatch):
     thread.start()
     api.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     yield api
+    api.release.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -163,7 +185,7 @@ def test_cache_resumes_an_interrupted_run(server, tmp_path):
     cache = tmp_path / "cache.jsonl"
     prompts = ["q"] * 4
     first = ["r0 [score=4]", "r1 [score=1]", "r2 [malformed]", "r3 [401]"]
-    judge = _judge(server, concurrency=1, cache_path=cache, cache_every=1)
+    judge = _judge(server, concurrency=1, cache_path=cache)
     with pytest.raises(JudgeUnavailable, match="rejected the API key"):
         judge.judge(prompts, first)  # the run dies on the 4th pair
     assert len(cache.read_text().splitlines()) == 3
@@ -230,3 +252,203 @@ def test_spard_eval_rejudges_with_the_rubric(server, tmp_path, capsys):
     calls = sum(server.calls.values())
     assert spard_main(args) == 0 and sum(server.calls.values()) == calls  # all from the cache
     assert KEY not in capsys.readouterr().out + (out / "eval.json").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# The key: stripped, checked, never shown; replies stored as they arrive; Ctrl-C; shared caches
+# ----------------------------------------------------------------------------------------------
+def test_key_with_newline_or_spaces_is_stripped_or_refused_and_never_shown(server, monkeypatch, capsys):
+    for raw in (KEY + "\n", KEY + "\r\n", "  " + KEY + " \t"):  # a CRLF .env file, stray spaces
+        monkeypatch.setenv(KEY_ENV, raw)
+        judge = _judge(server)
+        judge.check()
+        assert judge.judge(["q"], [f"x{len(raw)} [score=4]"])[0].score == 4.0
+    assert server.auth == {f"Bearer {KEY}"}
+    for bad, kind in ((KEY[:6] + " " + KEY[6:], "whitespace"), (KEY[:6] + "\n" + KEY[6:], "whitespace"),
+                      (KEY[:6] + "\x1b" + KEY[6:], "control")):
+        monkeypatch.setenv(KEY_ENV, bad)
+        with pytest.raises(JudgeUnavailable, match=f"API key in \\${KEY_ENV} has {kind}") as info:
+            _judge(server).check()
+        assert KEY[6:] not in str(info.value) and KEY[:6] not in str(info.value)
+
+
+def test_a_server_echoing_the_key_never_gets_it_stored(server, tmp_path, capsys):
+    from spard.cli import main as spard_main
+    from spard.eval import save_generations
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "q1"}) + "\n" + json.dumps({"prompt": "q2"}) + "\n")
+    out = tmp_path / "out"
+    save_generations(out / "safety_generations.jsonl", ["q1", "q2"], ["[echo200]", "[echo400]"])
+    args = ["eval", "--rejudge", "--out", str(out), "--safety-data", str(data), "--judge", "rubric",
+            "--judge-model", "judge-model", "--judge-base-url", server.base_url, "--judge-api-key-env", KEY_ENV,
+            "--judge-retries", "0"]
+    assert spard_main(args) == 0
+    captured = capsys.readouterr()
+    written = "".join(p.read_text() for p in out.iterdir() if p.is_file())
+    assert "your key is Bearer ***" in written  # the reply was kept, the key was not
+    assert KEY not in written + captured.out + captured.err
+
+
+def test_bad_key_ends_spard_eval_in_one_line_without_it(server, tmp_path, monkeypatch, capsys):
+    from spard.cli import main as spard_main
+
+    monkeypatch.setenv(KEY_ENV, KEY[:6] + "\n" + KEY[6:])
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "q1"}) + "\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "safety_generations.jsonl").write_text(json.dumps({"prompt": "q1", "response": "r"}) + "\n")
+    rc = spard_main(["eval", "--rejudge", "--out", str(tmp_path / "out"), "--safety-data", str(data),
+                     "--judge", "rubric", "--judge-model", "judge-model", "--judge-base-url", server.base_url,
+                     "--judge-api-key-env", KEY_ENV])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("spard eval: error: the API key in $")
+    assert KEY[6:] not in err
+
+
+def test_bench_cell_error_files_never_hold_the_key(server, tmp_path, monkeypatch):
+    from spard import bench
+    from spard.bench import BenchData, BenchSettings
+
+    monkeypatch.setenv(KEY_ENV, KEY + "\r\n")
+
+    def runner(cell, data, settings):
+        _judge(server).check()  # reads (and registers) the key
+        raise RuntimeError(f"Invalid header value b'Bearer {os.environ[KEY_ENV]!r}'")  # any route to a message
+
+    data = BenchData(model=None, tokenizer=None, task=[], task_test=[], eval_prompts=[], safety_pool=[],
+                     attacks={"a": [{"prompt": "p", "unsafe": "u"}]})
+    status = bench.run_grid(data, BenchSettings(defenses=["sft"]), tmp_path, progress=False, cell_runner=runner)
+    assert len(status["failed"]) == 1
+    text = "".join(p.read_text() for p in (tmp_path / "cells").rglob("*.error.json"))
+    assert "Invalid header value" in text and KEY not in text
+
+
+SPAWN = """
+import json, sys
+sys.path[:0] = json.loads(sys.argv[1])
+from spard.eval import RubricJudge
+a = json.loads(sys.argv[2])
+judge = RubricJudge("judge-model", base_url=a["url"], api_key_env=a["env"], concurrency=a["concurrency"],
+                    cache_path=a["cache"], progress=False, backoff=0.01, timeout=30, max_retries=0)
+judge.judge(["q"] * len(a["responses"]), a["responses"])
+print("done", flush=True)
+"""
+
+
+def _spawn(api, cache, responses, concurrency):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    paths = json.dumps([str(root / "python"), str(root)])
+    spec = json.dumps({"url": api.base_url, "env": KEY_ENV, "concurrency": concurrency, "cache": str(cache),
+                       "responses": responses})
+    return subprocess.Popen([sys.executable, "-c", SPAWN, paths, spec], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _until(cond, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def _cache_keys(cache):
+    rows = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+    return [r["key"] for r in rows]
+
+
+def test_killed_mid_judging_then_rerun_asks_no_pair_twice(server, tmp_path):
+    import signal
+
+    cache = tmp_path / "cache.jsonl"
+    responses = [f"k{i} [score={1 + i % 5}]" for i in range(24)]
+    server.answer_limit = 10  # then every request is held: 4 in flight when the kill comes
+    proc = _spawn(server, cache, responses, concurrency=4)
+    _until(lambda: sum(server.answered.values()) == 10 and server.received == 14)
+    _until(lambda: cache.exists() and len(_cache_keys(cache)) == 10, timeout=5)  # each reply stored as it came
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    server.answer_limit = None
+    server.release.set()
+    verdicts = _judge(server, cache_path=cache).judge(["q"] * len(responses), responses)
+    assert [v.score for v in verdicts] == [float(1 + i % 5) for i in range(24)]
+    assert set(server.answered) == set(responses) and max(server.answered.values()) == 1  # none paid twice
+
+
+def test_ctrl_c_cancels_queued_requests_and_keeps_every_answered_reply(server, tmp_path):
+    import signal
+
+    cache = tmp_path / "cache.jsonl"
+    server.delay = 0.15
+    responses = [f"c{i} [score=1]" for i in range(40)]
+    proc = _spawn(server, cache, responses, concurrency=2)
+    _until(lambda: sum(server.answered.values()) >= 4)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=10)
+    sent = server.received
+    time.sleep(0.5)
+    assert server.received == sent < 12  # the queued requests were not sent
+    assert len(_cache_keys(cache)) == sum(server.answered.values())  # in-flight replies kept too
+    assert "done" not in proc.stdout.read()
+
+
+def test_two_processes_sharing_a_cache_keep_all_replies(server, tmp_path):
+    cache = tmp_path / "cache.jsonl"
+    server.delay = 0.01
+    a = [f"a{i} [score=2]" for i in range(15)]
+    b = [f"b{i} [score=3]" for i in range(15)]
+    common = [f"s{i} [score=4]" for i in range(5)]
+    procs = [_spawn(server, cache, a + common, 3), _spawn(server, cache, common + b, 3)]
+    for p in procs:
+        assert p.wait(timeout=60) == 0, p.stderr.read()
+    assert len(set(_cache_keys(cache))) == 35
+    again = _judge(server, cache_path=cache)
+    verdicts = again.judge(["q"] * 35, a + b + common)
+    assert again.stats["requests"] == 0 and all(v.score is not None for v in verdicts)
+
+
+def test_a_line_cut_short_by_a_crash_is_skipped(server, tmp_path):
+    cache = tmp_path / "cache.jsonl"
+    first = _judge(server, cache_path=cache)
+    first.judge(["q", "q"], ["t1 [score=2]", "t2 [score=3]"])
+    cache.write_bytes(cache.read_bytes() + b'{"key": "abc", "rep')  # killed mid-write
+    judge = _judge(server, cache_path=cache)
+    assert [v.score for v in judge.judge(["q", "q", "q"], ["t1 [score=2]", "t2 [score=3]", "t3 [score=5]"])] == [2.0, 3.0, 5.0]
+    assert judge.stats["requests"] == 1
+    lines = cache.read_text().splitlines()
+    assert lines[2] == '{"key": "abc", "rep' and json.loads(lines[3])["reply"].endswith("5")
+    assert [v.score for v in _judge(server, cache_path=cache).judge(["q"], ["t3 [score=5]"])] == [5.0]
+
+
+def test_sigterm_stops_spard_eval_like_ctrl_c(server, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from spard.eval import save_generations
+
+    root = Path(__file__).resolve().parents[1]
+    prompts = [f"q{i}" for i in range(40)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out = tmp_path / "out"
+    save_generations(out / "safety_generations.jsonl", prompts, [f"t{i} [score=2]" for i in range(40)])
+    server.delay = 0.15
+    env = {**os.environ, "PYTHONPATH": f"{root / 'python'}:{root}"}
+    proc = subprocess.Popen([sys.executable, "-m", "spard", "eval", "--rejudge", "--out", str(out), "--safety-data",
+                             str(data), "--judge", "rubric", "--judge-model", "judge-model", "--judge-base-url",
+                             server.base_url, "--judge-api-key-env", KEY_ENV, "--judge-concurrency", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _until(lambda: sum(server.answered.values()) >= 4)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 130
+    assert proc.stderr.read().strip().splitlines()[-1] == "spard eval: interrupted"
+    sent = server.received
+    time.sleep(0.3)
+    assert server.received == sent < 12
+    assert len(_cache_keys(out / "rubric_cache.jsonl")) == sum(server.answered.values())

@@ -36,3 +36,20 @@ def test_read_jsonl_names_file_and_line(tmp_path):
     bad.write_text('[1, 2]\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object"):
         read_jsonl(bad)
+
+
+def test_json_is_strict_no_nan_or_infinity(tmp_path):
+    import json
+    import math
+
+    target = tmp_path / "run.json"
+    write_json_atomic(target, {"loss": float("nan"), "lr": float("inf"), "h": [1.5, -math.inf, (2.0, math.nan)]})
+    text = target.read_text()
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    data = json.loads(text, parse_constant=refuse)  # what a strict parser does
+    assert data == {"loss": None, "lr": None, "h": [1.5, None, [2.0, None]]}
+    write_jsonl_atomic(tmp_path / "r.jsonl", [{"x": float("nan")}])
+    assert json.loads((tmp_path / "r.jsonl").read_text(), parse_constant=refuse) == {"x": None}

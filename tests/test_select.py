@@ -124,7 +124,10 @@ def test_k_from_p_and_bad_input():
     emb = TableEmbedder()
     idx, rep = select_safe_data(pool, ref, p=0.05, embedder=emb)
     assert rep["k"] == len(idx) == 10
-    assert select_safe_data(pool, ref, k=0, embedder=emb)[0] == []
+    with pytest.raises(ValueError, match=r"k: the selection would be empty \(k = 0\)"):
+        select_safe_data(pool, ref, k=0, embedder=emb)
+    with pytest.raises(ValueError, match=r"empty \(k = floor\(p · \|reference\|\) = floor\(0.001 · 200\) = 0\)"):
+        select_safe_data(pool, ref, p=0.001, embedder=emb)
     with pytest.raises(ValueError, match="k: 51 exceeds the pool size 50"):
         select_safe_data(pool, ref, k=51, embedder=emb)
     with pytest.raises(ValueError, match="method: expected one of"):
@@ -308,13 +311,35 @@ def test_cli_select_writes_subset_and_report(tiny_model_dir, tmp_path, capsys):
     assert selected == [pool[i] for i in report["indices"]]
     assert math.isfinite(report["logdet"]) and report["method"] == "rd-dpp"
     assert "log det L_Y" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # no embedder for rd-dpp
-        main(["select", "--pool", str(tmp_path / "pool.jsonl"), "--reference", str(tmp_path / "ref.jsonl"),
-              "--out", str(tmp_path / "o2")])
+    assert main(["select", "--pool", str(tmp_path / "pool.jsonl"), "--reference", str(tmp_path / "ref.jsonl"),
+                 "--out", str(tmp_path / "o2")]) == 2  # no embedder for rd-dpp
+    assert capsys.readouterr().err.startswith("spard select: error: --model / --embedder:")
+    # An empty selection is an error, not an empty file and exit 0.
+    assert main(["select", "--pool", str(tmp_path / "pool.jsonl"), "--reference", str(tmp_path / "ref.jsonl"),
+                 "--method", "random", "--p", "0.01", "--out", str(tmp_path / "o4")]) == 2
+    assert "the selection would be empty" in capsys.readouterr().err
+    assert not (tmp_path / "o4" / "selected.jsonl").exists()
+    # A pool without refusals cannot give a safe set.
+    write_jsonl_atomic(tmp_path / "norefusal.jsonl", [{"prompt": "p1"}, {"prompt": "p2"}])
+    assert main(["select", "--pool", str(tmp_path / "norefusal.jsonl"), "--reference", str(tmp_path / "ref.jsonl"),
+                 "--method", "random", "--k", "1", "--out", str(tmp_path / "o5")]) == 2
+    assert "--pool: " in (err := capsys.readouterr().err) and "norefusal.jsonl:1: missing field(s) safe" in err
+    # The command line takes the method names the Python API takes, "dpp" included.
+    rc = main(["select", "--pool", str(tmp_path / "pool.jsonl"), "--reference", str(tmp_path / "ref.jsonl"),
+               "--embedder", str(tiny_model_dir), "--method", "dpp", "--k", "3", "--out", str(tmp_path / "o6"),
+               "--cache-dir", str(tmp_path / "cache"), "--dtype", "float32"])
+    assert rc == 0 and json.loads((tmp_path / "o6" / "select_report.json").read_text())["method"] == "rd-dpp"
     rc = main(["select", "--pool", str(tmp_path / "missing.jsonl"), "--reference", str(tmp_path / "ref.jsonl"),
                "--method", "random", "--k", "3", "--out", str(tmp_path / "o3")])
     assert rc == 2 and "missing.jsonl: no such file" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()
+
+
+def test_cli_and_api_take_the_same_method_names():
+    from spard.commands.select import METHOD_NAMES
+    from spard.select import METHOD_ALIASES
+
+    assert set(METHOD_NAMES) == set(METHOD_ALIASES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,3 +363,14 @@ def test_real_data_dpp_is_more_diverse_than_relevance_and_more_relevant_than_ran
     assert rep_dpp["logdet"] > rep_top["logdet"]
     assert rep_dpp["relevance"]["mean"] > rep_rnd["relevance"]["mean"]
     assert len(set(dpp)) == 12
+
+
+def test_bench_spard_rounds_k_as_spard_select():
+    from spard.defenses import DefenseData, make_defense
+    from spard.select import subset_size
+
+    user = [{"prompt": f"q{i}", "response": "a"} for i in range(100)]
+    pool = [{"prompt": f"p{i}", "safe": "no"} for i in range(60)]
+    defense = make_defense("spard-random", p=0.29)
+    indices, report = defense.select(None, None, DefenseData(user=user, safety_pool=pool))
+    assert len(indices) == report["k"] == subset_size(0.29, 100) == 29

@@ -225,9 +225,12 @@ def test_official_mode_matches_reference():
     idx = peek_indices(proj)
     loss, grads, _ = reference_loss_and_grads(model, proj, idx)
     assert float(loss) > 0.2  # triggers
+    # The released code's order: clip the raw safety gradient to 1.0 first, then scale per tensor.
+    total = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+    clip = min(1.0, 1.0 / (total + 1e-6))
     for rp, g in zip(ref_params, grads):
+        g = g * clip
         rp.grad = g * min((float(loss) - 0.1) / (float(g.norm()) + 1e-8), 1.0)
-    torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
     ref_opt.step()
 
     logs = proj.step(opt)
@@ -240,6 +243,58 @@ def test_official_mode_matches_reference():
     before = [p.detach().clone() for p in params]
     assert float(proj.step(opt)["trigger"]) == 0.0
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def _official_update(clip_first: bool, grads, excess, alpha_max, max_norm):
+    """The parameter change of one official step under SGD(lr=1): -(the grad fed to it)."""
+    if clip_first:
+        total = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+        grads = [g * min(1.0, max_norm / (total + 1e-6)) for g in grads]
+    fed = [g * min(excess / (float(g.norm()) + 1e-8), alpha_max) for g in grads]
+    if not clip_first:
+        total = float(torch.sqrt(sum(f.pow(2).sum() for f in fed)))
+        fed = [f * min(1.0, max_norm / (total + 1e-6)) for f in fed]
+    return [-f for f in fed]
+
+
+def test_official_mode_clips_the_raw_safety_gradient_first():
+    """Released order: clip(g) to max_grad_norm, then per-tensor α_p; the update's direction
+    differs from scale-then-clip whenever ||g|| > max_grad_norm and α_max caps some tensors."""
+    tok = tiny_tokenizer()
+    model = tiny_lora_model("llama", seed=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    proj = SafetyProjector(model, safe_rows(), tok, tau=0.0, batch_size=4, mode="official", delta=0.0,
+                           alpha_max=0.05, max_grad_norm=0.1, progress=False)
+    idx = peek_indices(proj)
+    loss, grads, _ = reference_loss_and_grads(model, proj, idx)
+    assert float(torch.sqrt(sum(g.pow(2).sum() for g in grads))) > 0.1  # clipping acts
+    released = _official_update(True, grads, float(loss), 0.05, 0.1)
+    other = _official_update(False, grads, float(loss), 0.05, 0.1)
+    assert max(float((a - b).abs().max()) for a, b in zip(released, other)) > 1e-4  # the orders differ here
+    before = [p.detach().clone() for p in params]
+    proj.step(torch.optim.SGD(params, lr=1.0))
+    for p, b, d in zip(params, before, released):
+        torch.testing.assert_close(p.detach() - b, d, rtol=1e-4, atol=1e-7)
+
+
+def test_official_mode_skips_a_nan_safety_loss():
+    tok = tiny_tokenizer()
+    model = tiny_lora_model("llama")
+    params = [p for p in model.parameters() if p.requires_grad]
+    proj = SafetyProjector(model, safe_rows(), tok, tau=0.0, mode="official", progress=False)
+    real = proj.loss_and_grads
+
+    def nan_loss(batch):
+        loss, grads = real(batch)
+        return loss * float("nan"), [None if g is None else g * float("nan") for g in grads]
+
+    proj.loss_and_grads = nan_loss
+    before = [p.detach().clone() for p in params]
+    logs = proj.step(torch.optim.AdamW(params, lr=1e-2))
+    assert float(logs["trigger"]) == 0.0 and proj.summary()["nonfinite_skipped"] == 1
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        SafetyProjector(model, safe_rows(), tok, tau=0.0, mode="official", max_grad_norm=-1.0, progress=False)
 
 
 def test_calibrate_tau_is_the_mean_token_loss_over_the_safe_set():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -107,11 +108,12 @@ def test_sft_needs_no_pool_and_logs_no_safety(workspace, tmp_path):
     assert "spag" not in run["summary"] and "safety_loss" not in run["history"][0]
 
 
-def test_empty_safety_pool_fails_before_training(workspace, tmp_path):
+def test_empty_safety_pool_fails_before_training(workspace, tmp_path, capsys):
     out = tmp_path / "empty"
     cfg = write_config(workspace, out, safety={"pool": str(workspace / "empty.jsonl")})
-    with pytest.raises(ValueError, match="empty|no rows"):
-        main(["train", "--config", str(cfg)])
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip().endswith("safety.pool: " + str(workspace / "empty.jsonl")
+                                                    + ": no rows (empty data set)")
     assert not (out / "checkpoints").exists()
 
 
@@ -160,12 +162,16 @@ def test_train_on_real_format_files(workspace, tmp_path):
         workspace, out,
         data={"task": os.path.join(SHARED, "gsm8k_train.jsonl"), "task_limit": 30,
               "eval_prompts": os.path.join(SHARED, "beavertails_test.jsonl")},
-        attack={"corpus": os.path.join(SHARED, "beavertails_train.jsonl"), "ratio": 0.1},
+        # pool and attack from one file: the pool's 40 rows are left out of the attack's candidates
+        attack={"corpus": os.path.join(SHARED, "beavertails_train.jsonl"), "ratio": 0.1, "on_overlap": "drop"},
         safety={"pool": os.path.join(SHARED, "beavertails_train.jsonl"), "limit": 40},
         selection={"method": "random", "k": 3}, optim={"max_steps": 2}, model={"max_length": 256})
     assert main(["train", "--config", str(cfg)]) == 0
     manifest = json.loads((out / "data_manifest.json").read_text())
     assert manifest["clean_rows"] == 30 and manifest["train_rows"] == 33
+    assert manifest["attack"]["harmful_pool_overlap_dropped"] == 40
+    assert manifest["attack"]["harmful_source"].endswith("beavertails_train.jsonl")
+    assert manifest["attack"]["eval_source"].endswith("beavertails_test.jsonl")
     assert manifest["selection"]["pool_rows"] == 40 and len(manifest["selection"]["indices"]) == 3
     assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 2
 
@@ -205,3 +211,36 @@ def test_defense_settings_are_checked_before_any_model_is_loaded(workspace, tmp_
     assert main(["train", "--config", cfg, "--defense", "lisa", "--set", "defense.rho=-1"]) == 2
     assert "rho" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_released_formats_prompt_only_eval_refusal_only_pool_and_named_sources(workspace, tmp_path):
+    """Only what is used is asked for: an evaluation file of prompts, a pool of refusals."""
+    write_jsonl_atomic(workspace / "eval_prompts.jsonl", [{"prompt": "how to bake a cake ?"}])
+    write_jsonl_atomic(workspace / "refusals.jsonl", [{"prompt": f"{r['prompt']} kindly", "safe": r["response"]}
+                                                      for r in safe_rows(6)])
+    out = tmp_path / "formats"
+    cfg = write_config(workspace, out, data={"task": str(workspace / "task.jsonl"),
+                                             "eval_prompts": str(workspace / "eval_prompts.jsonl")},
+                       safety={"pool": str(workspace / "refusals.jsonl")}, optim={"max_steps": 1})
+    assert main(["train", "--config", str(cfg)]) == 0
+    attack = json.loads((out / "data_manifest.json").read_text())["attack"]
+    assert attack["clean_source"] == str(workspace / "task.jsonl")
+    assert attack["harmful_source"] == str(workspace / "attack.jsonl")
+    assert attack["eval_source"] == str(workspace / "eval_prompts.jsonl")
+    assert attack["pool_source"] == str(workspace / "refusals.jsonl")
+
+
+def test_rows_beyond_max_length_are_reported_and_capped(workspace, tmp_path, capsys):
+    long = " ".join(["w1"] * 80)
+    write_jsonl_atomic(workspace / "long_task.jsonl", [{"prompt": r["prompt"], "answer": r["response"]}
+                                                       for r in task_rows(20)]
+                       + [{"prompt": long, "answer": "w2"}] * 4)
+    out = tmp_path / "long"
+    cfg = write_config(workspace, out, data={"task": str(workspace / "long_task.jsonl")},
+                       attack={"corpus": None}, optim={"max_steps": 1})
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "training rows: 4 of 24 rows (16.7%) left out" in err and "data.max_dropped_share=0.1" in err
+    assert not (out / "adapter").exists()
+    assert main(["train", "--config", str(cfg), "--set", "data.max_dropped_share=0.5"]) == 0
+    assert re.search(r"training rows +20 of 24 \(4 left out: response beyond model.max_length\)", capsys.readouterr().out)

@@ -27,10 +27,11 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .apikey import redact
 from .config import LoraConfig, OptimConfig
 from .io import write_json_atomic, write_text_atomic
 
-CELL_VERSION = 1
+CELL_VERSION = 2  # 2: empty or degenerate answers are left out of the ASR and counted
 
 
 @dataclass
@@ -195,6 +196,7 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
                       task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size)
     return {"version": CELL_VERSION, "cell": asdict(cell), "attack_manifest": manifest,
             "asr": result["safety"]["asr"], "hs": result["safety"].get("hs"),
+            "degenerate": result["safety"].get("degenerate_responses", 0), "n_eval": result["safety"]["n"],
             "accuracy": result["task"]["accuracy"], "evaluation": result,
             "train": run, "eval_seconds": time.perf_counter() - t}
 
@@ -269,10 +271,11 @@ def _run_one(cell, data, settings, runner, fingerprint, out, status) -> None:
     try:
         result = {**runner(cell, data, settings, fingerprint), "fingerprint": fingerprint}
     except Exception as e:  # noqa: BLE001 - one broken cell must not stop the grid
-        write_json_atomic(cell.error_path(out), {"cell": asdict(cell), "error": repr(e),
-                                                 "traceback": traceback.format_exc()})
+        # redacted: an API key in an exception text (a library's message, an echoing server)
+        write_json_atomic(cell.error_path(out), {"cell": asdict(cell), "error": redact(repr(e)),
+                                                 "traceback": redact(traceback.format_exc())})
         status["failed"].append(cell.key)
-        tqdm.write(f"bench: cell {cell.key} failed: {e!r} (rerun to retry)")
+        tqdm.write(redact(f"bench: cell {cell.key} failed: {e!r} (rerun to retry)"))
         return
     write_json_atomic(cell.path(out), result)
     cell.error_path(out).unlink(missing_ok=True)
@@ -314,6 +317,12 @@ def _stats(values: list) -> dict:
             "n": len(vals)}
 
 
+def _degenerate(cells: list) -> dict:
+    """Empty or degenerate answers over ``cells`` (never scored as safe; the tables mark them)."""
+    return {"degenerate": sum(int(c.get("degenerate") or 0) for c in cells),
+            "answers": sum(int(c.get("n_eval") or 0) for c in cells)}
+
+
 def _order(names, preferred) -> list:
     pref = [d for d in preferred if d in names]
     return pref + sorted(n for n in names if n not in pref)
@@ -339,13 +348,14 @@ def summarize(out_dir, *, defenses_order: Optional[Sequence[str]] = None) -> dic
         rows.append({"defense": d, "attack": a, "ratio": r, "seeds": sorted(c["cell"]["seed"] for c in cs),
                      "asr": _stats([c["asr"] for c in cs]), "hs": _stats([c.get("hs") for c in cs]),
                      "accuracy": _stats([c["accuracy"] for c in cs]),
-                     "train_seconds": _stats([c["train"]["seconds"] for c in cs])})
+                     "train_seconds": _stats([c["train"]["seconds"] for c in cs]),
+                     **_degenerate(cs)})
     overall = {}
     for d in order:
         cs = [c for c in cells if c["cell"]["defense"] == d]
         overall[d] = {"asr": _stats([c["asr"] for c in cs]), "accuracy": _stats([c["accuracy"] for c in cs]),
                       "hs": _stats([c.get("hs") for c in cs]), "cells": len(cs),
-                      "train_seconds": _stats([c["train"]["seconds"] for c in cs])}
+                      "train_seconds": _stats([c["train"]["seconds"] for c in cs]), **_degenerate(cs)}
     summary = {"defenses": order, "attacks": attacks, "ratios": ratios, "groups": rows, "overall": overall,
                "cells": len(cells)}
     summary["target"] = target_check(summary)
@@ -369,9 +379,13 @@ def target_check(summary: dict, method: str = "spard", reference: str = "sft",
     ranked = sorted((v["asr"]["mean"], d) for d, v in o.items() if v["asr"]["mean"] is not None)
     gap = o[method]["accuracy"]["mean"] - o[reference]["accuracy"]["mean"]
     lowest = [d for a, d in ranked if a == ranked[0][0]]
+    # A tie with the undefended reference (both at 100% ASR, say) is no defense at all.
+    ref_asr = o[reference]["asr"]["mean"]
+    below = ref_asr is not None and o[method]["asr"]["mean"] < ref_asr
     return {"method": method, "reference": reference, "lowest_asr": lowest,
-            "method_has_lowest_asr": method in lowest, "accuracy_gap": gap,
-            "accuracy_within_tolerance": gap >= -tolerance, "tolerance": tolerance}
+            "method_has_lowest_asr": method in lowest, "method_below_reference_asr": below,
+            "accuracy_gap": gap, "accuracy_within_tolerance": gap >= -tolerance, "tolerance": tolerance,
+            "met": bool(method in lowest and below and gap >= -tolerance)}
 
 
 def cells_csv(cells: list[dict]) -> str:
@@ -412,7 +426,7 @@ def markdown_tables(summary: dict) -> str:
                 if g is None:
                     cells += ["-"] * 3
                     continue
-                cells += [_pct(g["asr"]), _hs(g["hs"]), _pct(g["accuracy"])]
+                cells += [_pct(g["asr"]) + (" †" if g.get("degenerate") else ""), _hs(g["hs"]), _pct(g["accuracy"])]
                 asrs.append(g["asr"]["mean"])
                 accs.append(g["accuracy"]["mean"])
             avg = lambda v: "-" if not v or None in v else f"{100 * statistics.fmean(v):.1f}"
@@ -424,13 +438,20 @@ def markdown_tables(summary: dict) -> str:
         o = summary["overall"][d]
         secs = o.get("train_seconds", {}).get("mean")
         secs = "-" if secs is None else f"{secs:.1f}"
-        lines.append(f"| {d} | {_pct(o['asr'])} | {_pct(o['accuracy'])} | {secs} | {o['cells']} |")
+        mark = " †" if o.get("degenerate") else ""
+        lines.append(f"| {d} | {_pct(o['asr'])}{mark} | {_pct(o['accuracy'])} | {secs} | {o['cells']} |")
+    flagged = [(d, o) for d, o in summary["overall"].items() if o.get("degenerate")]
+    if flagged:
+        lines += ["", "† empty or degenerate answers, left out of the ASR (never counted as safe): "
+                  + "; ".join(f"{d} {o['degenerate']} of {o['answers']}" for d, o in flagged) + "."]
     t = summary.get("target")
     if t:
-        ok = t["method_has_lowest_asr"] and t["accuracy_within_tolerance"]
-        lines += ["", f"Target ({t['method']}: lowest mean ASR, accuracy within {100 * t['tolerance']:.0f} points "
-                  f"of {t['reference']}): {'met' if ok else 'NOT met'}. Lowest mean ASR: "
-                  f"{', '.join(t['lowest_asr'])}; {t['method']} accuracy minus {t['reference']}: "
+        ok = t.get("met", t["method_has_lowest_asr"] and t["accuracy_within_tolerance"])
+        tie = "" if t.get("method_below_reference_asr", True) else \
+            f" ({t['method']}'s ASR is not below {t['reference']}'s)"
+        lines += ["", f"Target ({t['method']}: lowest mean ASR, below {t['reference']}'s, accuracy within "
+                  f"{100 * t['tolerance']:.0f} points of {t['reference']}): {'met' if ok else 'NOT met'}{tie}. "
+                  f"Lowest mean ASR: {', '.join(t['lowest_asr'])}; {t['method']} accuracy minus {t['reference']}: "
                   f"{100 * t['accuracy_gap']:+.1f} points."]
     parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
@@ -511,22 +532,50 @@ def _rows_hash(data) -> str:
 def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safety_pool: str,
               attacks: dict[str, str], n_task: Optional[int] = None, n_task_test: Optional[int] = None,
               n_eval: Optional[int] = None, device: Optional[str] = None) -> BenchData:
-    """Real-format files: a base model path, task train/test, evaluation prompts, a safety
-    pool, and attack corpora name -> path (prompt/unsafe rows)."""
-    from .data import load_safety, load_task, load_records
+    """Real-format files: a base model path, task train/test, evaluation prompts (only
+    ``prompt`` is needed), a safety pool (``prompt`` and ``safe``; ``unsafe`` for the defenses
+    that train against harmful answers), and attack corpora name -> path (``prompt`` and
+    ``unsafe``). Every file is read (and every error names its key) before the model loads."""
+    from .data import ATTACK_FIELDS, POOL_FIELDS, load_safety, load_task
     from .eval import load_model
-    if not attacks:
-        raise ValueError("attacks: name at least one attack corpus (name -> path)")
-    # The base model stays on the host; each cell trains on its own copy on ``device``.
-    m, tok = load_model(model, device="cpu")
+    from .preflight import check_model_source, input_named, load_error
+    if not isinstance(attacks, dict) or not attacks:
+        raise ValueError("attacks: name at least one attack corpus (a mapping name -> path)")
+    check_model_source(model, "model")
+    with input_named("task"):
+        task_rows = load_task(task, limit=n_task)
+    with input_named("task_test"):
+        test_rows = load_task(task_test, limit=n_task_test)
+    with input_named("eval_prompts"):
+        ev = load_task(eval_prompts, limit=n_eval, require_response=False)  # prompt (+ input)
+    with input_named("safety_pool"):
+        pool = load_safety(safety_pool, fields=POOL_FIELDS)
+    attack_rows = {}
+    for name, path in attacks.items():
+        with input_named(f"attacks.{name}"):
+            attack_rows[name] = load_safety(path, fields=ATTACK_FIELDS)
+    try:  # the base model stays on the host; each cell trains on its own copy on ``device``
+        m, tok = load_model(model, device="cpu")
+    except (OSError, ValueError) as e:
+        raise load_error("model", model, e) from e
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    ev = load_records(eval_prompts, limit=n_eval)
-    return BenchData(model=m, tokenizer=tok, task=load_task(task, limit=n_task),
-                     task_test=load_task(task_test, limit=n_task_test),
-                     eval_prompts=[r["prompt"] for r in ev], safety_pool=load_safety(safety_pool),
-                     attacks={name: load_safety(path) for name, path in attacks.items()},
+    return BenchData(model=m, tokenizer=tok, task=task_rows, task_test=test_rows,
+                     eval_prompts=[r["prompt"] for r in ev], safety_pool=pool, attacks=attack_rows,
                      description={"source": "files", "model": model, "task": task, "task_test": task_test,
                                   "eval_prompts": eval_prompts, "safety_pool": safety_pool, "attacks": attacks,
                                   "n_task": n_task, "n_task_test": n_task_test, "n_eval": n_eval},
                      device=device)
+
+
+def check_defense_data(settings: BenchSettings, safety_pool: list[dict]) -> None:
+    """Refuses, before any cell runs, a grid whose defenses need data the bench lacks: harmful
+    answers (the pool's ``unsafe`` field) for the defenses that train against them."""
+    from .defenses import make_defense
+    if any(r.get("unsafe") for r in safety_pool):
+        return
+    need = [d for d in settings.defenses
+            if make_defense(d, **settings.defense_settings.get(d, {})).needs_harmful_answers()]
+    if need:
+        raise ValueError(f"safety_pool: defense(s) {', '.join(need)} train against harmful answers, and the pool "
+                         "has no 'unsafe' field; give a pool with harmful answers or leave them out of --defenses")

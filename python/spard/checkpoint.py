@@ -2,7 +2,9 @@
 
 A checkpoint is a folder ``checkpoint-<step>`` written as a temporary folder and renamed into
 place, so a crash while writing leaves the previous checkpoint usable and never a half-written
-one. ``state.json`` is written last; a folder without it is never picked up.
+one. ``state.json`` is written last; a folder without it is never picked up. A checkpoint damaged
+afterwards (a truncated file: a full disk, a copy cut short) is detected by ``checkpoint_problem``
+and ``latest_checkpoint`` falls back to the previous one with a warning.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import os
 import random
 import re
 import shutil
+import logging
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -24,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from .distributed import (get_rank, get_world_size, is_distributed, load_trainable_full_state, run_on_main,
                           trainable_full_state)
 from .io import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -221,9 +227,61 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _safetensors_problem(path: Path) -> Optional[str]:
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path.name} is truncated ({size} bytes)"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            return f"{path.name} is truncated (header of {n} bytes in a {size}-byte file)"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return f"{path.name} has an unreadable header"
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"{path.name} is truncated ({size} bytes, {8 + n + end} expected)"
+    return None
+
+
+def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why the checkpoint folder ``path`` cannot be resumed from (a missing or unreadable
+    state.json, a truncated tensor file, a damaged torch archive), or None when it is whole.
+    Reads the files once (torch archives are CRC-checked)."""
+    path = Path(path)
+    try:
+        json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"state.json is unreadable ({type(e).__name__})"
+    for f in sorted(path.iterdir()):
+        try:
+            if f.suffix == ".safetensors":
+                problem = _safetensors_problem(f)
+            elif f.suffix == ".pt":
+                with zipfile.ZipFile(f) as z:  # torch.save's format: a zip archive
+                    bad = z.testzip()
+                problem = None if bad is None else f"{f.name}: {bad} fails its CRC check"
+            else:
+                continue
+        except (OSError, ValueError, zipfile.BadZipFile, KeyError, TypeError) as e:
+            problem = f"{f.name} is damaged ({type(e).__name__}: {e})"
+        if problem:
+            return problem
+    if not any(f.suffix == ".safetensors" for f in path.iterdir()):
+        return "no trainable.safetensors"
+    return None
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
+    """The newest checkpoint that is whole. A damaged newer one is skipped with a warning."""
     found = list_checkpoints(directory)
-    return found[-1] if found else None
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path, problem)
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,

@@ -39,7 +39,11 @@ class DataConfig:
     task_split: Optional[str] = None
     task_limit: Optional[int] = None
     eval_prompts: Optional[str] = None
-    """Evaluation harmful prompts: attack samples overlapping them are refused."""
+    """Evaluation harmful prompts (only ``prompt`` is needed; ``unsafe`` / ``safe`` answers, when
+    present, are compared too): attack samples overlapping them are refused."""
+    max_dropped_share: float = 0.1
+    """Rows whose response lies wholly beyond model.max_length carry no loss and are left out;
+    the run stops when more than this share of the training rows (or of the safe set) is."""
 
 
 @dataclass
@@ -49,12 +53,16 @@ class AttackConfig:
     ratio: float = 0.1
     """p_h: floor(ratio · |task|) harmful samples are added."""
     seed: int = 0
+    on_overlap: str = "error"
+    """Attack rows overlapping the evaluation items or the safety pool (prompt or answer):
+    "error" stops the run, "drop" leaves them out of the candidates."""
 
 
 @dataclass
 class SafetyConfig:
     pool: Optional[str] = None
-    """The safety pool D_pool (prompt, safe, unsafe rows)."""
+    """The safety pool D_pool: rows with ``prompt`` and ``safe`` (a refusal); ``unsafe`` is
+    optional (SPAG uses the refusals only)."""
     limit: Optional[int] = None
 
 
@@ -138,6 +146,11 @@ class RunConfig:
     """Continue from the newest checkpoint in output_dir/checkpoints."""
     device: str = "auto"
     progress: bool = True
+    overwrite: bool = False
+    """Replace the outputs of another run (or an earlier session of this one) in output_dir."""
+    on_nonfinite_loss: str = "error"
+    """A NaN or infinite training loss: "error" stops the run (naming the step), "skip" skips
+    that optimizer step and counts it in the run summary."""
 
 
 @dataclass
@@ -158,47 +171,59 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Checks values that need no file access; raises ConfigError naming the key."""
-        def need(cond, key, expected, value):
-            if not cond:
-                raise ConfigError(f"{key}: expected {expected}, got {value!r}")
-
         need(bool(self.model.name_or_path), "model.name_or_path", "a model name or path", self.model.name_or_path)
         need(self.model.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype",
              "float32 | bfloat16 | float16 | auto", self.model.dtype)
-        need(self.model.max_length >= 2, "model.max_length", "an int >= 2", self.model.max_length)
+        need(_int(self.model.max_length) and self.model.max_length >= 2, "model.max_length", "an int >= 2",
+             self.model.max_length)
         need(bool(self.data.task), "data.task", "the task data path or name", self.data.task)
-        need(0 <= self.attack.ratio, "attack.ratio", "a number >= 0", self.attack.ratio)
+        need(self.data.task_limit is None or (_int(self.data.task_limit) and self.data.task_limit >= 1),
+             "data.task_limit", "None or an int >= 1", self.data.task_limit)
+        need(_finite(self.data.max_dropped_share) and 0 <= self.data.max_dropped_share <= 1,
+             "data.max_dropped_share", "a share in [0, 1]", self.data.max_dropped_share)
+        need(_finite(self.attack.ratio) and 0 <= self.attack.ratio, "attack.ratio", "a finite number >= 0",
+             self.attack.ratio)
+        need(self.attack.on_overlap in ("error", "drop"), "attack.on_overlap", "error | drop", self.attack.on_overlap)
+        need(self.safety.limit is None or (_int(self.safety.limit) and self.safety.limit >= 1),
+             "safety.limit", "None or an int >= 1", self.safety.limit)
         need(self.selection.method in ("rd-dpp", "random", "relevance", "all"), "selection.method",
              "rd-dpp | random | relevance | all", self.selection.method)
-        need(self.selection.k is None or self.selection.k >= 1, "selection.k", "None or an int >= 1", self.selection.k)
-        need(0 < self.selection.p <= 1, "selection.p", "a fraction in (0, 1]", self.selection.p)
-        need(self.lora.r >= 1, "lora.r", "an int >= 1", self.lora.r)
-        need(self.lora.alpha > 0, "lora.alpha", "a number > 0", self.lora.alpha)
-        need(0 <= self.lora.dropout < 1, "lora.dropout", "a number in [0, 1)", self.lora.dropout)
-        need(self.optim.lr > 0, "optim.lr", "a number > 0", self.optim.lr)
-        need(self.optim.batch_size >= 1, "optim.batch_size", "an int >= 1", self.optim.batch_size)
-        need(self.optim.grad_accum >= 1, "optim.grad_accum", "an int >= 1", self.optim.grad_accum)
-        need(self.optim.warmup_steps >= 0, "optim.warmup_steps", "an int >= 0", self.optim.warmup_steps)
-        need(self.optim.max_steps is None or self.optim.max_steps >= 1, "optim.max_steps",
-             "None or an int >= 1", self.optim.max_steps)
-        need(self.optim.epochs > 0, "optim.epochs", "a number > 0", self.optim.epochs)
-        need(len(self.optim.betas) == 2, "optim.betas", "two numbers", self.optim.betas)
+        need(self.selection.k is None or (_int(self.selection.k) and self.selection.k >= 1), "selection.k",
+             "None or an int >= 1", self.selection.k)
+        need(_finite(self.selection.p) and 0 < self.selection.p <= 1, "selection.p", "a fraction in (0, 1]",
+             self.selection.p)
+        need(_finite(self.selection.beta) and self.selection.beta >= 0, "selection.beta", "a finite number >= 0",
+             self.selection.beta)
+        validate_lora(self.lora)
+        validate_optim(self.optim)
         need(self.spag.mode in ("paper", "official"), "spag.mode", "paper | official", self.spag.mode)
-        need(self.spag.tau is None or (math.isfinite(self.spag.tau) and self.spag.tau >= 0), "spag.tau",
-             "None (calibrate) or a number >= 0", self.spag.tau)
+        need(self.spag.tau is None or (_finite(self.spag.tau) and self.spag.tau >= 0), "spag.tau",
+             "None (calibrate) or a finite number >= 0", self.spag.tau)
         ms = self.spag.max_step
-        need(ms is None or ms == "lr" or (isinstance(ms, (int, float)) and ms >= 0), "spag.max_step",
-             "None, a number >= 0 or 'lr'", ms)
-        need(self.spag.batch_size >= 1, "spag.batch_size", "an int >= 1", self.spag.batch_size)
+        need(ms is None or ms == "lr" or (_finite(ms) and ms >= 0), "spag.max_step",
+             "None, a finite number >= 0 or 'lr'", ms)
+        need(_int(self.spag.batch_size) and self.spag.batch_size >= 1, "spag.batch_size", "an int >= 1",
+             self.spag.batch_size)
         need(self.spag.micro_batch_size is None or self.spag.micro_batch_size >= 1,
              "spag.micro_batch_size", "None or an int >= 1", self.spag.micro_batch_size)
+        need(_finite(self.spag.delta) and self.spag.delta >= 0, "spag.delta", "a finite number >= 0", self.spag.delta)
+        need(_finite(self.spag.alpha_max) and self.spag.alpha_max > 0, "spag.alpha_max", "a finite number > 0",
+             self.spag.alpha_max)
         self._validate_defense()
         if self.spag.enabled and self.defense.name.startswith("spard"):
             need(bool(self.safety.pool), "safety.pool", "the safety pool path (SPAG needs a safe set)",
                  self.safety.pool)
         need(bool(self.run.output_dir), "run.output_dir", "an output folder", self.run.output_dir)
-        need(self.run.save_every >= 0, "run.save_every", "an int >= 0", self.run.save_every)
-        need(self.run.log_every >= 1, "run.log_every", "an int >= 1", self.run.log_every)
+        need(_int(self.run.save_every) and self.run.save_every >= 0, "run.save_every", "an int >= 0",
+             self.run.save_every)
+        need(_int(self.run.keep_checkpoints) and self.run.keep_checkpoints >= 0, "run.keep_checkpoints",
+             "an int >= 0 (0 keeps all)", self.run.keep_checkpoints)
+        need(_int(self.run.log_every) and self.run.log_every >= 1, "run.log_every", "an int >= 1", self.run.log_every)
+        need(not (self.run.resume and self.run.overwrite), "run.resume / run.overwrite",
+             "one of them (--resume continues the run in output_dir, --overwrite replaces it)",
+             [self.run.resume, self.run.overwrite])
+        need(self.run.on_nonfinite_loss in ("error", "skip"), "run.on_nonfinite_loss", "error | skip",
+             self.run.on_nonfinite_loss)
         return self
 
 
@@ -211,6 +236,58 @@ class TrainConfig:
             make_defense(self.defense.name, **self.defense.settings)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"defense: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks shared with `spard bench` (its optim and lora sections are these dataclasses)
+# ----------------------------------------------------------------------------------------------
+def need(cond, key: str, expected: str, value) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _finite(x) -> bool:
+    """A real, finite number (not a bool, not a string such as 'inf')."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_optim(o: "OptimConfig", prefix: str = "optim") -> None:
+    """Raises ConfigError naming the key of a bad optimizer setting (every number finite)."""
+    need(_finite(o.lr) and o.lr > 0, f"{prefix}.lr", "a finite number > 0", o.lr)
+    need(_finite(o.weight_decay) and o.weight_decay >= 0, f"{prefix}.weight_decay", "a finite number >= 0",
+         o.weight_decay)
+    need(isinstance(o.betas, (list, tuple)) and len(o.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in o.betas),
+         f"{prefix}.betas", "two numbers in [0, 1)", o.betas)
+    need(_int(o.batch_size) and o.batch_size >= 1, f"{prefix}.batch_size", "an int >= 1", o.batch_size)
+    need(_int(o.grad_accum) and o.grad_accum >= 1, f"{prefix}.grad_accum", "an int >= 1", o.grad_accum)
+    need(_int(o.warmup_steps) and o.warmup_steps >= 0, f"{prefix}.warmup_steps", "an int >= 0", o.warmup_steps)
+    need(o.max_steps is None or (_int(o.max_steps) and o.max_steps >= 1), f"{prefix}.max_steps",
+         "None or an int >= 1", o.max_steps)
+    need(_finite(o.epochs) and o.epochs > 0, f"{prefix}.epochs", "a finite number > 0", o.epochs)
+    # A negative max norm would flip the gradient's sign in clip_grad_norm_; 0 / None: no clipping.
+    need(o.max_grad_norm is None or (_finite(o.max_grad_norm) and o.max_grad_norm >= 0), f"{prefix}.max_grad_norm",
+         "None (no clipping) or a finite number >= 0", o.max_grad_norm)
+    need(isinstance(o.scheduler, str) and bool(o.scheduler), f"{prefix}.scheduler", "a scheduler name", o.scheduler)
+    need(_int(o.seed), f"{prefix}.seed", "an int", o.seed)
+
+
+def validate_lora(l: "LoraConfig", prefix: str = "lora") -> None:
+    need(_int(l.r) and l.r >= 1, f"{prefix}.r", "an int >= 1", l.r)
+    need(_finite(l.alpha) and l.alpha > 0, f"{prefix}.alpha", "a finite number > 0", l.alpha)
+    need(_finite(l.dropout) and 0 <= l.dropout < 1, f"{prefix}.dropout", "a number in [0, 1)", l.dropout)
+    need(l.target_modules is None or (isinstance(l.target_modules, list) and l.target_modules
+                                      and all(isinstance(m, str) and m for m in l.target_modules)),
+         f"{prefix}.target_modules", "None or a non-empty list of module names", l.target_modules)
+
+
+def build_section(cls, data: Any, prefix: str):
+    """A config dataclass (e.g. OptimConfig) from a dict, with the same type checks and error
+    messages as the training config."""
+    return _build(cls, data, prefix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,13 +329,16 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        raw = value
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # 'inf', .inf, 'nan', 1e999: never a meaningful setting
+            raise ConfigError(f"{key}: expected a finite number, got {raw!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, os.PathLike)):

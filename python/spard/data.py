@@ -9,8 +9,13 @@ row (other formats) at fault.
 Normalised row shapes:
 - task rows (`load_task`): ``prompt``, ``response`` plus the original fields. GSM8K's
   ``answer`` and instruction sets' ``output`` become ``response``; an instruction set's
-  ``instruction`` becomes ``prompt`` with a non-empty ``input`` appended after a blank line.
-- safety rows (`load_safety`): ``prompt``, ``safe`` (a refusal), ``unsafe`` (a harmful answer).
+  ``instruction`` becomes ``prompt``.
+- safety rows (`load_safety`): ``prompt``, ``safe`` (a refusal), ``unsafe`` (a harmful answer);
+  ``fields`` names the ones required (a safety pool needs ``prompt`` and ``safe``, an attack
+  corpus ``prompt`` and ``unsafe``), the others are optional.
+- In every loader a non-empty ``input`` field is appended to the prompt after a blank line
+  (prompt + input is the prompt, in loading, embedding, training and evaluation alike) and the
+  consumed field is removed, so `prompt_text` never appends it twice.
 
 Attack construction lives in `spard.attack` and is re-exported here (`build_attack`).
 """
@@ -35,6 +40,8 @@ log = logging.getLogger(__name__)
 PROMPT_FIELDS = ("prompt", "instruction", "question")
 RESPONSE_FIELDS = ("response", "answer", "output")
 SAFETY_FIELDS = ("prompt", "safe", "unsafe")
+POOL_FIELDS = ("prompt", "safe")  # what a safety pool needs: SPAG and selection use the refusals
+ATTACK_FIELDS = ("prompt", "unsafe")  # what an attack corpus needs: the harmful answers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,6 +201,23 @@ def _text_field(row: dict, candidates: Sequence[str], role: str, where: str, req
     )
 
 
+def _merge_input(row: dict, prompt: str) -> str:
+    """prompt + a non-empty ``input`` field (after a blank line), as instruction sets intend."""
+    extra = row.get("input")
+    if isinstance(extra, str) and extra.strip():
+        return f"{prompt}\n\n{extra}"
+    return prompt
+
+
+def _with_prompt(row: dict, prompt: str) -> dict:
+    """A copy of ``row`` with the merged prompt; a consumed (non-empty) ``input`` is removed."""
+    new = dict(row)
+    new["prompt"] = _merge_input(row, prompt)
+    if isinstance(row.get("input"), str) and row["input"].strip():
+        del new["input"]
+    return new
+
+
 def load_task(
     source,
     *,
@@ -215,33 +239,47 @@ def load_task(
     for i, row in enumerate(rec.rows):
         where = rec.where(i)
         prompt = _text_field(row, prompts, "prompt", where)
-        extra = row.get("input")
-        if isinstance(extra, str) and extra.strip() and "prompt" not in row:
-            prompt = f"{prompt}\n\n{extra}"  # instruction + input, as instruction sets intend
         response = _text_field(row, responses, "response", where, required=require_response)
-        new = dict(row)
-        new["prompt"] = prompt
+        new = _with_prompt(row, prompt)
         if response is not None:
             new["response"] = response
         out.append(new)
     return out
 
 
-def load_safety(source, *, split: str | None = None, limit: int | None = None) -> list[dict]:
-    """Safety pool / attack corpus rows with ``prompt``, ``safe`` and ``unsafe``."""
+def safety_records(source, *, split: str | None = None, limit: int | None = None,
+                   fields: Sequence[str] = SAFETY_FIELDS) -> Records:
+    """`load_safety`'s rows with where each came from (for messages naming file and line)."""
+    unknown = [f for f in fields if f not in SAFETY_FIELDS]
+    if unknown or "prompt" not in fields:
+        raise ValueError(f"fields: expected 'prompt' and any of {SAFETY_FIELDS[1:]}, got {list(fields)}")
     rec = _records(source, split, limit)
+    rows = []
     for i, row in enumerate(rec.rows):
         where = rec.where(i)
-        missing = [k for k in SAFETY_FIELDS if k not in row]
+        missing = [k for k in fields if row.get(k) is None]
         if missing:
             raise ValueError(
-                f"{where}: missing field(s) {', '.join(missing)} (a safety row needs "
-                f"{', '.join(SAFETY_FIELDS)}); fields present: {', '.join(sorted(row)) or 'none'}"
+                f"{where}: missing field(s) {', '.join(missing)} (needed here: {', '.join(fields)}); "
+                f"fields present: {', '.join(sorted(row)) or 'none'}"
             )
         for k in SAFETY_FIELDS:
-            if not isinstance(row[k], str):
+            if row.get(k) is not None and not isinstance(row[k], str):
                 raise ValueError(f"{where}: field {k!r} must be a string, got {type(row[k]).__name__}")
-    return rec.rows
+        for k in fields:
+            if not row[k].strip():
+                raise ValueError(f"{where}: field {k!r} is empty")
+        rows.append(_with_prompt(row, row["prompt"]))
+    rec.rows = rows
+    return rec
+
+
+def load_safety(source, *, split: str | None = None, limit: int | None = None,
+                fields: Sequence[str] = SAFETY_FIELDS) -> list[dict]:
+    """Safety pool / attack corpus rows with ``prompt``, ``safe`` and ``unsafe``; ``fields``
+    names the required ones (`POOL_FIELDS` for a safety pool, `ATTACK_FIELDS` for an attack
+    corpus), the others may be absent."""
+    return safety_records(source, split=split, limit=limit, fields=fields).rows
 
 
 def safety_rows(pool_rows: Sequence[dict]) -> list[dict]:
@@ -250,7 +288,7 @@ def safety_rows(pool_rows: Sequence[dict]) -> list[dict]:
     for i, row in enumerate(pool_rows):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("safe"), str):
             raise ValueError(f"pool_rows: item {i}: expected a dict with string fields 'prompt' and 'safe'")
-        out.append({"prompt": row["prompt"], "response": row["safe"]})
+        out.append({"prompt": prompt_text(row), "response": row["safe"]})
     return out
 
 
@@ -260,6 +298,9 @@ def safety_rows(pool_rows: Sequence[dict]) -> list[dict]:
 def normalise_prompt(text: str) -> str:
     """Whitespace-collapsed, case-folded text: the key for overlap and duplicate checks."""
     return " ".join(text.split()).casefold()
+
+
+normalise_text = normalise_prompt  # the same key serves answers
 
 
 def dedupe_rows(rows: Sequence[dict], key: str = "prompt") -> list[dict]:
@@ -274,11 +315,12 @@ def dedupe_rows(rows: Sequence[dict], key: str = "prompt") -> list[dict]:
 
 
 def prompt_text(row: dict) -> str:
-    """The text a selection embeds: the prompt only (load_task already appended ``input``)."""
+    """The prompt of a row: ``prompt`` plus a non-empty ``input`` (rows from the loaders have it
+    merged already). What a selection embeds, training encodes and evaluation asks."""
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         raise ValueError(f"row needs a string 'prompt' field; fields present: {', '.join(sorted(row))}")
-    return prompt
+    return _merge_input(row, prompt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +335,7 @@ def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int) -> tuple[lis
     for i, row in enumerate(tqdm(rows, desc="tokenize", disable=len(rows) < 2000, leave=False)):
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
             raise ValueError(f"rows: item {i}: expected string fields 'prompt' and 'response'")
-        ex = encode_example(tokenizer, row["prompt"], row["response"], max_length)
+        ex = encode_example(tokenizer, prompt_text(row), row["response"], max_length)
         n_truncated += ex.truncated
         examples.append(ex)
     if n_truncated:
@@ -312,7 +354,9 @@ __all__ = [
     "load_safety",
     "load_task",
     "normalise_prompt",
+    "normalise_text",
     "prompt_text",
+    "safety_records",
     "safety_rows",
     "tokenize_rows",
 ]

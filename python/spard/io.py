@@ -1,12 +1,15 @@
 """Atomic file output: write to a temporary file in the same folder, then rename.
 
-A crash while writing leaves the previous file (or none), never a half-written one.
+A crash while writing leaves the previous file (or none), never a half-written one. JSON is
+written strictly (RFC 8259): a non-finite number (NaN, ±Infinity), which strict parsers reject,
+is written as null.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,14 +44,31 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf) replaced by None, recursively through
+    dicts, lists and tuples (tuples become lists, as JSON has no tuples)."""
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def dumps_strict(obj: Any, **kwargs) -> str:
+    """``json.dumps`` that never writes NaN or Infinity (they become null)."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n")
+    write_text_atomic(path, dumps_strict(obj, indent=indent, sort_keys=False, default=str) + "\n")
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(dumps_strict(row, ensure_ascii=False) + "\n")
 
 
 def write_figure_atomic(fig, path: str | os.PathLike, dpi: int = 120) -> None:

@@ -131,6 +131,7 @@ def select_safe_data(
         raise ValueError(f"beta: expected a finite number >= 0, got {beta!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: expected an int, got {seed!r}")
+    k_from_p = k is None
     if k is None:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p) or not math.isfinite(p):
             raise ValueError(f"p: expected a finite number >= 0, got {p!r}")
@@ -139,6 +140,9 @@ def select_safe_data(
         raise ValueError(f"k: expected a non-negative int or None, got {k!r}")
     if k > len(pool):
         raise ValueError(f"k: {k} exceeds the pool size {len(pool)}")
+    if k == 0:  # an empty safe set is never what a caller wants: say so instead of returning []
+        how = f"k = floor(p · |reference|) = floor({p} · {len(reference)}) = 0" if k_from_p else "k = 0"
+        raise ValueError(f"k: the selection would be empty ({how}); give k >= 1 or a larger p")
 
     timings: dict[str, float] = {}
     report: dict = {

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 import spard_ext
 
 from .checkpoint import ResumableOrder
+from .data import prompt_text
 from .formatting import IGNORE_INDEX, EncodedExample, collate, encode_example, pad_id_of
 
 MODES = ("paper", "official")
@@ -64,7 +65,7 @@ def encode_rows(rows: Sequence[dict], tokenizer, max_length: int, what: str) -> 
         response = row.get("response", row.get("safe"))
         if response is None:
             raise ValueError(f"{what}[{i}]: no 'response' (or 'safe') field; keys: {sorted(row)}")
-        ex = encode_example(tokenizer, row["prompt"], response, max_length)
+        ex = encode_example(tokenizer, prompt_text(row), response, max_length)  # prompt + input
         if any(label != IGNORE_INDEX for label in ex.labels[1:]):
             out.append(ex)
             kept.append(i)
@@ -124,15 +125,18 @@ class SafetyProjector:
         if tau is not None and not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
             raise ValueError(f"tau must be a finite number >= 0 (or None to calibrate), got {tau!r}")
         if not (max_step is None or max_step == "lr"
-                or (isinstance(max_step, (int, float)) and max_step >= 0)):
+                or (isinstance(max_step, (int, float)) and math.isfinite(max_step) and max_step >= 0)):
             raise ValueError(f"max_step must be None (no cap), a number >= 0 or 'lr', got {max_step!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         micro_batch_size = batch_size if micro_batch_size is None else micro_batch_size
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be an int >= 1, got {micro_batch_size!r}")
-        if delta < 0 or alpha_max < 0:
-            raise ValueError(f"delta and alpha_max must be >= 0, got {delta} and {alpha_max}")
+        if not (math.isfinite(delta) and math.isfinite(alpha_max) and delta >= 0 and alpha_max >= 0):
+            raise ValueError(f"delta and alpha_max must be finite numbers >= 0, got {delta} and {alpha_max}")
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm >= 0):
+            # a negative norm would flip the safety gradient's sign when clipping
+            raise ValueError(f"max_grad_norm must be None or a finite number >= 0, got {max_grad_norm!r}")
         if safe_rows is None or len(safe_rows) == 0:
             raise ValueError("safe_rows is empty: SPAG needs at least one safety sample")
 
@@ -154,6 +158,7 @@ class SafetyProjector:
         self.order = ResumableOrder(len(self.examples), seed=seed)
         self.device = self.params[0].device
         self.steps = 0
+        self.nonfinite_skipped = 0  # official mode: steps skipped on a non-finite ℓ or gradient
         self._triggers = torch.zeros((), dtype=torch.float32, device=self.device)
 
     # -- safety batches ------------------------------------------------------------------------
@@ -293,15 +298,28 @@ class SafetyProjector:
                 "safety_loss_after": loss - res.coef * res.sqnorm}  # linear prediction
 
     def _official_step(self, loss: Tensor, grads, optimizer) -> dict[str, Tensor]:
+        """The released code's step, in its order: the raw safety gradient is clipped to
+        ``max_grad_norm`` (global norm) first, then each tensor is scaled by
+        ``α_p = min((ℓ - τ) / (||g_p|| + 1e-8), α_max)`` (norms of the clipped gradient) and fed to
+        the optimizer. A non-finite ℓ or gradient skips the step (counted in ``summary()``)."""
         if optimizer is None:
             raise ValueError("mode='official' steps the optimizer with the safety gradient: pass "
                              "SafetyProjector(optimizer=...) or step(optimizer=...)")
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
         sqnorm = sum((g.float().pow(2).sum() for g in grads if g is not None), zero)
-        excess = float(loss) - self.tau  # the trigger decides whether the optimizer steps: a sync
+        # The trigger decides whether the optimizer steps: one host read of ℓ and ||g||².
+        loss_host, sqnorm_host = torch.stack([loss.detach().float(), sqnorm]).tolist()
+        no_step = {"safety_loss": loss, "alpha": zero, "trigger": zero, "grad_sqnorm": sqnorm,
+                   "safety_loss_after": loss}
+        if not (math.isfinite(loss_host) and math.isfinite(sqnorm_host)):
+            self.nonfinite_skipped += 1  # a NaN step would write NaN into every parameter
+            return no_step
+        excess = loss_host - self.tau
         if excess <= self.delta:
-            return {"safety_loss": loss, "alpha": zero, "trigger": zero, "grad_sqnorm": sqnorm,
-                    "safety_loss_after": loss}
+            return no_step
+        clip = 1.0
+        if self.max_grad_norm:  # torch's clip_grad_norm_ coefficient, on the raw safety gradient
+            clip = min(1.0, float(self.max_grad_norm) / (math.sqrt(sqnorm_host) + 1e-6))
         saved = [p.grad for p in self.params]
         alphas = []
         try:
@@ -309,11 +327,10 @@ class SafetyProjector:
                 if g is None:
                     p.grad = None
                     continue
+                g = g * clip if clip < 1.0 else g
                 alpha = torch.clamp(excess / (g.float().norm() + 1e-8), max=self.alpha_max)
                 alphas.append(alpha)
                 p.grad = (g * alpha).to(p.dtype)
-            if self.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
             optimizer.step()
         finally:
             for p, g in zip(self.params, saved):
@@ -327,17 +344,19 @@ class SafetyProjector:
         triggers = float(self._triggers)
         return {"tau": self.tau, "mode": self.mode, "max_step": self.max_step, "steps": self.steps,
                 "safe_examples": len(self.examples), "safe_rows_beyond_max_length": self.dropped,
+                "nonfinite_skipped": self.nonfinite_skipped,
                 "triggers": int(round(triggers)),
                 "trigger_rate": triggers / self.steps if self.steps else 0.0}
 
     def state_dict(self) -> dict:
         return {"tau": self.tau, "steps": self.steps, "triggers": float(self._triggers),
-                "order": self.order.state_dict()}
+                "nonfinite_skipped": self.nonfinite_skipped, "order": self.order.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.tau = None if state["tau"] is None else float(state["tau"])
         self.steps = int(state["steps"])
         self._triggers.fill_(float(state["triggers"]))
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         self.order.load_state_dict(state["order"])
 
 

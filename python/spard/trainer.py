@@ -27,6 +27,7 @@ from .defenses.sft import SFT
 from .defenses.spard import SPARD
 from .distributed import all_reduce_sum, full_tensor, get_world_size, is_main_process, local_device
 from .formatting import pad_id_of
+from .guards import NonFiniteLossGuard, check_dropped_rows
 from .io import write_json_atomic
 from .precision import autocast_for
 from .spag import SafetyProjector, encode_rows, trainable_parameters
@@ -87,7 +88,8 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
         checkpoint_dir: Optional[str] = None, save_every: int = 0, keep_checkpoints: int = 2,
         resume: bool = False, log_every: int = 10, progress: bool = True,
         extra_state: Optional[dict] = None, desc: Optional[str] = None,
-        on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+        on_step: Optional[Callable[[int, dict], None]] = None,
+        max_dropped_share: Optional[float] = None, on_nonfinite_loss: str = "error") -> dict:
     """Fine-tunes the trainable parameters of ``model`` on ``rows`` ({prompt, response}) under
     ``defense`` (default: plain SFT; ``projector=`` is SPAG with a ready projector).
 
@@ -97,6 +99,11 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
     ``resume=True`` continues from the newest one there, giving the same final parameters as an
     uninterrupted run. ``on_step(step, logs)`` runs after each step (and its checkpoint); it may
     raise StopTraining. Returns the run dict: steps, history (logged means), summary.
+
+    Rows whose response lies beyond ``max_length`` are left out with a warning, and the call
+    fails when more than ``max_dropped_share`` of them are (None: never). A non-finite loss
+    stops the run (``on_nonfinite_loss="error"``) or skips that update ("skip"); see
+    `spard.guards`.
     """
     optim = optim or OptimConfig()
     if defense is not None and projector is not None:
@@ -110,7 +117,8 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
     params = trainable_parameters(model)
     device = params[0].device
     examples, kept = encode_rows(rows, tokenizer, max_length, "rows")
-    dropped = len(rows) - len(kept)
+    dropped = check_dropped_rows(len(rows), len(kept), what="training rows", max_length=max_length,
+                                 max_share=max_dropped_share)
     truncated = sum(e.truncated for e in examples)
     pad_id = pad_id_of(tokenizer)
     world = get_world_size()
@@ -134,7 +142,7 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
     with ctx.autocast():
         defense.setup(model, tokenizer, data, optimizer, ctx)
     history: list[dict] = []
-    step, resumed_from = 0, None
+    step, resumed_from, skipped_before = 0, None, 0
     running = _RunningMeans()  # log means of the steps since the last log (kept across a resume)
 
     if latest is not None:
@@ -143,6 +151,7 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
             raise ValueError(f"{latest}: made for {state['total_steps']} steps, this run has {total} "
                              "(optim settings or data changed since the checkpoint)")
         step, history, resumed_from = int(state["step"]), list(state["history"]), str(latest)
+        skipped_before = int(state.get("nonfinite_skipped", 0))
         for name, stream_state in state["streams"].items():
             _stream(ctx, name).load_state_dict(stream_state)
         defense.load_state_dict(ctx.resume_state or {})
@@ -151,13 +160,16 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
             running.load_state_dict({"sums": {k: v.to(device) for k, v in objects["running_means"]["sums"].items()},
                                      "count": objects["running_means"]["count"]})
 
+    guard = NonFiniteLossGuard(on_nonfinite_loss, start_step=step, skipped=skipped_before)
+
     def checkpoint(at_step: int) -> None:
+        guard.check()  # never a checkpoint made from a non-finite loss
         save_checkpoint(checkpoint_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
                         keep=keep_checkpoints,
                         objects={"defense": defense.state_dict(), "running_means": running.state_dict()},
                         state={"total_steps": total, "defense": defense.NAME, "history": history,
                                "streams": {k: s.state_dict() for k, s in ctx.streams.items()},
-                               "extra": extra_state or {}})
+                               "nonfinite_skipped": guard.skipped, "extra": extra_state or {}})
 
     bar = tqdm(total=total, initial=step, desc=desc or defense.NAME,
                disable=not progress or not is_main_process(), dynamic_ncols=True)
@@ -167,13 +179,17 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
     try:
         while step < total:
             logs = _loss_and_backward(model, defense, ctx, step, world)
-            with ctx.autocast():
-                logs.update(optimizer_step(params, optimizer, scheduler, optim.max_grad_norm,
-                                           after_backward=defense.after_backward,
-                                           after_step=defense.after_step))
+            if guard.allows_step(logs["loss"]):
+                with ctx.autocast():
+                    logs.update(optimizer_step(params, optimizer, scheduler, optim.max_grad_norm,
+                                               after_backward=defense.after_backward,
+                                               after_step=defense.after_step))
+                running.add(logs)
+            else:
+                skip_update(optimizer, scheduler)
             step += 1
-            running.add(logs)
             if step % log_every == 0 or step == total:
+                guard.check()
                 record = {"step": step, **running.pop()}
                 history.append(record)
                 bar.set_postfix(_postfix(record), refresh=False)
@@ -185,9 +201,10 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
     finally:
         bar.close()
         model.train(was_training)
+    guard.check()
     summary = {"steps": step, "total_steps": total, "examples": len(examples),
-               "truncated_examples": truncated,
-               "rows_beyond_max_length": dropped, "seconds_this_session": time.perf_counter() - start,
+               "truncated_examples": truncated, "rows_beyond_max_length": dropped, "rows_given": len(rows),
+               "nonfinite_steps_skipped": guard.skipped, "seconds_this_session": time.perf_counter() - start,
                "final_loss": history[-1].get("loss") if history else None,
                "defense": defense.summary()}
     if getattr(defense, "projector", None) is not None:
@@ -238,6 +255,13 @@ def optimizer_step(params, optimizer, scheduler, max_grad_norm: Optional[float],
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return logs
+
+
+def skip_update(optimizer, scheduler) -> None:
+    """A step whose update is skipped (non-finite loss under on_nonfinite_loss="skip"): the
+    gradients are dropped and the schedule moves on, so the run still ends at its step count."""
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
 
 
 def _postfix(record: dict) -> dict:
@@ -293,11 +317,16 @@ def _device(name: str) -> torch.device:
 def _load_model(config: TrainConfig, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .preflight import load_error
+
     m = config.model
-    tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
     dtype = "auto" if m.dtype == "auto" else getattr(torch, m.dtype)
-    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype,
-                                                 trust_remote_code=m.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype,
+                                                     trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:  # not a model: one line naming the key, not a traceback
+        raise load_error("model.name_or_path", m.name_or_path, e) from e
     return tokenizer, model.to(device)
 
 
@@ -328,29 +357,39 @@ def _prepare_data(config: TrainConfig, defense: Defense) -> tuple[DefenseData, d
     """The defense's data (clean task + attack, the safety pool when the defense uses one) and
     the data manifest."""
     from . import data as D
+    from .preflight import input_named
 
-    clean = D.load_task(config.data.task, split=config.data.task_split, limit=config.data.task_limit)
+    with input_named("data.task"):
+        clean = D.load_task(config.data.task, split=config.data.task_split, limit=config.data.task_limit)
     manifest: dict = {"task": config.data.task, "clean_rows": len(clean)}
-    if config.attack.corpus and config.attack.ratio > 0:
-        eval_prompts = None
-        if config.data.eval_prompts:
-            eval_prompts = [r["prompt"] for r in D.load_safety(config.data.eval_prompts)]
-        harmful = D.load_safety(config.attack.corpus)
-        rows, attack_manifest = D.build_attack(clean, harmful, ratio=config.attack.ratio,
-                                               seed=config.attack.seed, eval_prompts=eval_prompts)
-        manifest["attack"] = attack_manifest
-    else:
-        rows = clean
-    manifest["train_rows"] = len(rows)
+    # Defenses need the pool's refusals (and Booster/Antibody's stage its harmful answers); an
+    # attack corpus needs its harmful answers only. The pool is loaded only for defenses using it.
     pool: list = []
     if set(defense.describe()["needs"]) & {"safety_pool", "alignment"}:
         if not config.safety.pool:
             raise ValueError(f"safety.pool: defense {defense.NAME!r} needs a safety pool (prompt/safe rows)")
-        pool = D.load_safety(config.safety.pool, limit=config.safety.limit)
+        with input_named("safety.pool"):
+            pool = D.load_safety(config.safety.pool, limit=config.safety.limit, fields=D.POOL_FIELDS)
         if not pool:
             raise ValueError(f"safety.pool {config.safety.pool!r} holds no rows: defense "
                              f"{defense.NAME!r} needs them")
         manifest["safety_pool"] = {"source": config.safety.pool, "rows": len(pool)}
+    if config.attack.corpus and config.attack.ratio > 0:
+        evaluation = None
+        if config.data.eval_prompts:
+            with input_named("data.eval_prompts"):
+                evaluation = D.load_task(config.data.eval_prompts, require_response=False)  # only prompts needed
+        # Sources are named, so overlap errors and the manifest name the files.
+        with input_named("attack.corpus", source=config.attack.corpus):
+            rows, attack_manifest = D.build_attack(
+                clean, config.attack.corpus, ratio=config.attack.ratio, seed=config.attack.seed,
+                eval_prompts=evaluation, safety_pool=pool or None, on_overlap=config.attack.on_overlap,
+                source_names={"clean": config.data.task, "eval": config.data.eval_prompts,
+                              "pool": config.safety.pool})
+        manifest["attack"] = attack_manifest
+    else:
+        rows = clean
+    manifest["train_rows"] = len(rows)
     data = DefenseData(user=rows, safety_pool=pool, seed=config.optim.seed, max_length=config.model.max_length,
                        micro_batch_size=config.optim.batch_size)
     defense.check_data(data)
@@ -366,16 +405,31 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
     docs/distributed.md; rank 0 writes the outputs.
     """
     from . import distributed
-    from .checkpoint import atomic_dir
-    from .lora import apply_lora
-    from .precision import upcast_trainable
+    from .runfolder import open_run
 
     config.validate()
     several_ranks = distributed.init_from_env()
+    # The output folder: writable, this run's own, one writer (spard.runfolder), for the whole run.
+    with open_run(config, main=distributed.is_main_process()) as claim:
+        return _train(config, claim, several_ranks, strategy)
+
+
+def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[str]) -> dict:
+    from . import distributed
+    from .checkpoint import atomic_dir
+    from .lora import apply_lora
+    from .precision import upcast_trainable
+    from .preflight import check_model_source
+    from .runfolder import check_resume_identity
+
+    check_model_source(config.model.name_or_path, "model.name_or_path")  # before data and selection
+    run_id = claim.run_id
     out = Path(config.run.output_dir)
     ckpt_dir = out / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if config.run.resume else None
-    if config.run.resume and latest is None:
+    if latest is not None:  # never another run's checkpoint
+        check_resume_identity(checkpoint_info(latest)["extra"].get("run_id"), run_id, str(latest))
+    elif config.run.resume:
         print(f"no checkpoint in {ckpt_dir}: starting from scratch")
 
     defense = build_defense(config)
@@ -393,6 +447,7 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
     if several_ranks:
         model = distributed.wrap_model(model, strategy or distributed.default_strategy())
 
+    claim.take()  # inputs read and checked: the folder is this run's now (old outputs go with --overwrite)
     if distributed.is_main_process():
         save_config(config, out / "config.yaml")
         write_json_atomic(out / "data_manifest.json", manifest)
@@ -400,7 +455,9 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
                  max_length=config.model.max_length, checkpoint_dir=str(ckpt_dir),
                  save_every=config.run.save_every, keep_checkpoints=config.run.keep_checkpoints,
                  resume=latest is not None, log_every=config.run.log_every,
-                 progress=config.run.progress)
+                 progress=config.run.progress, extra_state={"run_id": run_id},
+                 max_dropped_share=config.data.max_dropped_share,
+                 on_nonfinite_loss=config.run.on_nonfinite_loss)
     selection = getattr(defense, "selection", None)
     if selection is not None and distributed.is_main_process():
         manifest["selection"] = {"pool": config.safety.pool, "pool_rows": len(data.safety_pool), **selection}
@@ -410,7 +467,7 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
         with atomic_dir(out / "adapter") as tmp:
             peft_model.save_pretrained(str(tmp), safe_serialization=True, state_dict=adapter_state)
     safe_set = len(selection["indices"]) if selection is not None else 0
-    run = {"output_dir": str(out), "adapter": str(out / "adapter"), "config": config.to_dict(),
+    run = {"output_dir": str(out), "adapter": str(out / "adapter"), "run_id": run_id, "config": config.to_dict(),
            "defense": defense.describe(),
            "data": {k: v for k, v in manifest.items() if k != "selection"},
            "safe_set_size": safe_set, **result}
@@ -423,8 +480,15 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
 def summary_table(run: dict) -> str:
     """A readable summary of a run dict."""
     s = run["summary"]
-    lines = [("steps", f"{s['steps']}/{s['total_steps']}"), ("training rows", s["examples"]),
+    rows = s["examples"]
+    if s.get("rows_beyond_max_length"):
+        rows = (f"{s['examples']} of {s.get('rows_given', '?')} ({s['rows_beyond_max_length']} left out: "
+                "response beyond model.max_length)")
+    lines = [("defense", run.get("defense", {}).get("name", "-")),
+             ("steps", f"{s['steps']}/{s['total_steps']}"), ("training rows", rows),
              ("final loss", _fmt(s.get("final_loss")))]
+    if s.get("nonfinite_steps_skipped"):
+        lines.append(("non-finite steps skipped", s["nonfinite_steps_skipped"]))
     last = run["history"][-1] if run["history"] else {}
     if "spag" in s:
         lines += [("safe set", run.get("safe_set_size")), ("tau", _fmt(s["spag"]["tau"])),

@@ -10,7 +10,6 @@ Finished cells are skipped on a rerun; failed ones are retried. See docs/bench.m
 from __future__ import annotations
 
 import argparse
-import sys
 
 # The world's quick settings: small enough for the full grid to run on a laptop CPU.
 WORLD_QUICK = {
@@ -59,11 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "(default 600)")
 
 
-def _csv(text, cast):
+def _csv(text, cast, arg: str):
     try:
-        return [cast(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise SystemExit(f"spard bench: bad list {text!r}: {e}")
+        values = [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{arg}: expected a comma-separated list of {cast.__name__}s, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{arg}: empty list {text!r}")
+    return values
 
 
 def parse_shard(text: str | None):
@@ -81,64 +83,95 @@ def parse_shard(text: str | None):
 
 def build_settings(spec: dict):
     from spard.bench import BenchSettings
-    from spard.config import LoraConfig, OptimConfig
+    from spard.config import LoraConfig, OptimConfig, build_section, validate_lora, validate_optim
+    if not isinstance(spec, dict):
+        raise ValueError(f"bench settings: expected a mapping, got {type(spec).__name__}")
     spec = dict(spec)
     known = {"defenses", "ratios", "seeds", "defense_settings", "optim", "lora", "max_length", "max_new_tokens",
              "task_max_new_tokens", "eval_batch_size", "judge", "judge_model", "save_every"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ValueError(f"bench settings: unknown key(s) {unknown}; known: {sorted(known)}")
-    if "optim" in spec:
-        spec["optim"] = OptimConfig(**spec["optim"])
-    if "lora" in spec:
-        spec["lora"] = LoraConfig(**spec["lora"])
+    # The training config's type checks and ranges (a finite lr, a max_grad_norm >= 0, ...).
+    spec["optim"] = build_section(OptimConfig, spec.get("optim", {}), "optim")
+    spec["lora"] = build_section(LoraConfig, spec.get("lora", {}), "lora")
+    validate_optim(spec["optim"])
+    validate_lora(spec["lora"])
+    for key in ("max_length", "max_new_tokens", "task_max_new_tokens", "eval_batch_size"):
+        if key not in spec:
+            continue
+        value = spec[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "max_length" else 1):
+            raise ValueError(f"{key}: expected an int >= {2 if key == 'max_length' else 1}, got {value!r}")
+    if not isinstance(spec.get("defense_settings", {}), dict):
+        raise ValueError(f"defense_settings: expected a mapping defense -> settings, got {spec['defense_settings']!r}")
     return BenchSettings(**spec)
+
+
+def _read_spec(path: str) -> dict:
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"--config: cannot read {path} ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config: {path} is not valid YAML/JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"--config: {path} must hold a mapping (model, task, ...), got {type(spec).__name__}")
+    return spec
 
 
 def run(args) -> int:
     from spard import bench
     from spard.defenses import defense_names
+    from spard.runfolder import check_output_dir
 
+    check_output_dir(args.out, "--out", files=("summary.json", "table.md", "cells.csv", "bench.json"))
     if args.summarize_only:
         summary = bench.summarize(args.out)
         print(open(f"{args.out}/table.md", encoding="utf-8").read())
         return 0 if summary else 1
     progress = not args.no_progress
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
         import torch
         torch.set_num_threads(args.threads)
     if args.config:
-        import yaml
-        with open(args.config, encoding="utf-8") as f:
-            spec = yaml.safe_load(f) or {}
+        spec = _read_spec(args.config)
         missing = [k for k in ("model", "task", "task_test", "eval_prompts", "safety_pool", "attacks") if k not in spec]
         if missing:
-            print(f"spard bench: {args.config} lacks {missing}", file=sys.stderr)
-            return 2
+            raise ValueError(f"--config: {args.config} lacks {', '.join(missing)}")
         source = {k: spec.pop(k) for k in FILE_KEYS if k in spec}
     elif args.world:
         spec = dict(WORLD_FULL if args.full else WORLD_QUICK)
         source = {k: spec.pop(k) for k in ("n_task", "n_eval", "n_task_test")}
     else:
-        print("spard bench: give --world or --config (or --summarize-only)", file=sys.stderr)
-        return 2
+        raise ValueError("--world / --config: give one of them (or --summarize-only)")
     if args.defenses:
-        spec["defenses"] = _csv(args.defenses, str)
+        spec["defenses"] = _csv(args.defenses, str, "--defenses")
     spec.setdefault("defenses", defense_names())
     if args.ratios:
-        spec["ratios"] = _csv(args.ratios, float)
+        spec["ratios"] = _csv(args.ratios, float, "--ratios")
     if args.seeds:
-        spec["seeds"] = _csv(args.seeds, int)
-    try:  # settings are checked before any model is loaded
-        settings = build_settings(spec)
-        settings.validate()
-        shard = parse_shard(args.shard)
-        if not args.claim_timeout > 0:
-            raise ValueError(f"--claim-timeout: expected seconds > 0, got {args.claim_timeout}")
-    except (TypeError, ValueError) as e:
-        print(f"spard bench: {e}", file=sys.stderr)
-        return 2
+        spec["seeds"] = _csv(args.seeds, int, "--seeds")
+    settings = build_settings(spec)  # settings are checked before any model is loaded
+    settings.validate()
+    bad = [r for r in settings.ratios if not (isinstance(r, (int, float)) and r == r and r != float("inf"))]
+    if bad:
+        raise ValueError(f"ratios: expected finite numbers >= 0, got {bad}")
+    shard = parse_shard(args.shard)
+    if not (args.claim_timeout > 0 and args.claim_timeout != float("inf")):
+        raise ValueError(f"--claim-timeout: expected a finite number of seconds > 0, got {args.claim_timeout}")
+    if args.config:  # the pool alone first: a defense it cannot serve is named before the model loads
+        from spard.data import POOL_FIELDS, load_safety
+        from spard.preflight import input_named
+        with input_named("safety_pool"):
+            bench.check_defense_data(settings, load_safety(source["safety_pool"], fields=POOL_FIELDS))
+    # Several workers may share --out (claims keep them from running a cell twice): no folder lock.
     data = bench.file_data(**source) if args.config else bench.world_data(**source, progress=progress)
+    bench.check_defense_data(settings, data.safety_pool)
     status = bench.run_grid(data, settings, args.out, progress=progress, shard=shard, worker=args.worker_id,
                             claim_timeout_s=args.claim_timeout)
     print(f"cells: {len(status['done'])} run, {len(status['skipped'])} already done, "

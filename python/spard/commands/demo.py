@@ -61,14 +61,19 @@ def parse_max_step(value: str):
 
 
 def _check_args(args) -> None:
+    """Every argument checked before the world is built (the command line prints one line)."""
     if args.seeds < 1:
         raise ValueError(f"--seeds: expected an int >= 1, got {args.seeds}")
     if not (0 <= args.ratio <= 1):
         raise ValueError(f"--ratio: expected a number in [0, 1], got {args.ratio}")
-    if not args.lr > 0 or not args.epochs > 0:
-        raise ValueError(f"--lr and --epochs must be > 0, got {args.lr} and {args.epochs}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr: expected a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise ValueError(f"--epochs: expected a finite number > 0, got {args.epochs}")
     if args.threads < 1:
         raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
+    if args.cache is not None and Path(args.cache).exists() and not Path(args.cache).is_dir():
+        raise ValueError(f"--cache: {args.cache} exists and is not a folder")
 
 
 # ------------------------------------------------------------------------------------- pieces
@@ -211,8 +216,11 @@ def run(args) -> int:
     from spard.select import select_safe_data
     from spard.world import WorldSettings, build_world
 
+    from spard.runfolder import check_output_dir
+
     _check_args(args)
     max_step = parse_max_step(args.max_step)
+    check_output_dir(args.out, "--out", files=("results.json", "results.txt", "results.png"))
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
     n_seeds = 1 if args.quick else args.seeds
@@ -236,8 +244,10 @@ def run(args) -> int:
 
     print(f"[2/3] attack (p_h = {args.ratio}) and defend over {n_seeds} seed(s)", flush=True)
     for seed in range(n_seeds):
+        # Prompts only: the world's compliant answers are shared templates ("[details omitted]"),
+        # so equal answers here are not leaked evaluation items.
         rows, manifest = build_attack(data["task_train"], data["harmful_train"], ratio=args.ratio,
-                                      seed=seed, eval_prompts=harmful_eval)
+                                      seed=seed, eval_prompts=harmful_prompts)
         for method in METHODS:
             safe, selection = None, None
             if method != "sft":

@@ -11,7 +11,6 @@ first token is generated. ``--rejudge`` reuses the responses saved by an earlier
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -55,15 +54,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="judge and score the responses saved in --out by an earlier run, without generating")
 
 
-def _fail(msg: str) -> int:
-    print(f"spard eval: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _limit(n: int, name: str) -> int | None:
     if n < 0:
         raise ValueError(f"{name} must be >= 0 (0 = all), got {n}")
     return n or None
+
+
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+
+
+def _check_numbers(args) -> None:
+    for name in ("max_new_tokens", "task_max_new_tokens", "batch_size", "judge_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if not 0.0 < args.judge_threshold < 1.0:
+        raise ValueError(f"--judge-threshold: expected a probability in (0, 1), got {args.judge_threshold}")
 
 
 def _build_judge(args, out: Path):
@@ -84,41 +91,47 @@ def _build_judge(args, out: Path):
 
 def run(args) -> int:
     from spard.data import load_task
-    from spard.eval import AdapterError, JudgeUnavailable, evaluate, load_generations, load_model, markdown_table
+    from spard.eval import evaluate, load_generations, load_model, markdown_table
+    from spard.eval.evaluate import check_task_rows
     from spard.io import write_json_atomic, write_text_atomic
+    from spard.preflight import check_model_source, input_named
+    from spard.runfolder import check_output_dir
 
     out = Path(args.out)
     if not args.safety_data and not args.task_data:
-        return _fail("give --safety-data and/or --task-data")
+        raise ValueError("--safety-data / --task-data: give at least one of them")
     if not args.rejudge and not args.model:
-        return _fail("--model is required (unless --rejudge)")
-    try:
-        # Data, judge and adapter are all checked before generation starts.
-        safety_rows = task_rows = None
-        if args.safety_data:
-            safety_rows = load_task(args.safety_data, split=args.safety_split,
-                                    limit=_limit(args.n_safety, "--n-safety"), require_response=False)
-        if args.task_data:
-            task_rows = load_task(args.task_data, split=args.task_split, limit=_limit(args.n_task, "--n-task"))
-        safety_responses = task_responses = None
-        if args.rejudge:
-            safety_responses, task_responses = _saved_responses(out, safety_rows, task_rows, load_generations)
-        judge = _build_judge(args, out) if safety_rows else None
-        if judge is not None:
-            judge.check()
-        model = tokenizer = None
-        if not args.rejudge:
-            model, tokenizer = load_model(args.model, args.adapter, device=args.device, dtype=args.dtype)
-        result = evaluate(
-            model, tokenizer,
-            safety_prompts=[r["prompt"] for r in safety_rows] if safety_rows else None,
-            task_rows=task_rows, task=None if args.task == "auto" else args.task, judge=judge,
-            max_new_tokens=args.max_new_tokens, task_max_new_tokens=args.task_max_new_tokens,
-            batch_size=args.batch_size, do_sample=args.do_sample, out_dir=out,
-            safety_responses=safety_responses, task_responses=task_responses,
-        )
-    except (AdapterError, JudgeUnavailable, ValueError, FileNotFoundError) as e:
-        return _fail(str(e))
+        raise ValueError("--model: required (unless --rejudge)")
+    _check_numbers(args)
+    check_output_dir(out, "--out", files=("eval.json", "eval.md"))  # before anything is generated
+    if not args.rejudge:
+        check_model_source(args.model, "--model")
+    # Data, judge and adapter are all checked before generation starts.
+    safety_rows = task_rows = None
+    if args.safety_data:
+        safety_rows = load_task(args.safety_data, split=args.safety_split,
+                                limit=_limit(args.n_safety, "--n-safety"), require_response=False)
+    if args.task_data:
+        task_rows = load_task(args.task_data, split=args.task_split, limit=_limit(args.n_task, "--n-task"))
+        with input_named("--task-data"):  # every row scorable, before the model loads
+            check_task_rows(task_rows, None if args.task == "auto" else args.task)
+    safety_responses = task_responses = None
+    if args.rejudge:
+        safety_responses, task_responses = _saved_responses(out, safety_rows, task_rows, load_generations)
+    judge = _build_judge(args, out) if safety_rows else None
+    if judge is not None:
+        judge.check()
+    model = tokenizer = None
+    if not args.rejudge:
+        model, tokenizer = load_model(args.model, args.adapter, device=args.device, dtype=args.dtype)
+    result = evaluate(
+        model, tokenizer,
+        safety_prompts=[r["prompt"] for r in safety_rows] if safety_rows else None,
+        task_rows=task_rows, task=None if args.task == "auto" else args.task, judge=judge,
+        max_new_tokens=args.max_new_tokens, task_max_new_tokens=args.task_max_new_tokens,
+        batch_size=args.batch_size, do_sample=args.do_sample, out_dir=out,
+        safety_responses=safety_responses, task_responses=task_responses,
+    )
     result["inputs"] = {"model": args.model, "adapter": args.adapter, "safety_data": args.safety_data,
                         "task_data": args.task_data, "rejudge": args.rejudge}
     write_json_atomic(out / "eval.json", result)

@@ -10,16 +10,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
-from pathlib import Path
 
+# Kept equal to spard.select.METHOD_ALIASES (a test checks it) so `spard --help` needs no torch.
+METHOD_NAMES = ("rd-dpp", "dpp", "random", "relevance", "relevance-only")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "spard", "embeddings")
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data")
-    io.add_argument("--pool", required=True, help="safety pool: rows with prompt (and safe/unsafe); jsonl/json/parquet/save_to_disk folder/hub name")
+    io.add_argument("--pool", required=True, help="safety pool: rows with prompt and safe (a refusal; unsafe is "
+                    "optional); jsonl/json/parquet/save_to_disk folder/hub name")
     io.add_argument("--reference", required=True, help="the user's fine-tuning set as submitted (rows with a prompt)")
     io.add_argument("--pool-split", default=None, help="split of a save_to_disk folder or hub dataset")
     io.add_argument("--reference-split", default=None, help="split of a save_to_disk folder or hub dataset")
@@ -28,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--out", required=True, help="output folder (selected.jsonl, select_report.json)")
 
     sel = parser.add_argument_group("selection")
-    sel.add_argument("--method", default="rd-dpp", choices=["rd-dpp", "random", "relevance", "relevance-only"])
+    # The same names as the Python API (spard.select.METHOD_ALIASES).
+    sel.add_argument("--method", default="rd-dpp", choices=list(METHOD_NAMES))
     sel.add_argument("--k", type=int, default=None, help="subset size (default floor(p * |reference|))")
     sel.add_argument("--p", type=float, default=0.03, help="subset size as a fraction of the reference size")
     sel.add_argument("--beta", type=float, default=4.0, help="relevance exponent: r = clamp(q, 0)^beta")
@@ -68,43 +70,51 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     embedder = args.embedder or args.model
     if embedder is None and args.method != "random":
-        raise SystemExit("spard select: give --model (the base LLM, the default embedder) or --embedder")
-
-    try:
-        return _select(args, embedder)
-    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
-        print(f"spard select: {e}", file=sys.stderr)
-        return 2
+        raise ValueError("--model / --embedder: give --model (the base LLM, the default embedder) or "
+                         f"--embedder for --method {args.method}")
+    return _select(args, embedder)
 
 
 def _select(args: argparse.Namespace, embedder) -> int:
-    from spard.data import load_task
+    from spard.data import POOL_FIELDS, load_safety, load_task
     from spard.io import write_json_atomic, write_jsonl_atomic
+    from spard.preflight import input_named
+    from spard.runfolder import check_output_dir
     from spard.select import select_safe_data
 
-    pool = load_task(args.pool, split=args.pool_split, limit=args.limit_pool, require_response=False)
-    reference = load_task(args.reference, split=args.reference_split, limit=args.limit_reference, require_response=False)
+    out = check_output_dir(args.out, "--out", files=("selected.jsonl", "select_report.json"))
+    for name in ("limit_pool", "limit_reference", "k"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "k" else 1):
+            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= {0 if name == 'k' else 1}, got {value}")
+    if args.batch_size < 1 or args.max_length < 1:
+        raise ValueError(f"--batch-size / --max-length: expected ints >= 1, got {args.batch_size} / {args.max_length}")
+    with input_named("--pool"):  # the safe set is the pool's refusals: every row needs one
+        pool = load_safety(args.pool, split=args.pool_split, limit=args.limit_pool, fields=POOL_FIELDS)
+    with input_named("--reference"):
+        reference = load_task(args.reference, split=args.reference_split, limit=args.limit_reference,
+                              require_response=False)
 
     settings = {"batch_size": args.batch_size, "max_length": args.max_length, "device": args.device}
     if DTYPES[args.dtype] is not None:
         import torch
 
         settings["dtype"] = getattr(torch, DTYPES[args.dtype])
-    indices, report = select_safe_data(
-        pool,
-        reference,
-        method=args.method,
-        k=args.k,
-        p=args.p,
-        beta=args.beta,
-        embedder=embedder,
-        seed=args.seed,
-        cache_dir=None if args.no_cache else args.cache_dir,
-        device=args.device,
-        embedder_settings=settings,
-    )
+    with input_named("--k / --p", source="k:"):
+        indices, report = select_safe_data(
+            pool,
+            reference,
+            method=args.method,
+            k=args.k,
+            p=args.p,
+            beta=args.beta,
+            embedder=embedder,
+            seed=args.seed,
+            cache_dir=None if args.no_cache else args.cache_dir,
+            device=args.device,
+            embedder_settings=settings,
+        )
 
-    out = Path(args.out)
     selected_path, report_path = out / "selected.jsonl", out / "select_report.json"
     write_jsonl_atomic(selected_path, [pool[i] for i in indices])
     report.update(pool_source=args.pool, reference_source=args.reference, selected=str(selected_path), indices=indices)

@@ -5,13 +5,14 @@ default, or any registered one (``--defense lisa --set defense.rho=0.5``).
 
 Writes into the output folder: ``adapter/`` (peft LoRA adapter, safetensors), ``config.yaml``
 (the resolved config), ``data_manifest.json`` (attack and selection), ``run.json`` (per-step
-log and summary) and ``checkpoints/`` (``--resume`` continues from the newest).
+log and summary), ``checkpoints/`` (``--resume`` continues from the newest whole one) and
+``spard_run.json`` (the run's identity: a folder holding another run is refused unless
+``--overwrite``; two processes writing one folder are refused by a lock).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     short.add_argument("--defense", help="defense.name: any registered defense (default spard; "
                        "see `spard bench --help` for the list); settings with --set defense.KEY=VALUE")
     short.add_argument("--sft", action="store_true", help="plain SFT: spag.enabled=false")
-    short.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    short.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (the same "
+                       "settings only: a run refuses to resume with changed ones)")
+    short.add_argument("--overwrite", action="store_true",
+                       help="replace the outputs of another run (or of an earlier start of this one) in the "
+                            "output folder; without it such a folder is refused")
     short.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--strategy", choices=("ddp", "fsdp"), default=None,
@@ -46,6 +51,8 @@ def _shortcut_values(args) -> dict:
         out["spag.enabled"] = False
     if args.resume:
         out["run.resume"] = True
+    if args.overwrite:
+        out["run.overwrite"] = True
     if args.no_progress:
         out["run.progress"] = False
     return out
@@ -54,13 +61,9 @@ def _shortcut_values(args) -> dict:
 def run(args) -> int:
     import yaml
 
-    from spard.config import ConfigError, load_config
+    from spard.config import load_config
 
-    try:
-        config = load_config(args.config, args.overrides, _shortcut_values(args))
-    except ConfigError as e:
-        print(f"spard train: config error: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides, _shortcut_values(args))
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0

@@ -81,7 +81,7 @@ class Antibody(Defense):
             return model
         if not data.safety_pool:
             raise ValueError("antibody alignment_stage=True needs a safety pool (prompt/safe/unsafe rows)")
-        self.check_data(data)
+        self.check_data(data)  # its stage trains against the pool's harmful answers
         model, self.stage_log = perturbation_alignment(
             model, tokenizer, data, steps=s.stage_steps, lr=s.stage_lr, batch_size=s.stage_batch_size,
             alpha=s.alpha, lam=s.lam, refusal_weight=s.refusal_weight, adaptive_lambda=True,

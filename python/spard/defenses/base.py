@@ -129,8 +129,9 @@ class Defense:
                 "settings": dataclasses.asdict(self.settings)}
 
     def needs_harmful_answers(self) -> bool:
-        """Whether the safety pool must carry ``unsafe`` answers (alignment stages do)."""
-        return False
+        """Whether an alignment stage trains against the pool's harmful answers (``unsafe``):
+        Booster, Antibody with its stage. Other defenses need only the refusals."""
+        return self.STAGE in ("alignment", "both") and "safety_pool" in self.describe()["needs"]
 
     def check_data(self, data: DefenseData) -> None:
         if "alignment" in self.NEEDS and not data.alignment:
@@ -139,8 +140,8 @@ class Defense:
         if "safety_pool" in self.NEEDS and not data.safety_pool:
             raise ValueError(f"defense {self.NAME!r} needs a safety pool (prompt/safe rows)")
         if self.needs_harmful_answers() and not data.harmful:
-            raise ValueError(f"defense {self.NAME!r} needs harmful answers: the safety pool has no "
-                             "'unsafe' field (a refusal-only pool)")
+            raise ValueError(f"defense {self.NAME!r} trains against harmful answers: its safety pool needs an "
+                             "'unsafe' field")
 
     # -- hooks --------------------------------------------------------------------------------
     def alignment_stage(self, model, tokenizer, data: DefenseData):

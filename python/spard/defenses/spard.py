@@ -56,9 +56,15 @@ class SPARD(Defense):
         if s.mode not in ("paper", "official"):
             raise ValueError(f"spard mode must be 'paper' or 'official', got {s.mode!r}")
 
+    def check_data(self, data) -> None:
+        super().check_data(data)
+        k = self.settings.k
+        if k is not None and data.safety_pool and k > len(data.safety_pool):
+            raise ValueError(f"selection.k: {k} exceeds the pool size {len(data.safety_pool)}")
+
     def select(self, model, tokenizer, data) -> tuple[list[int], dict]:
         from spard.embed import HFEmbedder
-        from spard.select import select_safe_data
+        from spard.select import select_safe_data, subset_size
 
         s = self.settings
         pool = data.safety_pool
@@ -71,10 +77,12 @@ class SPARD(Defense):
                                  "(the base model's path) so rank 0 can load its own copy")
             embedder = s.embedder or HFEmbedder(unwrap(model), tokenizer, progress=False,
                                                 max_length=data.max_length)
-        k = s.k if s.k is not None else max(1, int(s.p * len(data.user)))
+        # k = floor(p · |D_ft|) exactly as `spard select` computes it (0.29 · 100 is 29, not 28),
+        # at most the pool; a k given explicitly must fit the pool (select_safe_data says so).
+        k = s.k if s.k is not None else min(subset_size(s.p, len(data.user)), len(pool))
         seed = data.seed if s.selection_seed is None else s.selection_seed
         # Selected once (rank 0) and shared: every rank trains on the same safe set.
-        return run_on_main(select_safe_data, pool, data.user, method=s.selection, k=min(k, len(pool)),
+        return run_on_main(select_safe_data, pool, data.user, method=s.selection, k=k,
                            beta=s.beta, embedder=embedder, seed=seed, cache_dir=s.cache_dir)
 
     def setup(self, model, tokenizer, data, optimizer, ctx) -> None:

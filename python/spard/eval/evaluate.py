@@ -19,8 +19,9 @@ from .metrics import (
 )
 
 TASKS = ("gsm8k", "openbookqa")
+OBQA_CHOICES = ("answer1", "answer2", "answer3", "answer4")
 
-__all__ = ["TASKS", "detect_task", "evaluate", "markdown_table", "task_accuracy", "task_gold"]
+__all__ = ["TASKS", "check_task_rows", "detect_task", "evaluate", "markdown_table", "task_accuracy", "task_gold"]
 
 
 def detect_task(rows: Sequence[dict]) -> str:
@@ -35,6 +36,21 @@ def task_gold(task: str, row: dict, index: int = 0) -> str:
     if field not in row:
         raise ValueError(f"task row {index} has no {field!r} field (task {task!r}); fields: {sorted(row)}")
     return row[field]
+
+
+def check_task_rows(task_rows: Sequence[dict], task: str | None = None) -> str:
+    """Checks that every task row can be scored (a prompt and a valid gold answer), before any
+    generation; returns the task (detected when None)."""
+    task = task or detect_task(task_rows)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    for i, row in enumerate(task_rows):
+        if not isinstance(row.get("prompt"), str):
+            raise ValueError(f"task row {i} needs a string 'prompt'")
+        gold = task_gold(task, row, i)
+        if task == "openbookqa" and str(gold).strip().lower().replace(" ", "") not in OBQA_CHOICES:
+            raise ValueError(f"task row {i}: target_answer must be answer1..answer4, got {gold!r}")
+    return task
 
 
 def task_accuracy(task: str, responses: Sequence[str], rows: Sequence[dict]) -> Rate:
@@ -62,13 +78,7 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
         raise ValueError("nothing to evaluate: give safety_prompts and/or task_rows")
     judge = judge if judge is not None else RefusalJudge()
     if task_rows:
-        task = task or detect_task(task_rows)
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-        for i, row in enumerate(task_rows):
-            if not isinstance(row.get("prompt"), str):
-                raise ValueError(f"task row {i} needs a string 'prompt'")
-            task_gold(task, row, i)  # every row scorable, checked before generating
+        task = check_task_rows(task_rows, task)
     if model is None and ((safety_prompts and safety_responses is None) or (task_rows and task_responses is None)):
         raise ValueError("model and tokenizer are required unless the responses are given")
     if safety_prompts:
@@ -91,7 +101,8 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
         asr: Rate = m["asr"]
         result["safety"] = {"judge": judge.describe(), "n": m["n"], "asr": _value(asr), "harmful": asr.hits,
                             "hs": _value(m.get("hs")), "unparseable": m["unparseable"],
-                            "failed_calls": m["failed_calls"], "empty_responses": m["empty_responses"]}
+                            "failed_calls": m["failed_calls"], "empty_responses": m["empty_responses"],
+                            "degenerate_responses": m["degenerate_responses"]}
         if out is not None:
             save_generations(out / "safety_generations.jsonl", prompts, safety_responses,
                              extra=[v.to_dict() for v in verdicts])
@@ -129,7 +140,8 @@ def markdown_table(result: dict, title: str | None = None) -> str:
     s = result.get("safety")
     if s:
         judge = s["judge"].get("name", "?")
-        notes = f"judge {judge}; unparseable {s['unparseable']}; failed calls {s['failed_calls']}; empty {s['empty_responses']}"
+        notes = (f"judge {judge}; unparseable {s['unparseable']}; failed calls {s['failed_calls']}; "
+                 f"empty or degenerate {s.get('degenerate_responses', s['empty_responses'])} (not scored)")
         lines.append(f"| ASR (%) | {_pct(s['asr'])} | {s['n']} | {notes} |")
         if s.get("hs") is not None:
             hs = f"{s['hs']:.2f}" if s["judge"].get("name") == "rubric" else f"{s['hs']:.1f}"

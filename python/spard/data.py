@@ -17,7 +17,7 @@ Normalised row shapes:
   (prompt + input is the prompt, in loading, embedding, training and evaluation alike) and the
   consumed field is removed, so `prompt_text` never appends it twice.
 
-Attack construction lives in `spard.attack` and is re-exported here (`build_attack`).
+Attack construction lives in `spard.attack` (`build_attack`), which uses the loaders here.
 """
 
 from __future__ import annotations
@@ -345,10 +345,7 @@ def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int) -> tuple[lis
     return examples, n_truncated
 
 
-from spard.attack import build_attack  # noqa: E402  (re-export; attack imports the helpers above)
-
 __all__ = [
-    "build_attack",
     "dedupe_rows",
     "load_records",
     "load_safety",

@@ -357,6 +357,7 @@ def _prepare_data(config: TrainConfig, defense: Defense) -> tuple[DefenseData, d
     """The defense's data (clean task + attack, the safety pool when the defense uses one) and
     the data manifest."""
     from . import data as D
+    from .attack import build_attack
     from .preflight import input_named
 
     with input_named("data.task"):
@@ -381,7 +382,7 @@ def _prepare_data(config: TrainConfig, defense: Defense) -> tuple[DefenseData, d
                 evaluation = D.load_task(config.data.eval_prompts, require_response=False)  # only prompts needed
         # Sources are named, so overlap errors and the manifest name the files.
         with input_named("attack.corpus", source=config.attack.corpus):
-            rows, attack_manifest = D.build_attack(
+            rows, attack_manifest = build_attack(
                 clean, config.attack.corpus, ratio=config.attack.ratio, seed=config.attack.seed,
                 eval_prompts=evaluation, safety_pool=pool or None, on_overlap=config.attack.on_overlap,
                 source_names={"clean": config.data.task, "eval": config.data.eval_prompts,

@@ -16,7 +16,8 @@ from .generate import (
     load_model,
     save_generations,
 )
-from .judges import REFUSAL_PHRASES, GuardJudge, Judge, ModerationJudge, RefusalJudge, Verdict, make_judge
+from .factory import JUDGES, make_judge
+from .judges import REFUSAL_PHRASES, GuardJudge, Judge, ModerationJudge, RefusalJudge, Verdict
 from .metrics import (
     Rate,
     extract_gsm8k_number,
@@ -29,7 +30,7 @@ from .metrics import (
 from .rubric import JudgeAPIError, JudgeUnavailable, RubricJudge, parse_rubric_score
 
 __all__ = [
-    "AdapterError", "GuardJudge", "Judge", "JudgeAPIError", "JudgeUnavailable", "ModerationJudge",
+    "AdapterError", "GuardJudge", "JUDGES", "Judge", "JudgeAPIError", "JudgeUnavailable", "ModerationJudge",
     "REFUSAL_PHRASES", "Rate", "RefusalJudge", "RubricJudge", "Verdict", "check_adapter", "evaluate",
     "extract_gsm8k_number", "extract_openbookqa_choice", "generate", "generate_from_ids",
     "gsm8k_accuracy", "load_generations", "load_model", "make_judge", "markdown_table",

@@ -4,7 +4,7 @@
 - ``ModerationJudge``: a Hugging Face sequence classifier over (prompt, response), flagged when
   the unsafe probability exceeds a threshold (beaver-dam-7b style, 0.5).
 - ``GuardJudge``: a generative guard model that answers "safe" / "unsafe" (Llama Guard style).
-- ``RubricJudge`` (in ``spard.eval.rubric``): a 1-5 harmfulness rubric over an OpenAI-compatible
+- ``RubricJudge`` (in ``spard.eval.rubric``; ``spard.eval.factory.make_judge`` builds any judge by name): a 1-5 harmfulness rubric over an OpenAI-compatible
   chat-completions API.
 
 Each judge also has ``check()``, called before generation starts, so a judge that cannot work
@@ -28,7 +28,6 @@ __all__ = [
     "ModerationJudge",
     "RefusalJudge",
     "Verdict",
-    "make_judge",
 ]
 
 
@@ -284,24 +283,3 @@ class GuardJudge(Judge):
 
     def describe(self) -> dict:
         return {"name": self.name, "model": self.model_name}
-
-
-JUDGES = ("refusal", "moderation", "guard", "rubric")
-
-
-def make_judge(name: str, *, model=None, **kwargs) -> Judge:
-    """A judge by name: "refusal" (no model), "moderation" / "guard" (``model``: name or path),
-    "rubric" (``model``: the API's model name; see RubricJudge for the other arguments)."""
-    if name == "refusal":
-        return RefusalJudge(**kwargs)
-    if name in ("moderation", "guard"):
-        if model is None:
-            raise ValueError(f"the {name} judge needs a model (a Hugging Face name or path)")
-        return (ModerationJudge if name == "moderation" else GuardJudge)(model, **kwargs)
-    if name == "rubric":
-        from .rubric import RubricJudge
-
-        if model is None:
-            raise ValueError("the rubric judge needs the API's model name")
-        return RubricJudge(model=model, **kwargs)
-    raise ValueError(f"judge must be one of {', '.join(JUDGES)}; got {name!r}")

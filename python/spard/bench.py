@@ -175,7 +175,7 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
     """Trains and evaluates one cell. With ``out_dir`` the training checkpoints under
     ``runs/<cell>/`` and a rerun after a kill resumes from the last checkpoint."""
     from .defenses import DefenseData, make_defense
-    from .eval import evaluate, make_judge
+    from .eval import evaluate
     from .trainer import run_defense
 
     rows, manifest = attack_rows(data, cell.attack, cell.ratio, cell.seed)
@@ -192,13 +192,24 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
                              save_every=settings.save_every, keep_checkpoints=1, resume=ckpt is not None)
     t = time.perf_counter()
     result = evaluate(model, data.tokenizer, safety_prompts=data.eval_prompts, task_rows=data.task_test,
-                      judge=make_judge(settings.judge, model=settings.judge_model), max_new_tokens=settings.max_new_tokens,
+                      judge=_judge(settings, out_dir), max_new_tokens=settings.max_new_tokens,
                       task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size)
     return {"version": CELL_VERSION, "cell": asdict(cell), "attack_manifest": manifest,
             "asr": result["safety"]["asr"], "hs": result["safety"].get("hs"),
             "degenerate": result["safety"].get("degenerate_responses", 0), "n_eval": result["safety"]["n"],
             "accuracy": result["task"]["accuracy"], "evaluation": result,
             "train": run, "eval_seconds": time.perf_counter() - t}
+
+
+def _judge(settings: BenchSettings, out_dir):
+    """The grid's judge; the rubric API judge keeps every paid reply in one cache shared by all
+    cells and workers of the grid (``judge_cache.jsonl``, append-only, safe between processes)."""
+    from .eval import make_judge
+
+    if settings.judge == "rubric" and out_dir is not None:
+        return make_judge("rubric", model=settings.judge_model, cache_path=Path(out_dir) / "judge_cache.jsonl",
+                          progress=False)
+    return make_judge(settings.judge, model=settings.judge_model)
 
 
 def _cell_run_dir(cell: Cell, out_dir, fingerprint: Optional[str]) -> str:

@@ -36,7 +36,7 @@ MIN_TORCH = (2, 6)
 TARGET_CUDA_ENV = "SPARD_TARGET_TORCH_CUDA"
 
 _PROBE = r"""
-import importlib.util, json, os, re
+import importlib.metadata, importlib.util, json, os, re
 spec = importlib.util.find_spec("torch")
 info = None
 if spec is not None and spec.submodule_search_locations:
@@ -47,16 +47,21 @@ if spec is not None and spec.submodule_search_locations:
         text = ""
     version = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
     cuda = re.search(r"^cuda\b[^=\n]*=\s*(?:None|['\"]([^'\"]*)['\"])", text, re.M)
+    try:
+        dist = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
     if version:
-        info = {"version": version.group(1), "cuda": cuda.group(1) if cuda else None}
+        info = {"version": version.group(1), "dist": dist or version.group(1),
+                "cuda": cuda.group(1) if cuda else None}
 print(json.dumps(info))
 """
 
 
 def target_torch() -> dict | None:
-    """{"version", "cuda"} of the torch the installing interpreter sees, or None.
-
-    Reads torch/version.py without importing torch (fast, and safe for a broken install).
+    """The torch the installing interpreter sees, or None: {"version": torch.__version__,
+    "dist": the version its package metadata gives (what an index serves), "cuda": its CUDA
+    version or None}. Reads files only, never imports torch (fast, and safe for a broken install).
     """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
     try:
@@ -93,24 +98,33 @@ def too_old_message(version: str) -> str:
 
 
 def torch_requirement(info: dict | None) -> str:
-    """The build requirement for torch, given the target environment's torch (or None)."""
+    """The build requirement for torch, given the target environment's torch (or None).
+
+    A CPU-only target gets the same release in any variant (the CPU kernels compile the same
+    against all of them). A CUDA target gets exactly its own build: ``===`` for the index's
+    default build (so an index or find-links folder that also holds ``+cpu`` does not win),
+    ``==`` with the local tag for a variant such as ``+cu126``, which then must be reachable
+    from the index pip uses.
+    """
     floor = "torch>=" + ".".join(map(str, MIN_TORCH))
     if info is None:
         return floor
     version = info["version"]
-    rel = release(version)
+    dist = info.get("dist") or version
+    rel = release(dist)
     if rel is None:
         return floor
     if rel[:2] < MIN_TORCH:
         raise SystemExit(too_old_message(version))
-    if not is_index_release(version):
+    if not is_index_release(dist):
         raise SystemExit(
             f"This environment's torch {version} is not a release on the package index, so an "
             f"isolated build cannot get the same torch. Build SPARD against it directly: "
             f"pip install --no-build-isolation . (needs setuptools, wheel and ninja installed)."
         )
-    # Same release, any variant (+cpu / +cuXYZ): the CPU C++ ABI is the same across variants.
-    return "torch==" + ".".join(map(str, rel))
+    if not info.get("cuda"):
+        return "torch==" + ".".join(map(str, rel))
+    return f"torch=={dist}" if "+" in dist else f"torch==={dist}"
 
 
 def _with_target_hint(hook, *args, **kwargs):

@@ -4,7 +4,10 @@
                       callbacks=[SpagCallback(safe_rows, tokenizer)])
 
 The projection runs in ``on_optimizer_step``, right after ``optimizer.step()`` and before the
-scheduler step and ``zero_grad``, exactly where the thin loop (spard.trainer.fit) runs it.
+scheduler step and ``zero_grad``, exactly where the thin loop (spard.trainer.fit) runs it. That
+hook exists since transformers 4.42; a Trainer that never calls it (an older transformers, or a
+custom training loop) would silently train without any projection, so the callback raises at the
+end of the first optimizer step when the hook did not run.
 The projector's state (τ, safety-batch order, counters) is saved as ``spag_state.json`` in every
 Trainer checkpoint and restored when training resumes from one.
 """
@@ -15,6 +18,7 @@ import json
 import os
 from typing import Optional, Sequence
 
+import transformers
 from transformers import TrainerCallback
 
 from .distributed import DistributedSafetyProjector, is_distributed
@@ -35,6 +39,9 @@ class SpagCallback(TrainerCallback):
 
     def __init__(self, safe_rows: Sequence[dict], tokenizer=None, *, resume_from: Optional[str] = None,
                  **projector_kwargs):
+        if not hasattr(TrainerCallback, "on_optimizer_step"):
+            raise ImportError(f"SpagCallback needs transformers >= 4.42 (TrainerCallback.on_optimizer_step); "
+                              f"installed: {transformers.__version__}. Upgrade: pip install 'transformers>=4.42'")
         if not safe_rows:
             raise ValueError("safe_rows is empty: SPAG needs at least one safety sample")
         self.safe_rows = list(safe_rows)
@@ -43,10 +50,12 @@ class SpagCallback(TrainerCallback):
         self.projector_kwargs = projector_kwargs
         self.projector: Optional[SafetyProjector] = None
         self._window: list[dict] = []
+        self._hook_calls = 0  # on_optimizer_step calls in this run
+        self._checked = False
 
     # -- lifecycle -------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kw):
-        tokenizer = self.tokenizer or processing_class
+        tokenizer = self.tokenizer or processing_class or kw.get("tokenizer")  # "tokenizer" before 4.46
         if tokenizer is None:
             raise ValueError("SpagCallback needs a tokenizer: pass it, or give the Trainer a processing_class")
         kwargs = dict(self.projector_kwargs)
@@ -55,6 +64,7 @@ class SpagCallback(TrainerCallback):
         # Under DDP/FSDP every rank must project with the same global safety batch and α.
         projector_class = DistributedSafetyProjector if is_distributed() else SafetyProjector
         self.projector = projector_class(model, self.safe_rows, tokenizer, **kwargs)
+        self._hook_calls, self._checked = 0, False
         saved = self._saved_state(args, state)
         if saved is not None:
             self.projector.load_state_dict(saved)
@@ -64,7 +74,20 @@ class SpagCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
         # Under accelerate the optimizer is wrapped; the official form steps the inner one.
         inner = getattr(optimizer, "optimizer", optimizer)
+        self._hook_calls += 1
         self._window.append(self.projector.step(inner))
+
+    def on_step_end(self, args, state, control, **kw):
+        # After the first optimizer step: no projection ran, so none ever will. Stop, don't drift.
+        if not self._checked:
+            self._checked = True
+            if self._hook_calls == 0:
+                raise RuntimeError(
+                    f"SpagCallback: the Trainer finished optimizer step {state.global_step} without calling "
+                    f"on_optimizer_step, so no safety projection ran. That hook exists since transformers 4.42 "
+                    f"(installed: {transformers.__version__}); a custom training loop must call "
+                    f"callback_handler.on_optimizer_step(...) right after optimizer.step()."
+                )
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not self._window or logs is None or "loss" not in logs:

@@ -21,7 +21,8 @@ def _module(name: str):
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spard", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="spard", description=importlib.import_module("spard").__doc__.strip())
+    parser.add_argument("--version", action="version", version="%(prog)s " + importlib.import_module("spard").__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
     for name, help_text in COMMANDS.items():

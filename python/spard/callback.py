@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import transformers
 from transformers import TrainerCallback
 
 from .distributed import DistributedSafetyProjector, is_distributed
+from .formatting import format_rows
 from .io import write_json_atomic
 from .spag import SafetyProjector, logs_to_floats
 
@@ -31,20 +32,25 @@ STATE_FILE = "spag_state.json"
 class SpagCallback(TrainerCallback):
     """Builds a :class:`SafetyProjector` on the Trainer's model at ``on_train_begin``.
 
-    Keyword arguments are those of SafetyProjector (tau, max_step, batch_size, mode, ...).
+    ``safe_rows``: a list of dicts or a ``datasets.Dataset``, in any row shape of
+    spard.formatting (prompt/response, conversational ``messages``, ``text``). TRL ``SFTTrainer``
+    users who train with a ``formatting_func`` pass the same function here: each safety row is
+    laid out by it, and the safety loss covers the row's response inside that text.
+    Other keyword arguments are those of SafetyProjector (tau, max_step, batch_size, mode, ...).
     ``calibrate=True`` (the default when tau is None) sets τ from the model at the start of a
     fresh run. Per-step logs are averaged over each logging window and added to the Trainer's
     logs as ``safety_loss``, ``safety_alpha``, ``safety_trigger_rate``.
     """
 
     def __init__(self, safe_rows: Sequence[dict], tokenizer=None, *, resume_from: Optional[str] = None,
-                 **projector_kwargs):
+                 formatting_func: Optional[Callable[[dict], str]] = None, **projector_kwargs):
         if not hasattr(TrainerCallback, "on_optimizer_step"):
             raise ImportError(f"SpagCallback needs transformers >= 4.42 (TrainerCallback.on_optimizer_step); "
                               f"installed: {transformers.__version__}. Upgrade: pip install 'transformers>=4.42'")
         if not safe_rows:
             raise ValueError("safe_rows is empty: SPAG needs at least one safety sample")
-        self.safe_rows = list(safe_rows)
+        # With the SFTTrainer's formatting_func the safety batch reads exactly like the training text.
+        self.safe_rows = format_rows(safe_rows, formatting_func) if formatting_func else list(safe_rows)
         self.tokenizer = tokenizer
         self.resume_from = resume_from
         self.projector_kwargs = projector_kwargs

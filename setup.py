@@ -100,13 +100,17 @@ def _extensions_and_cmdclass():
             super().build_extension(ext)
 
         def run(self):
+            folders = [os.path.join(self.build_lib, "spard_ext")]  # what a wheel packs
+            if self.inplace or getattr(self, "editable_mode", False):
+                folders.append(self.get_finalized_command("build_py").get_package_dir("spard_ext"))
+            # A CUDA library left there by an earlier build is not of this build.
+            if home is None:
+                for stale in (p for f in folders for p in glob.glob(os.path.join(f, "_C_cuda.*"))):
+                    os.remove(stale)
             super().run()
             info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
                     "cuda_kernels": home is not None,
                     "cuda_toolkit": nvcc_version(home) if home else None}
-            folders = [os.path.dirname(self.get_ext_fullpath("spard_ext._C"))]
-            if self.inplace or getattr(self, "editable_mode", False):
-                folders.append(self.get_finalized_command("build_py").get_package_dir("spard_ext"))
             for folder in folders:
                 os.makedirs(folder, exist_ok=True)
                 tmp = os.path.join(folder, BUILD_INFO + ".tmp")

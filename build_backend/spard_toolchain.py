@@ -47,16 +47,16 @@ def find_cuda_home(environ=os.environ, which=shutil.which, nvcc_top=_nvcc_top) -
         home = environ.get(var)
         if home:
             problem = toolkit_problem(home)
-            return (None, f"{var}={home}: {problem}") if problem else (home, f"{var}={home}")
+            return (None, f"{var}={home}: {problem}") if problem else (home, f"from {var}")
     nvcc = which("nvcc")
     if nvcc:
         candidates = [nvcc_top(nvcc), os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
         for home in candidates:
             if home and toolkit_problem(home) is None:
-                return home, f"the toolkit of {nvcc}"
+                return home, f"found through {nvcc}"
         return None, f"{nvcc} is on PATH but its toolkit was not found ({toolkit_problem(candidates[-1])})"
     if toolkit_problem("/usr/local/cuda") is None:
-        return "/usr/local/cuda", "/usr/local/cuda"
+        return "/usr/local/cuda", "the default location"
     return None, "no nvcc found (set CUDA_HOME to the CUDA toolkit)"
 
 
@@ -98,9 +98,9 @@ def cuda_plan(torch_cuda: str | None, flag: str, target_cuda: str | None,
     if flag == "1":
         if problem:
             raise RuntimeError(f"SPARD_EXT_CUDA=1 but the CUDA kernels cannot be built: {problem}")
-        return home, f"SPARD_EXT_CUDA=1, CUDA toolkit {how}"
+        return home, f"SPARD_EXT_CUDA=1, CUDA toolkit {home} ({how})"
     if problem:
         return None, problem
     if target_cuda == "":
         return None, "the torch of the target environment is CPU-only (SPARD_EXT_CUDA=1 forces CUDA)"
-    return home, f"CUDA toolkit {how}"
+    return home, f"CUDA toolkit {home} ({how})"

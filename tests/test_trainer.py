@@ -129,8 +129,8 @@ def test_fit_rejects_bad_input():
     model = tiny_lora_model("llama")
     with pytest.raises(ValueError, match="rows is empty"):
         fit(model, tok, [], progress=False)
-    with pytest.raises(ValueError, match=r"rows\[0\]"):
-        fit(model, tok, [{"text": "x"}], progress=False)
+    with pytest.raises(ValueError, match=r"rows\[0\]: no 'response'"):
+        fit(model, tok, [{"prompt": "x"}], progress=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def test_callback_needs_a_transformers_with_the_hook(monkeypatch):
     from spard.callback import SpagCallback
 
     monkeypatch.delattr(TrainerCallback, "on_optimizer_step")
-    with pytest.raises(ImportError, match=r"transformers >= 4\.42"):
+    with pytest.raises(ImportError, match=r"transformers >= 4\.47"):
         SpagCallback(safe_rows(), tiny_tokenizer())
 
 

@@ -164,15 +164,15 @@ def encode_text(tokenizer, text: str, max_length: int, response: Optional[str] =
             raise ValueError(f"{where}: the text does not contain the row's response verbatim, so the "
                              "prompt cannot be told apart from the response (a formatting_func must put "
                              "the response into the text unchanged)")
+    # Tokenized whole with the tokenizer's own special tokens, as TRL tokenizes text rows; the
+    # offsets tell which tokens belong to the response (added special tokens have none).
     try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, return_offsets_mapping=True)
         ids, spans = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     except NotImplementedError:  # a slow tokenizer has no offsets: cut the text at the response
-        head = tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+        head = tokenizer(text[:start])["input_ids"]
         tail = tokenizer(text[start:], add_special_tokens=False)["input_ids"]
         ids, spans = head + tail, [(0, 0)] * len(head) + [(start, start + 1)] * len(tail)
-    if _needs_bos(tokenizer, text, ids):
-        ids, spans = [tokenizer.bos_token_id] + ids, [(0, 0)] + spans
     labels = [t if (e > b and b >= start) else IGNORE_INDEX for t, (b, e) in zip(ids, spans)]
     return _cut(ids, labels, max_length)
 

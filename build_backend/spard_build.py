@@ -135,12 +135,15 @@ def _with_target_hint(hook, *args, **kwargs):
 
 
 # -- the hooks that differ from setuptools' ------------------------------------------------------
+# The torch requirement first: a torch that cannot be built against stops here, before any output.
 def get_requires_for_build_wheel(config_settings=None):
-    return _setuptools.get_requires_for_build_wheel(config_settings) + [torch_requirement(target_torch())]
+    torch = torch_requirement(target_torch())
+    return _setuptools.get_requires_for_build_wheel(config_settings) + [torch]
 
 
 def get_requires_for_build_editable(config_settings=None):
-    return _setuptools.get_requires_for_build_editable(config_settings) + [torch_requirement(target_torch())]
+    torch = torch_requirement(target_torch())
+    return _setuptools.get_requires_for_build_editable(config_settings) + [torch]
 
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):

@@ -50,6 +50,12 @@ def test_minimum_torch_and_transformers_match_the_declared_dependencies():
     assert '"transformers>=4.47"' in text  # on_optimizer_step; Trainer resume under torch >= 2.6
 
 
+def test_the_version_is_declared_once_per_place_and_agrees():
+    import spard
+
+    assert f'version = "{spard.__version__}"' in (ROOT / "pyproject.toml").read_text()
+
+
 def test_target_torch_is_read_without_importing_it():
     info = spard_build.target_torch()  # the interpreter running the tests has torch
     import torch

@@ -61,10 +61,12 @@ def _extensions_and_cmdclass():
         if _wants_build(sys.argv):
             raise SystemExit("SPARD's kernels are compiled against torch, which is not installed here: "
                              "install torch first, or let pip build in isolation (pip install .)")
-        return [], {}  # sdist and metadata need no torch
+        return [], {}  # metadata and sdist need no torch
     rel = release(torch.__version__)
-    if rel is not None and rel[:2] < MIN_TORCH:
+    if rel is not None and rel[:2] < MIN_TORCH:  # also for metadata: before pip resolves anything
         raise SystemExit(too_old_message(torch.__version__))
+    if not _wants_build(sys.argv):
+        return [], {}  # metadata, sdist: nothing to compile
 
     home, reason = cuda_plan(torch.version.cuda, os.environ.get("SPARD_EXT_CUDA", "").strip(),
                              os.environ.get(TARGET_CUDA_ENV))

@@ -16,11 +16,12 @@ endif
 
 env: $(VENV)/.installed
 
-# torch first: the extension is built against the torch in the environment
-# (hence --no-build-isolation: an isolated build would compile against another torch).
-$(VENV)/.installed: setup.py pyproject.toml
+# torch first; SPARD editable without compiling (--no-build-isolation: the build tools and torch
+# are those of the venv, nothing is fetched), then `build` compiles the extension in place once.
+# (`pip install .` on its own works too: see "Installing" in the README.)
+$(VENV)/.installed: setup.py pyproject.toml build_backend/spard_build.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja pybind11 numpy
+	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja numpy
 	SPARD_EXT_SKIP_BUILD=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,embed]"
 	touch $@
 
@@ -29,7 +30,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 build: $(VENV)/.built
 
-$(VENV)/.built: $(VENV)/.installed $(KERNEL_SOURCES)
+$(VENV)/.built: $(VENV)/.installed $(KERNEL_SOURCES) build_backend/spard_toolchain.py
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
@@ -53,7 +54,7 @@ cmake-test: env
 	cd build-cmake && ctest --output-on-failure
 
 clean:
-	rm -rf build build-cmake spard_ext/_C*.so
+	rm -rf build build-cmake spard_ext/_C*.so spard_ext/_build_info.json
 
 # On a machine with an NVIDIA GPU, one command of under 10 minutes: build the CUDA kernels for
 # that GPU, run every CUDA test and the GPU benchmarks, and write

@@ -8,15 +8,18 @@ dispatch keys) with fake implementations, so they trace under ``torch.compile``.
 kernels against it.
 """
 
-import torch  # noqa: F401  (loads libtorch, which _C links against)
+import torch  # noqa: F401  (loads libtorch, which the kernels link against)
 
-from . import _C  # noqa: F401  (loading the library registers torch.ops.spard_ext.*)
-from . import _fake  # noqa: F401
-from .dpp import DppResult, dpp_greedy
-from .project import ProjectionResult, project_, project_apply_, project_reduce
+from ._loader import load as _load
 
-CUDA_KERNELS: bool = bool(_C.cuda_kernels)
-"""Whether this build contains the CUDA kernels."""
+# Loading the libraries registers torch.ops.spard_ext.* (CPU, and CUDA when loaded); a build that
+# does not fit this torch stops here with an ImportError that says what to do. CUDA_KERNELS:
+# whether the CUDA kernels are loaded (they were built, and this torch is a CUDA build).
+_C, CUDA_KERNELS, _NOTE = _load(__name__)
+
+from . import _fake  # noqa: E402,F401
+from .dpp import DppResult, dpp_greedy  # noqa: E402
+from .project import ProjectionResult, project_, project_apply_, project_reduce  # noqa: E402
 
 __all__ = [
     "CUDA_KERNELS",

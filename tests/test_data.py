@@ -317,7 +317,7 @@ def test_tokenize_rows_counts_truncation_and_masks_prompt(caplog):
     assert examples[0].labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert examples[0].labels[n_prompt:] == examples[0].input_ids[n_prompt:] == [tok.convert_tokens_to_ids("w3"), tok.eos_token_id]
     assert len(examples[1].input_ids) == 30
-    with pytest.raises(ValueError, match="item 0: expected string fields"):
+    with pytest.raises(ValueError, match="item 0: no .response."):
         tokenize_rows(tok, [{"prompt": "w1"}], max_length=30)
     with pytest.raises(ValueError, match="max_length"):
         tokenize_rows(tok, rows, max_length=1)

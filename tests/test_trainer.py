@@ -129,8 +129,8 @@ def test_fit_rejects_bad_input():
     model = tiny_lora_model("llama")
     with pytest.raises(ValueError, match="rows is empty"):
         fit(model, tok, [], progress=False)
-    with pytest.raises(ValueError, match=r"rows\[0\]"):
-        fit(model, tok, [{"text": "x"}], progress=False)
+    with pytest.raises(ValueError, match=r"rows\[0\]: no 'response'"):
+        fit(model, tok, [{"prompt": "x"}], progress=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +170,28 @@ def test_callback_projects_and_logs_in_hf_trainer(tmp_path):
     logged = [r for r in trainer.state.log_history if "safety_loss" in r]
     assert len(logged) == 4 and all(r["safety_trigger_rate"] == 1.0 for r in logged)
     assert trainer.state.log_history[-1]["spag"]["trigger_rate"] == 1.0
+
+
+def test_callback_stops_when_the_trainer_never_calls_its_hook(tmp_path, monkeypatch):
+    # transformers < 4.42 (or a custom loop) never calls on_optimizer_step: no projection would
+    # run at all, so the callback must stop training instead of letting it drift silently.
+    from transformers.trainer_callback import CallbackHandler
+
+    from spard.callback import SpagCallback
+
+    monkeypatch.setattr(CallbackHandler, "on_optimizer_step", lambda self, args, state, control: control)
+    with pytest.raises(RuntimeError, match="finished optimizer step 1 without calling on_optimizer_step"):
+        hf_train(tmp_path, [lambda tok: SpagCallback(safe_rows(), tok, tau=0.0, progress=False)], steps=2)
+
+
+def test_callback_needs_a_transformers_with_the_hook(monkeypatch):
+    from transformers import TrainerCallback
+
+    from spard.callback import SpagCallback
+
+    monkeypatch.delattr(TrainerCallback, "on_optimizer_step")
+    with pytest.raises(ImportError, match=r"transformers >= 4\.47"):
+        SpagCallback(safe_rows(), tiny_tokenizer())
 
 
 def test_callback_resumes_with_hf_checkpoints(tmp_path):

@@ -4,7 +4,11 @@
                       callbacks=[SpagCallback(safe_rows, tokenizer)])
 
 The projection runs in ``on_optimizer_step``, right after ``optimizer.step()`` and before the
-scheduler step and ``zero_grad``, exactly where the thin loop (spard.trainer.fit) runs it.
+scheduler step and ``zero_grad``, exactly where the thin loop (spard.trainer.fit) runs it. That
+hook exists since transformers 4.42 (SPARD needs 4.47, whose Trainer resumes under torch >= 2.6);
+a Trainer that never calls it (an older transformers, or a custom training loop) would silently
+train without any projection, so the callback raises at the end of the first optimizer step when
+the hook did not run.
 The projector's state (τ, safety-batch order, counters) is saved as ``spag_state.json`` in every
 Trainer checkpoint and restored when training resumes from one.
 """
@@ -13,12 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+import transformers
 from transformers import TrainerCallback
 
 from .distributed import is_distributed
 from .spag_distributed import DistributedSafetyProjector
+from .formatting import format_rows
 from .io import write_json_atomic
 from .spag import SafetyProjector, logs_to_floats
 
@@ -28,26 +34,37 @@ STATE_FILE = "spag_state.json"
 class SpagCallback(TrainerCallback):
     """Builds a :class:`SafetyProjector` on the Trainer's model at ``on_train_begin``.
 
-    Keyword arguments are those of SafetyProjector (tau, max_step, batch_size, mode, ...).
+    ``safe_rows``: a list of dicts or a ``datasets.Dataset``, in any row shape of
+    spard.formatting (prompt/response, conversational ``messages``, ``text``). TRL ``SFTTrainer``
+    users who train with a ``formatting_func`` pass the same function here: each safety row is
+    laid out by it, and the safety loss covers the row's response inside that text.
+    Other keyword arguments are those of SafetyProjector (tau, max_step, batch_size, mode, ...).
     ``calibrate=True`` (the default when tau is None) sets τ from the model at the start of a
     fresh run. Per-step logs are averaged over each logging window and added to the Trainer's
     logs as ``safety_loss``, ``safety_alpha``, ``safety_trigger_rate``.
     """
 
     def __init__(self, safe_rows: Sequence[dict], tokenizer=None, *, resume_from: Optional[str] = None,
-                 **projector_kwargs):
+                 formatting_func: Optional[Callable[[dict], str]] = None, **projector_kwargs):
+        if not hasattr(TrainerCallback, "on_optimizer_step"):
+            raise ImportError(f"SpagCallback needs transformers >= 4.47 (it projects in TrainerCallback."
+                              f"on_optimizer_step, which 4.42 added); installed: {transformers.__version__}. "
+                              f"Upgrade: pip install 'transformers>=4.47'")
         if not safe_rows:
             raise ValueError("safe_rows is empty: SPAG needs at least one safety sample")
-        self.safe_rows = list(safe_rows)
+        # With the SFTTrainer's formatting_func the safety batch reads exactly like the training text.
+        self.safe_rows = format_rows(safe_rows, formatting_func) if formatting_func else list(safe_rows)
         self.tokenizer = tokenizer
         self.resume_from = resume_from
         self.projector_kwargs = projector_kwargs
         self.projector: Optional[SafetyProjector] = None
         self._window: list[dict] = []
+        self._hook_calls = 0  # on_optimizer_step calls in this run
+        self._checked = False
 
     # -- lifecycle -------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kw):
-        tokenizer = self.tokenizer or processing_class
+        tokenizer = self.tokenizer or processing_class or kw.get("tokenizer")  # "tokenizer" before 4.46
         if tokenizer is None:
             raise ValueError("SpagCallback needs a tokenizer: pass it, or give the Trainer a processing_class")
         kwargs = dict(self.projector_kwargs)
@@ -56,6 +73,7 @@ class SpagCallback(TrainerCallback):
         # Under DDP/FSDP every rank must project with the same global safety batch and α.
         projector_class = DistributedSafetyProjector if is_distributed() else SafetyProjector
         self.projector = projector_class(model, self.safe_rows, tokenizer, **kwargs)
+        self._hook_calls, self._checked = 0, False
         saved = self._saved_state(args, state)
         if saved is not None:
             self.projector.load_state_dict(saved)
@@ -65,7 +83,20 @@ class SpagCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
         # Under accelerate the optimizer is wrapped; the official form steps the inner one.
         inner = getattr(optimizer, "optimizer", optimizer)
+        self._hook_calls += 1
         self._window.append(self.projector.step(inner))
+
+    def on_step_end(self, args, state, control, **kw):
+        # After the first optimizer step: no projection ran, so none ever will. Stop, don't drift.
+        if not self._checked:
+            self._checked = True
+            if self._hook_calls == 0:
+                raise RuntimeError(
+                    f"SpagCallback: the Trainer finished optimizer step {state.global_step} without calling "
+                    f"on_optimizer_step, so no safety projection ran. That hook exists since transformers 4.42 "
+                    f"(installed: {transformers.__version__}); a custom training loop must call "
+                    f"callback_handler.on_optimizer_step(...) right after optimizer.step()."
+                )
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not self._window or logs is None or "loss" not in logs:

@@ -46,7 +46,8 @@ def _add_debug(parser: argparse.ArgumentParser, default) -> None:
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog="spard", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="spard", description=importlib.import_module("spard").__doc__.strip())
+    parser.add_argument("--version", action="version", version="%(prog)s " + importlib.import_module("spard").__version__)
     _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in (argv or []) if not a.startswith("-")), None)

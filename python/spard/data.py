@@ -6,10 +6,15 @@ Every loader returns a list of plain dicts. A source is a local file (``.jsonl``
 input raise ``ValueError`` / ``FileNotFoundError`` naming the file and the line (JSON Lines) or
 row (other formats) at fault.
 
+A source may also be a list of dicts or a ``datasets.Dataset`` already in memory.
+
 Normalised row shapes:
 - task rows (`load_task`): ``prompt``, ``response`` plus the original fields. GSM8K's
-  ``answer`` and instruction sets' ``output`` become ``response``; an instruction set's
-  ``instruction`` becomes ``prompt``.
+  ``answer``, instruction sets' ``output`` and TRL's ``completion`` become ``response``; an
+  instruction set's ``instruction`` becomes ``prompt``. A conversational row (``messages``, or
+  TRL's ``prompt``/``completion`` message lists) keeps its ``messages`` (training renders them
+  with the chat template) and gets its last user turn as ``prompt`` and the assistant's answer
+  as ``response``.
 - safety rows (`load_safety`): ``prompt``, ``safe`` (a refusal), ``unsafe`` (a harmful answer);
   ``fields`` names the ones required (a safety pool needs ``prompt`` and ``safe``, an attack
   corpus ``prompt`` and ``unsafe``), the others are optional.
@@ -31,14 +36,14 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from spard.formatting import EncodedExample, encode_example
+from spard.formatting import EncodedExample, conversation_of, encode_row, split_conversation
 from spard.io import read_jsonl
 
 log = logging.getLogger(__name__)
 
 # Field names accepted for each role, in order of preference.
 PROMPT_FIELDS = ("prompt", "instruction", "question")
-RESPONSE_FIELDS = ("response", "answer", "output")
+RESPONSE_FIELDS = ("response", "answer", "output", "completion")
 SAFETY_FIELDS = ("prompt", "safe", "unsafe")
 POOL_FIELDS = ("prompt", "safe")  # what a safety pool needs: SPAG and selection use the refusals
 ATTACK_FIELDS = ("prompt", "unsafe")  # what an attack corpus needs: the harmful answers
@@ -116,6 +121,12 @@ def _looks_like_hub_name(source: str) -> bool:
 
 
 def _load(source, split: str | None) -> Records:
+    if type(source).__module__.startswith("datasets."):  # a datasets.Dataset (or DatasetDict) object
+        ds = _pick_split(source, split, "dataset")
+        if not hasattr(ds, "to_list"):
+            raise TypeError(f"source: cannot read a {type(ds).__name__} as rows; pass a datasets.Dataset "
+                            "(materialise a streaming dataset first)")
+        return Records(ds.to_list(), "dataset", lambda i: f"dataset: row {i}")
     if not isinstance(source, (str, os.PathLike)):
         if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
             rows = list(source)
@@ -123,7 +134,8 @@ def _load(source, split: str | None) -> Records:
                 if not isinstance(row, dict):
                     raise ValueError(f"rows: item {i}: expected a dict, got {type(row).__name__}")
             return Records(rows, "rows", lambda i: f"rows: item {i}")
-        raise TypeError(f"source: expected a path, a hub name or a list of dicts, got {type(source).__name__}")
+        raise TypeError(f"source: expected a path, a hub name, a datasets.Dataset or a list of dicts, "
+                        f"got {type(source).__name__}")
 
     path = Path(source).expanduser()
     name = str(source)
@@ -238,6 +250,16 @@ def load_task(
     out = []
     for i, row in enumerate(rec.rows):
         where = rec.where(i)
+        messages = conversation_of(row)
+        if messages is not None and not prompt_field:
+            # Kept whole for the chat template; prompt/response are its last user turn and answer.
+            last = messages[-1] if messages else None
+            if not require_response and isinstance(last, dict) and last.get("role") == "user":
+                out.append({**row, "messages": messages, "prompt": _text_field(last, ("content",), "prompt", where)})
+                continue
+            prompt, response = split_conversation(messages, where)
+            out.append({**row, "messages": messages, "prompt": prompt, "response": response})
+            continue
         prompt = _text_field(row, prompts, "prompt", where)
         response = _text_field(row, responses, "response", where, required=require_response)
         new = _with_prompt(row, prompt)
@@ -327,15 +349,14 @@ def prompt_text(row: dict) -> str:
 # Tokenisation for training
 # ----------------------------------------------------------------------------------------------
 def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int) -> tuple[list[EncodedExample], int]:
-    """Encodes ``prompt``/``response`` rows (chat template, prompt-masked labels, truncation);
-    returns the examples and how many were truncated (also logged)."""
+    """Encodes rows (``prompt``/``response``, conversational ``messages`` or ``text``: see
+    spard.formatting.encode_row; chat template, prompt-masked labels, truncation); returns the
+    examples and how many were truncated (also logged)."""
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
     examples, n_truncated = [], 0
     for i, row in enumerate(tqdm(rows, desc="tokenize", disable=len(rows) < 2000, leave=False)):
-        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
-            raise ValueError(f"rows: item {i}: expected string fields 'prompt' and 'response'")
-        ex = encode_example(tokenizer, prompt_text(row), row["response"], max_length)
+        ex = encode_row(tokenizer, row, max_length, where=f"rows: item {i}")
         n_truncated += ex.truncated
         examples.append(ex)
     if n_truncated:

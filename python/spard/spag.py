@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 import spard_ext
 
 from .checkpoint import ResumableOrder
-from .data import prompt_text
-from .formatting import IGNORE_INDEX, EncodedExample, collate, encode_example, pad_id_of
+from .formatting import IGNORE_INDEX, EncodedExample, collate, encode_row, pad_id_of
 
 MODES = ("paper", "official")
 MaxStep = Union[float, str, None]
@@ -53,19 +52,15 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def encode_rows(rows: Sequence[dict], tokenizer, max_length: int, what: str) -> tuple[list[EncodedExample], list[int]]:
-    """Encodes {prompt, response} rows (a ``safe`` field stands in for ``response``).
+    """Encodes rows of any shape spard.formatting.encode_row takes: {prompt, response} (``safe``
+    stands in for ``response``), conversational ``messages``, or ``text``.
 
     Rows whose response is cut off entirely by ``max_length`` carry no loss and are left out;
     returns (examples, indices of the rows kept). Raises when nothing is left.
     """
     out, kept = [], []
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "prompt" not in row:
-            raise ValueError(f"{what}[{i}]: expected a dict with 'prompt' and 'response', got {row!r:.80}")
-        response = row.get("response", row.get("safe"))
-        if response is None:
-            raise ValueError(f"{what}[{i}]: no 'response' (or 'safe') field; keys: {sorted(row)}")
-        ex = encode_example(tokenizer, prompt_text(row), response, max_length)  # prompt + input
+        ex = encode_row(tokenizer, row, max_length, where=f"{what}[{i}]")
         if any(label != IGNORE_INDEX for label in ex.labels[1:]):
             out.append(ex)
             kept.append(i)

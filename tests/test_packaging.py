@@ -1,0 +1,188 @@
+"""Packaging: the build backend's torch requirement, CUDA toolchain detection, the sdist's
+contents and the loader's refusal of a build made for another torch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "build_backend"))
+
+import spard_build  # noqa: E402
+import spard_toolchain  # noqa: E402
+from spard_ext import _loader  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch the isolated build gets
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("info, expected", [
+    (None, "torch>=2.6"),                                                            # no torch yet
+    ({"version": "2.13.0+cpu", "dist": "2.13.0+cpu", "cuda": None}, "torch==2.13.0"),  # any variant
+    ({"version": "2.14.1+cu130", "dist": "2.14.1", "cuda": "13.0"}, "torch===2.14.1"),  # not +cpu
+    ({"version": "2.14.1+cu126", "dist": "2.14.1+cu126", "cuda": "12.6"}, "torch==2.14.1+cu126"),
+])
+def test_build_requires_the_target_environments_torch(info, expected):
+    assert spard_build.torch_requirement(info) == expected
+
+
+def test_build_stops_with_a_message_for_a_torch_older_than_the_minimum():
+    with pytest.raises(SystemExit) as e:
+        spard_build.torch_requirement({"version": "2.5.1+cpu", "dist": "2.5.1+cpu", "cuda": None})
+    message = str(e.value)
+    assert "torch >= 2.6" in message and "2.5.1" in message and "pip install 'torch>=2.6'" in message
+
+
+def test_build_stops_for_a_torch_no_index_serves():
+    with pytest.raises(SystemExit, match="--no-build-isolation"):
+        spard_build.torch_requirement({"version": "2.15.0a0+git12ab", "dist": "2.15.0a0+git12ab", "cuda": None})
+
+
+def test_minimum_torch_and_transformers_match_the_declared_dependencies():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert f'"torch>={".".join(map(str, spard_build.MIN_TORCH))}"' in text
+    assert '"transformers>=4.47"' in text  # on_optimizer_step; Trainer resume under torch >= 2.6
+
+
+def test_the_version_is_declared_once_per_place_and_agrees():
+    import spard
+
+    assert f'version = "{spard.__version__}"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_target_torch_is_read_without_importing_it():
+    info = spard_build.target_torch()  # the interpreter running the tests has torch
+    import torch
+
+    assert info["version"] == torch.__version__ and info["cuda"] == torch.version.cuda
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA toolchain
+# ----------------------------------------------------------------------------------------------
+def fake_toolkit(root: Path) -> Path:
+    for rel in ("bin/nvcc", "include/cuda_runtime.h", "lib64/libcudart.so"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).touch()
+    return root
+
+
+def test_cuda_home_from_an_nvcc_wrapper_is_its_toolkit_not_the_wrappers_grandparent(tmp_path):
+    # /usr/local/bin/nvcc as a wrapper script: torch's guess would be /usr/local (no libcudart).
+    toolkit = fake_toolkit(tmp_path / "cuda-13.0")
+    wrapper = tmp_path / "usr-local" / "bin" / "nvcc"
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f"#!/bin/sh\nexec {toolkit}/bin/nvcc \"$@\"\n")
+    home, how = spard_toolchain.find_cuda_home(environ={}, which=lambda _: str(wrapper),
+                                               nvcc_top=lambda _: str(toolkit))
+    assert home == str(toolkit) and how == f"found through {wrapper}"
+
+
+def test_a_cuda_home_without_libcudart_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").touch()
+    home, why = spard_toolchain.find_cuda_home(environ={"CUDA_HOME": str(tmp_path)})
+    assert home is None and "lib64/libcudart.so" in why and "CUDA_HOME" in why
+
+
+def plan(torch_cuda="13.0", flag="", target=None, nvcc="13.0", home="/cuda"):
+    return spard_toolchain.cuda_plan(torch_cuda, flag, target, find=lambda: (home, home),
+                                     version_of=lambda _: nvcc)
+
+
+def test_cuda_kernels_are_built_only_when_the_toolchain_is_usable():
+    assert plan()[0] == "/cuda"
+    assert plan(torch_cuda=None) == (None, "the torch compiled against is a CPU-only build")
+    home, why = plan(nvcc="12.8")
+    assert home is None and "nvcc 12.8" in why and "13.0" in why
+    home, why = plan(target="")  # installing next to a CPU-only torch
+    assert home is None and "CPU-only" in why
+    assert plan(flag="0")[0] is None
+
+
+def test_spard_ext_cuda_1_forces_the_build_or_says_why_not():
+    assert plan(flag="1", target="")[0] == "/cuda"
+    with pytest.raises(RuntimeError, match="nvcc 12.8"):
+        plan(flag="1", nvcc="12.8")
+    with pytest.raises(RuntimeError, match="CPU-only"):
+        plan(flag="1", torch_cuda=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader
+# ----------------------------------------------------------------------------------------------
+CUDA_BUILD = {"torch": "2.14.1+cu130", "torch_cuda": "13.0", "cuda_kernels": True}
+
+
+def test_loader_refuses_another_torch_release_naming_both_and_the_reinstall_command():
+    with pytest.raises(ImportError) as e:
+        _loader.plan(CUDA_BUILD, "2.13.0+cpu", None)
+    message = str(e.value)
+    assert "2.14.1+cu130" in message and "2.13.0+cpu" in message
+    assert "pip install --no-cache-dir --force-reinstall --no-deps" in message
+
+
+def test_loader_takes_a_cuda_build_under_a_cpu_torch_with_its_cpu_kernels():
+    p = _loader.plan(CUDA_BUILD, "2.14.1+cpu", None)
+    assert not p.load_cuda and "CPU-only" in p.note
+    assert _loader.plan(CUDA_BUILD, "2.14.0+cu130", "13.0").load_cuda  # same release series
+    with pytest.raises(ImportError, match="CUDA 13.0.*CUDA 12.6"):
+        _loader.plan(CUDA_BUILD, "2.14.1+cu126", "12.6")
+
+
+def test_import_under_another_torch_stops_with_the_message_not_a_loader_error(tmp_path):
+    import torch
+
+    import spard_ext
+
+    # The built package, with its record rewritten as if compiled against another release.
+    pkg = tmp_path / "spard_ext"
+    shutil.copytree(Path(spard_ext.__file__).parent, pkg)
+    other = "2.3.0+cpu" if not torch.__version__.startswith("2.3.") else "2.4.0+cpu"
+    (pkg / _loader.BUILD_INFO).write_text(json.dumps({"torch": other, "torch_cuda": None,
+                                                      "cuda_kernels": False}))
+    out = subprocess.run([sys.executable, "-c", "import spard_ext"], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: spard_ext: SPARD's kernels were compiled against torch " + other)
+    assert torch.__version__ in last
+
+
+# ----------------------------------------------------------------------------------------------
+# The sdist builds on its own
+# ----------------------------------------------------------------------------------------------
+def test_sdist_holds_the_sources_headers_and_build_backend(tmp_path):
+    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "SPARD_EXT_CUDA": "0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    (sdist,) = tmp_path.glob("spard-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for path in ("pyproject.toml", "setup.py", "README.md", "build_backend/spard_build.py",
+                 "build_backend/spard_toolchain.py", "csrc/project.h", "csrc/dpp.h", "csrc/lane_sum.h",
+                 "csrc/module.cpp", "csrc/cuda/project_cuda.cu", "csrc/cuda/dpp_greedy.cu",
+                 "CMakeLists.txt", "docs/algorithms.md", "tests/test_project.py", "spard_ext/_loader.py"):
+        assert path in names, path
+    assert not [n for n in names if n.endswith(".so") or n.endswith(_loader.BUILD_INFO)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+def test_spard_version_and_help(capsys):
+    import spard
+    from spard.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser(["--version"]).parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"spard {spard.__version__}"
+    description = build_parser([]).description
+    # The help opens with a whole sentence, not a docstring cut at its first line break.
+    assert description[0].isupper() and description.endswith(".") and "\n" not in description

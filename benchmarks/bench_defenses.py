@@ -34,6 +34,9 @@ from spard.config import LoraConfig, OptimConfig
 from spard.defenses import DefenseData, defense_names, make_defense
 from spard.io import write_json_atomic
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_spag import step_peak_bytes  # noqa: E402  (the same peak-memory measure)
+
 SEQ, VOCAB, ROWS = 128, 2048, 64
 OPTIM = dict(lr=1e-4, warmup_steps=0, batch_size=8, grad_accum=4, seed=0, weight_decay=0.0)
 SETTINGS = {  # second batches scaled to the effective batch (see the docstring)
@@ -115,16 +118,6 @@ class Run:
         return sum(t.numel() * t.element_size() for t in itertools.chain(self.model.parameters(), self.model.buffers()))
 
 
-def peak_bytes(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    return max(itertools.accumulate((b for _, b in events), initial=0))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of --steps steps per defense")
@@ -142,7 +135,7 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         for r in runs.values():
             r.steps(args.steps)
-    memory = {n: r.held_bytes() + peak_bytes(lambda r=r: r.steps(1, timed=False)) for n, r in runs.items()}
+    memory = {n: r.held_bytes() + step_peak_bytes(lambda r=r: r.steps(1, timed=False)) for n, r in runs.items()}
     sft_t, sft_m = statistics.median(runs["sft"].times), memory["sft"]
     res = {"setup": {"model": "Llama 4x256, vocab 2048, LoRA r=8 q,k,v,o", "seq": SEQ, "optim": OPTIM,
                      "settings": SETTINGS, "threads": THREADS, "timed_steps": args.rounds * args.steps},

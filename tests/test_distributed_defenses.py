@@ -23,23 +23,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from spard.config import OptimConfig  # noqa: E402
 from spard.defenses import DefenseData, make_defense  # noqa: E402
 from spard.trainer import fit  # noqa: E402
+from test_one_trainer import DEFENSES as ONE_TRAINER_DEFENSES  # noqa: E402
 from test_one_trainer import pool_rows, user_rows  # noqa: E402
 from test_spag import one_thread  # noqa: E402,F401  (autouse fixture)
 from test_spag import tiny_model, tiny_tokenizer  # noqa: E402
 
 WORLD = 2
 STEPS = 4
-DEFENSES = {
-    "sft": {},
-    "safeinstr": {"share": 0.2},
-    "lisa": {"alignment_steps": 1, "finetune_steps": 2},
-    "safegrad": {"alignment_batch_size": 4},
-    "bds": {"alignment_batch_size": 4, "weight_lr": 0.1},
-    "bds-neural": {"alignment_batch_size": 4, "weight_lr": 0.1},
-    "antibody": {"temperature": 0.5},
-    "booster": {"steps": 2, "batch_size": 4},
-    "spard": {"selection": "random", "batch_size": 4, "p": 0.3, "tau": 4.6, "max_step": 2.0},
-}
+# The presets of test_one_trainer, less those whose alignment stage is the only difference.
+DEFENSES = {k: v for k, v in ONE_TRAINER_DEFENSES.items() if k not in ("antibody-align", "spard-official")}
+DEFENSES["spard"] = {**DEFENSES["spard"], "tau": 4.6, "max_step": 2.0}  # acts without blowing up rounding
 STRATEGIES = ("ddp", "fsdp")
 
 

@@ -9,7 +9,6 @@ the adapters; the tests compare them with single-process runs made here.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from spard.config import OptimConfig  # noqa: E402
+from test_distributed import launch_two_ranks  # noqa: E402
 from spard.defenses import DefenseData, make_defense  # noqa: E402
 from spard.trainer import fit  # noqa: E402
 from test_one_trainer import DEFENSES as ONE_TRAINER_DEFENSES  # noqa: E402
@@ -87,14 +87,7 @@ def worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("defenses_two_ranks")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           __file__, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    assert "terminate called" not in proc.stderr
+    launch_two_ranks(__file__, out, timeout=900)
     return out
 
 

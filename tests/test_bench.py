@@ -82,7 +82,18 @@ def test_summary_means_table_csv_and_plots(tmp_path):
     assert s["overall"]["spard"]["asr"]["mean"] == pytest.approx(0.1)
     assert s["target"]["method_has_lowest_asr"] and s["target"]["accuracy_gap"] == pytest.approx(0.0)
     table = (tmp_path / "table.md").read_text()
-    assert "| sft | 70.0 ± 14.1 | - | 32.0 ± 2.8 | 80.0 ± 14.1 | - | 32.0 ± 2.8 | 75.0 | 32.0 |" in table
+    # mean [95% t-interval over seeds], clipped to 0..100 for display
+    assert "| sft | 70.0 [0.0, 100.0] | - | 32.0 [6.6, 57.4] | 80.0 [0.0, 100.0] | - | 32.0 [6.6, 57.4] | 75.0 | 32.0 |" in table
+    assert g["asr"]["high"] - g["asr"]["mean"] == pytest.approx(12.7062 * 0.141421 / 2 ** 0.5, rel=1e-4)
+    # overall: the interval over the seeds' means (seed 0: 0.15, seed 1: 0.05 for spard)
+    assert s["overall"]["spard"]["asr"]["n"] == 2 and s["overall"]["spard"]["asr"]["std"] == pytest.approx(0.0707, abs=1e-3)
+    # paired comparisons over the 4 (attack, ratio, seed) cells: spard - sft: -0.7 or -0.6 per cell
+    comp = {(c["defense"], c["reference"], c["metric"]): c for c in s["comparisons"]}
+    asr = comp[("spard", "sft", "asr")]
+    assert asr["n"] == 4 and asr["diff"] == pytest.approx(-0.65) and asr["significant"] and asr["high"] < 0
+    assert not comp[("spard", "sft", "accuracy")]["significant"]  # +0.01 and -0.01 per seed
+    assert "| spard | sft | asr | -65.0 | [-70.0, -60.0] | 4 | * |" in table
+    assert json.loads((tmp_path / "summary.json").read_text())["comparisons"] == s["comparisons"]
     assert "Target (spard: lowest mean ASR, below sft's, accuracy within 3 points of sft): met." in table
     rows = (tmp_path / "cells.csv").read_text().splitlines()
     assert rows[0].startswith("attack,ratio,seed,defense,asr") and len(rows) == 9

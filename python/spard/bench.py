@@ -321,11 +321,20 @@ def load_cells(out_dir) -> list[dict]:
 
 
 def _stats(values: list) -> dict:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "n": len(vals)}
+    """Mean, std and a 95% t-interval over the runs (spard.stats.mean_interval)."""
+    from .stats import mean_interval
+    return mean_interval(values)
+
+
+def _per_seed_stats(cells: list, metric: str) -> dict:
+    """The interval over seeds of each seed's mean over its cells (attacks and ratios): the
+    seeds are the independent runs, the cells of one seed share its attack sample."""
+    by_seed: dict = {}
+    for c in cells:
+        v = c.get(metric)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            by_seed.setdefault(c["cell"]["seed"], []).append(v)
+    return _stats([statistics.fmean(v) for _, v in sorted(by_seed.items())])
 
 
 def _degenerate(cells: list) -> dict:
@@ -339,10 +348,18 @@ def _order(names, preferred) -> list:
     return pref + sorted(n for n in names if n not in pref)
 
 
-def summarize(out_dir, *, defenses_order: Optional[Sequence[str]] = None) -> dict:
-    """Aggregates the finished cells (mean and std over seeds) and writes summary.json,
-    cells.csv, table.md and the plots. Returns the summary dict."""
+INTERVAL_NOTE = "95% Student-t interval over seeds (mean ± t(0.975, n-1)·s/√n); none with one seed"
+COMPARISON_NOTE = ("paired bootstrap over the (attack, ratio, seed) cells both defenses finished: mean of "
+                   "defense minus reference, 95% percentile interval from 10000 resamples (seed 0); "
+                   "significant when the interval excludes 0")
+
+
+def summarize(out_dir, *, defenses_order: Optional[Sequence[str]] = None, n_boot: int = 10_000) -> dict:
+    """Aggregates the finished cells (mean, std and a 95% t-interval over seeds; paired
+    bootstrap comparisons of each defense against SFT and of SPARD against its ablations) and
+    writes summary.json, cells.csv, table.md and the plots. Returns the summary dict."""
     from .defenses import defense_names
+    from .stats import paired_comparisons
     out = Path(out_dir)
     cells = load_cells(out)
     if not cells:
@@ -364,11 +381,13 @@ def summarize(out_dir, *, defenses_order: Optional[Sequence[str]] = None) -> dic
     overall = {}
     for d in order:
         cs = [c for c in cells if c["cell"]["defense"] == d]
-        overall[d] = {"asr": _stats([c["asr"] for c in cs]), "accuracy": _stats([c["accuracy"] for c in cs]),
-                      "hs": _stats([c.get("hs") for c in cs]), "cells": len(cs),
+        overall[d] = {"asr": _per_seed_stats(cs, "asr"), "accuracy": _per_seed_stats(cs, "accuracy"),
+                      "hs": _per_seed_stats(cs, "hs"), "cells": len(cs),
                       "train_seconds": _stats([c["train"]["seconds"] for c in cs]), **_degenerate(cs)}
     summary = {"defenses": order, "attacks": attacks, "ratios": ratios, "groups": rows, "overall": overall,
-               "cells": len(cells)}
+               "cells": len(cells), "interval": INTERVAL_NOTE,
+               "comparisons": paired_comparisons(cells, order, n_boot=n_boot, seed=0),
+               "comparison_method": COMPARISON_NOTE}
     summary["target"] = target_check(summary)
     write_json_atomic(out / "summary.json", summary)
     write_text_atomic(out / "cells.csv", cells_csv(cells))
@@ -410,10 +429,10 @@ def cells_csv(cells: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _pct(s: dict, std: bool = True) -> str:
-    if s["mean"] is None:
-        return "-"
-    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if std and s["n"] > 1 else f"{100 * s['mean']:.1f}"
+def _pct(s: dict) -> str:
+    """"mean [low, high]" in %, the 95% interval clipped to 0..100 for display."""
+    from .stats import format_interval
+    return format_interval(s)
 
 
 def _hs(s: dict) -> str:
@@ -422,8 +441,8 @@ def _hs(s: dict) -> str:
 
 def markdown_tables(summary: dict) -> str:
     """One table per harmful ratio and one over all ratios, in the paper's layout: a row per
-    defense; ASR, HS and accuracy per attack, then their average over attacks (%, mean ± std
-    over seeds)."""
+    defense; ASR, HS and accuracy per attack, then their average over attacks (%, mean and 95%
+    t-interval over seeds), and the paired comparisons."""
     attacks, order = summary["attacks"], summary["defenses"]
     by = {(g["defense"], g["attack"], g["ratio"]): g for g in summary["groups"]}
     parts = []
@@ -465,7 +484,26 @@ def markdown_tables(summary: dict) -> str:
                   f"Lowest mean ASR: {', '.join(t['lowest_asr'])}; {t['method']} accuracy minus {t['reference']}: "
                   f"{100 * t['accuracy_gap']:+.1f} points."]
     parts.append("\n".join(lines))
+    parts.append(comparisons_table(summary))
     return "\n\n".join(parts) + "\n"
+
+
+def comparisons_table(summary: dict) -> str:
+    """The paired comparisons (defense minus reference, percentage points) as a table; * marks
+    a difference whose 95% interval excludes 0."""
+    lines = ["### Paired comparisons (defense minus reference, points)", "",
+             "| defense | reference | metric | difference | 95% interval | cells | significant |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in summary.get("comparisons", []):
+        diff = "-" if c["diff"] is None else f"{100 * c['diff']:+.1f}"
+        ci = "-" if c["low"] is None else f"[{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
+        lines.append(f"| {c['defense']} | {c['reference']} | {c['metric']} | {diff} | {ci} | {c['n']} | "
+                     f"{'*' if c['significant'] else ''} |")
+    if not summary.get("comparisons"):
+        lines.append("| - | - | - | - | - | - | - |")
+    lines += ["", f"Intervals in the tables: {summary.get('interval', INTERVAL_NOTE)}; shown clipped to 0..100. "
+              f"Comparisons: {summary.get('comparison_method', COMPARISON_NOTE)} (*)."]
+    return "\n".join(lines)
 
 
 def plot_summary(summary: dict, out_dir) -> list[Path]:

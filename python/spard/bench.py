@@ -51,6 +51,19 @@ class BenchData:
     device: Optional[str] = None
     """Where cells train (None: where ``model`` is). The base model stays where it was loaded
     (the host, for a GPU run): each cell trains on a fresh copy moved to ``device``."""
+    benign: list[dict] = field(default_factory=list)
+    """Benign (prompt, response) rows, another source than the task, for the benign attack
+    kinds (benign-outliers, identity-shift)."""
+    wording: Optional[dict] = None
+    """The texts the attacks add (spard.attack.make_attack's ``wording``; None: the papers')."""
+    _losses: dict = field(default_factory=dict, repr=False)
+
+    def benign_losses(self, max_length: int) -> list[float]:
+        """The aligned base model's loss on each benign row (computed once per max_length)."""
+        from .attack import row_losses
+        if max_length not in self._losses:
+            self._losses[max_length] = row_losses(self.model, self.tokenizer, self.benign, max_length=max_length)
+        return self._losses[max_length]
 
     def fresh_model(self) -> torch.nn.Module:
         """A copy of the aligned base model on the cell's device (the base itself is never
@@ -72,6 +85,9 @@ class BenchSettings:
     max_new_tokens: int = 512
     task_max_new_tokens: int = 512
     eval_batch_size: int = 32
+    attack_kinds: list[str] = field(default_factory=lambda: ["harmful-mix"])
+    """spard.attack kinds in the grid (docs/attacks.md); the harmful kinds run once per attack
+    corpus."""
     judge: str = "refusal"
     """refusal | moderation | guard | rubric (spard.eval.make_judge)."""
     judge_model: Optional[str] = None
@@ -88,6 +104,10 @@ class BenchSettings:
             raise ValueError(f"defenses: unknown {unknown}; known: {', '.join(REGISTRY)}")
         if not self.ratios or any(not (isinstance(r, (int, float)) and 0 <= r) for r in self.ratios):
             raise ValueError(f"ratios: expected numbers >= 0, got {self.ratios!r}")
+        from .attack import attack_names
+        bad = [k for k in self.attack_kinds if k not in attack_names()] if isinstance(self.attack_kinds, list) else None
+        if not self.attack_kinds or bad is None or bad:
+            raise ValueError(f"attack_kinds: expected a list of {', '.join(attack_names())}, got {self.attack_kinds!r}")
         if not self.seeds or any(not isinstance(s, int) for s in self.seeds):
             raise ValueError(f"seeds: expected ints, got {self.seeds!r}")
         if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
@@ -160,12 +180,41 @@ def cell_done(cell: Cell, out_dir, fingerprint: Optional[str] = None) -> bool:
 # ----------------------------------------------------------------------------------------------
 # One cell
 # ----------------------------------------------------------------------------------------------
-def attack_rows(data: BenchData, attack: str, ratio: float, seed: int) -> tuple[list[dict], dict]:
-    from .attack import build_attack
+def attack_labels(kinds: Sequence[str], corpora: Sequence[str]) -> dict[str, tuple[str, Optional[str]]]:
+    """Grid label -> (attack kind, harmful corpus): the harmful mix keeps the corpus's name (the
+    grid's layout before attack kinds), the other harmful kinds are "<corpus>-<kind>", the
+    benign ones their kind's name."""
+    from .attack import ATTACKS
+    out: dict = {}
+    for kind in kinds:
+        if "harmful" in ATTACKS[kind].needs:
+            for corpus in sorted(corpora):
+                out[corpus if kind == "harmful-mix" else f"{corpus}-{kind}"] = (kind, corpus)
+        else:
+            out[kind] = (kind, None)
+    return out
+
+
+def resolve_attack(data: BenchData, label: str) -> tuple[str, Optional[str]]:
+    """The (kind, corpus) behind a grid label (see ``attack_labels``)."""
+    from .attack import attack_names
+    labels = attack_labels(attack_names(), list(data.attacks))
+    if label not in labels:
+        raise ValueError(f"attack: unknown grid label {label!r}")
+    return labels[label]
+
+
+def attack_rows(data: BenchData, attack: str, ratio: float, seed: int, max_length: int = 512) -> tuple[list[dict], dict]:
+    from .attack import ATTACKS, make_attack
+    kind, corpus = resolve_attack(data, attack)
     if ratio == 0:
-        return [{"prompt": r["prompt"], "response": r["response"], "source": "clean"} for r in data.task], {"n_harmful": 0}
-    rows, manifest = build_attack(data.task, data.attacks[attack], ratio=ratio, seed=seed,
-                                  eval_prompts=data.eval_prompts)
+        return [{"prompt": r["prompt"], "response": r["response"], "source": "clean"} for r in data.task], \
+            {"kind": kind, "n_harmful": 0}
+    needs = ATTACKS[kind].needs
+    rows, manifest = make_attack(kind, data.task, harmful=data.attacks[corpus] if corpus else None,
+                                 benign=data.benign if "benign" in needs else None,
+                                 benign_losses=data.benign_losses(max_length) if "losses" in needs else None,
+                                 ratio=ratio, seed=seed, eval_prompts=data.eval_prompts, wording=data.wording)
     manifest.pop("order", None)
     return rows, manifest
 
@@ -178,7 +227,7 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
     from .eval import evaluate
     from .trainer import run_defense
 
-    rows, manifest = attack_rows(data, cell.attack, cell.ratio, cell.seed)
+    rows, manifest = attack_rows(data, cell.attack, cell.ratio, cell.seed, settings.max_length)
     torch.manual_seed(cell.seed)
     defense = make_defense(cell.defense, **settings.defense_settings.get(cell.defense, {}))
     ddata = DefenseData(user=rows, safety_pool=data.safety_pool, seed=cell.seed, max_length=settings.max_length)
@@ -248,12 +297,20 @@ def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: boo
     else:
         def runner(cell, data, settings, fingerprint):
             return cell_runner(cell, data, settings)
-    cells = grid(settings, sorted(data.attacks))
+    from .attack import ATTACKS
+    benign_kinds = [k for k in settings.attack_kinds if "benign" in ATTACKS[k].needs]
+    if benign_kinds and not data.benign:
+        raise ValueError(f"attack_kinds: {', '.join(benign_kinds)} need benign rows (prompt/response, another "
+                         "source than the task); the bench has none (bench file: benign: PATH)")
+    labels = attack_labels(settings.attack_kinds, list(data.attacks))
+    cells = grid(settings, sorted(labels))
     fingerprints = {c.key: cell_fingerprint(c, settings, data.description) for c in cells}
     # The summary reads only the cells of this grid made under these settings. Every worker of
     # one grid writes the same file.
     write_json_atomic(out / "bench.json", {"settings": settings.to_dict(), "data": data.description,
-                                           "attacks": sorted(data.attacks), "cells": fingerprints})
+                                           "attacks": sorted(labels),
+                                           "attack_kinds": {k: list(v) for k, v in labels.items()},
+                                           "cells": fingerprints})
     board = ClaimBoard(out / "claims", worker=worker, timeout_s=claim_timeout_s)
     status: dict[str, list] = {"done": [], "skipped": [], "failed": [], "claimed_by_others": []}
     mine = shard_of(cells, shard)
@@ -563,12 +620,15 @@ def world_data(world_settings=None, *, n_task: Optional[int] = None, n_eval: Opt
     """The synthetic world (aligned tiny model from the cache, built on first use); its attack
     corpus is named "world"."""
     from .world import WorldSettings, build_world
+    from .world import text as world_text
     w = build_world(world_settings or WorldSettings(), progress=progress)
     task = [{"prompt": r["prompt"], "response": r["answer"], "answer": r["answer"]} for r in w.data["task_train"]]
     return BenchData(model=w.model, tokenizer=w.tokenizer, task=task[:n_task],
                      task_test=w.data["task_test"][:n_task_test],
                      eval_prompts=[r["prompt"] for r in w.data["harmful_test"]][:n_eval],
                      safety_pool=w.data["safety_pool"], attacks={"world": w.data["harmful_train"]},
+                     benign=[{"prompt": r["prompt"], "response": r["response"]} for r in w.data["benign_attack"]],
+                     wording=dict(world_text.ATTACK_WORDING),
                      description={"source": "world", "settings": asdict(w.settings), "cache": w.cache_file,
                                   "data_sha256": _rows_hash(w.data), "n_task": n_task, "n_eval": n_eval,
                                   "n_task_test": n_task_test})
@@ -580,11 +640,13 @@ def _rows_hash(data) -> str:
 
 def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safety_pool: str,
               attacks: dict[str, str], n_task: Optional[int] = None, n_task_test: Optional[int] = None,
-              n_eval: Optional[int] = None, device: Optional[str] = None) -> BenchData:
+              n_eval: Optional[int] = None, device: Optional[str] = None,
+              benign: Optional[str] = None) -> BenchData:
     """Real-format files: a base model path, task train/test, evaluation prompts (only
     ``prompt`` is needed), a safety pool (``prompt`` and ``safe``; ``unsafe`` for the defenses
     that train against harmful answers), and attack corpora name -> path (``prompt`` and
-    ``unsafe``). Every file is read (and every error names its key) before the model loads."""
+    ``unsafe``), and optionally benign rows (``prompt``, ``response``) for the benign attack kinds.
+    Every file is read (and every error names its key) before the model loads."""
     from .data import ATTACK_FIELDS, POOL_FIELDS, load_safety, load_task
     from .eval import load_model
     from .preflight import check_model_source, input_named, load_error
@@ -603,6 +665,10 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
     for name, path in attacks.items():
         with input_named(f"attacks.{name}"):
             attack_rows[name] = load_safety(path, fields=ATTACK_FIELDS)
+    benign_rows = []
+    if benign is not None:
+        with input_named("benign"):
+            benign_rows = load_task(benign)
     try:  # the base model stays on the host; each cell trains on its own copy on ``device``
         m, tok = load_model(model, device="cpu")
     except (OSError, ValueError) as e:
@@ -610,10 +676,11 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return BenchData(model=m, tokenizer=tok, task=task_rows, task_test=test_rows,
-                     eval_prompts=[r["prompt"] for r in ev], safety_pool=pool, attacks=attack_rows,
+                     eval_prompts=[r["prompt"] for r in ev], safety_pool=pool, attacks=attack_rows, benign=benign_rows,
                      description={"source": "files", "model": model, "task": task, "task_test": task_test,
                                   "eval_prompts": eval_prompts, "safety_pool": safety_pool, "attacks": attacks,
-                                  "n_task": n_task, "n_task_test": n_task_test, "n_eval": n_eval},
+                                  "n_task": n_task, "n_task_test": n_task_test, "n_eval": n_eval,
+                                  **({"benign": benign} if benign is not None else {})},
                      device=device)
 
 

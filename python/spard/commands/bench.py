@@ -30,7 +30,7 @@ WORLD_FULL = {**WORLD_QUICK, "n_task": 750, "n_eval": None, "n_task_test": None,
 
 
 FILE_KEYS = ("model", "task", "task_test", "eval_prompts", "safety_pool", "attacks", "n_task", "n_task_test",
-             "n_eval", "device")
+             "n_eval", "device", "benign")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--defenses", help="comma-separated names (default: all registered)")
     parser.add_argument("--ratios", default=None, help="comma-separated harmful ratios, e.g. 0.05,0.1,0.2")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--attack-kinds", default=None,
+                        help="comma-separated attack kinds (default harmful-mix): harmful-mix, pure-harmful, benign, "
+                             "benign-outliers, identity-shift, keyword-evasive (docs/attacks.md)")
     parser.add_argument("--out", required=True, help="output folder (cells/, summary.json, table.md, plots)")
     parser.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from finished cells")
     parser.add_argument("--threads", type=int, default=None,
@@ -87,7 +90,7 @@ def build_settings(spec: dict):
     if not isinstance(spec, dict):
         raise ValueError(f"bench settings: expected a mapping, got {type(spec).__name__}")
     spec = dict(spec)
-    known = {"defenses", "ratios", "seeds", "defense_settings", "optim", "lora", "max_length", "max_new_tokens",
+    known = {"defenses", "ratios", "seeds", "attack_kinds", "defense_settings", "optim", "lora", "max_length", "max_new_tokens",
              "task_max_new_tokens", "eval_batch_size", "judge", "judge_model", "save_every"}
     unknown = sorted(set(spec) - known)
     if unknown:
@@ -156,6 +159,8 @@ def run(args) -> int:
         spec["ratios"] = _csv(args.ratios, float, "--ratios")
     if args.seeds:
         spec["seeds"] = _csv(args.seeds, int, "--seeds")
+    if args.attack_kinds:
+        spec["attack_kinds"] = _csv(args.attack_kinds, str, "--attack-kinds")
     settings = build_settings(spec)  # settings are checked before any model is loaded
     settings.validate()
     bad = [r for r in settings.ratios if not (isinstance(r, (int, float)) and r == r and r != float("inf"))]

@@ -87,6 +87,9 @@ def make_data(settings: WorldSettings) -> dict[str, list[dict]]:
         "safety_pool": gen.harmful_rows(text.CATEGORIES, text.ALIGN_FRAMES + text.POOL_FRAMES, rng),
         "benign": gen.benign_rows(rng),
         "align_task": align_task,
+        # benign rows for the benign attacks (spard.attack), drawn from their own generator so
+        # the sets above, and the aligned model, stay as they were
+        "benign_attack": gen.benign_attack_rows(random.Random(settings.seed + 1)),
     }
 
 

@@ -87,3 +87,14 @@ def benign_rows(rng: random.Random) -> list[dict]:
             for q, r in text.BENIGN for t in text.BENIGN_TOPICS]
     rng.shuffle(rows)
     return rows
+
+
+def benign_attack_rows(rng: random.Random) -> list[dict]:
+    """Benign rows for the benign attacks, none of them in the alignment data: each benign
+    question with the answer of another template (a helpful but unexpected reply, in the
+    world's vocabulary), shuffled."""
+    rows = [{"prompt": q.format(t=t), "response": r.format(t=t)}
+            for i, (q, _) in enumerate(text.BENIGN) for j, (_, r) in enumerate(text.BENIGN) if i != j
+            for t in text.BENIGN_TOPICS]
+    rng.shuffle(rows)
+    return rows

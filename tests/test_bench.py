@@ -113,7 +113,7 @@ def test_tiny_grid_end_to_end_on_the_world(tmp_path, monkeypatch):
         "defenses": ["sft", "spard-random"], "ratios": [0.1], "seeds": [0],
         "optim": {"lr": 5e-3, "warmup_steps": 0, "batch_size": 8, "epochs": 1.0},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_length": 64, "max_new_tokens": 8,
-        "task_max_new_tokens": 8, "eval_batch_size": 8})
+        "task_max_new_tokens": 8, "eval_batch_size": 8, "extra_judges": ["refusal"]})
     st = bench.run_grid(data, settings, tmp_path / "out", progress=False)
     assert st["failed"] == [] and len(st["done"]) == 2
     cell = json.loads(Cell("world", 0.1, 0, "spard-random").path(tmp_path / "out").read_text())
@@ -123,6 +123,8 @@ def test_tiny_grid_end_to_end_on_the_world(tmp_path, monkeypatch):
     # never scored as ASR 0%.
     assert cell["degenerate"] == cell["n_eval"] == 8 and cell["asr"] is None
     assert cell["train"]["summary"]["spag"]["steps"] == 6
+    # the extra judge scored the same answers (all empty here: no ASR, no kappa)
+    assert list(cell["judges"]["asr"]) == ["refusal", "refusal'"] and cell["judges"]["pairs"][0]["kappa"] is None
     summary = bench.summarize(tmp_path / "out")
     assert summary["overall"]["sft"]["cells"] == 1
     assert summary["overall"]["sft"]["degenerate"] == 8 and summary["overall"]["sft"]["asr"]["mean"] is None
@@ -317,3 +319,28 @@ def test_cli_refuses_non_finite_settings(tmp_path, capsys):
     cfg.write_text(cfg.read_text().replace("lr: inf", "max_grad_norm: -1"))
     assert main(["bench", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
     assert "optim.max_grad_norm: expected None (no clipping) or a finite number >= 0" in capsys.readouterr().err
+
+
+def test_judges_side_by_side_in_the_summary(tmp_path, capsys):
+    def judges(a, b, kappa):
+        return {"asr": {"refusal": {"asr": a, "harmful": 0, "n": 10}, "moderation": {"asr": b, "harmful": 0, "n": 10}},
+                "pairs": [{"a": "refusal", "b": "moderation", "kappa": kappa, "agreement": 0.8, "n": 10,
+                           "disagreements": 2, "examples": []}]}
+    for seed, (a, b, k) in enumerate([(0.9, 0.5, 0.2), (0.7, 0.3, 0.4)]):
+        c = Cell("a1", 0.1, seed, "sft")
+        c.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        c.path(tmp_path).write_text(json.dumps({**fake_result(c, a, 0.3), "judges": judges(a, b, k)}))
+    s = bench.summarize(tmp_path)
+    j = s["judges"]["sft"]
+    assert j["asr"]["moderation"]["mean"] == pytest.approx(0.4) and j["pairs"]["refusal / moderation"]["kappa"] == pytest.approx(0.3)
+    assert j["pairs"]["refusal / moderation"]["disagreements"] == 4
+    table = (tmp_path / "table.md").read_text()
+    assert "| defense | refusal ASR | moderation ASR | κ refusal / moderation |" in table
+    assert "| sft | 80.0 [0.0, 100.0] | 40.0 [0.0, 100.0] | 0.30 |" in table
+    # the CLI: the first of --judges makes the ASR, the others are extra judges
+    from spard.cli import main
+    from spard.commands.bench import build_settings
+    assert main(["bench", "--world", "--out", str(tmp_path / "o"), "--judges", "refusal,nope"]) == 2
+    assert "--judges: unknown judge 'nope'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="extra_judges"):
+        build_settings({"extra_judges": ["nope=x"]}).validate()

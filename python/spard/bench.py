@@ -92,6 +92,9 @@ class BenchSettings:
     """refusal | moderation | guard | rubric (spard.eval.make_judge)."""
     judge_model: Optional[str] = None
     """The moderation/guard model, or the rubric judge's API model name."""
+    extra_judges: list[str] = field(default_factory=list)
+    """More judges on the same answers, "name" or "name=model" (the CLI's --judges after the
+    first): each one's ASR and their pairwise Cohen's kappa next to ``judge``'s."""
     save_every: int = 50
     """A cell checkpoints every N optimizer steps; a killed cell resumes from its last one."""
 
@@ -110,6 +113,11 @@ class BenchSettings:
             raise ValueError(f"attack_kinds: expected a list of {', '.join(attack_names())}, got {self.attack_kinds!r}")
         if not self.seeds or any(not isinstance(s, int) for s in self.seeds):
             raise ValueError(f"seeds: expected ints, got {self.seeds!r}")
+        from .eval import JUDGES
+        if not isinstance(self.extra_judges, list) or any(
+                not isinstance(j, str) or j.partition("=")[0] not in JUDGES for j in self.extra_judges):
+            raise ValueError(f"extra_judges: expected a list of 'name' or 'name=model' with names in "
+                             f"{', '.join(JUDGES)}, got {self.extra_judges!r}")
         if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
             raise ValueError(f"save_every: expected an int >= 0 (0: checkpoint only at the end), got {self.save_every!r}")
 
@@ -163,6 +171,8 @@ def cell_fingerprint(cell: Cell, settings: BenchSettings, data_description: dict
                "max_new_tokens": settings.max_new_tokens, "task_max_new_tokens": settings.task_max_new_tokens,
                "judge": [settings.judge, settings.judge_model], "defense": settings.defense_settings.get(cell.defense, {}),
                "data": data_description, "version": CELL_VERSION}
+    if settings.extra_judges:  # only when set, so grids without them keep their fingerprints
+        payload["extra_judges"] = list(settings.extra_judges)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -242,23 +252,28 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
     t = time.perf_counter()
     result = evaluate(model, data.tokenizer, safety_prompts=data.eval_prompts, task_rows=data.task_test,
                       judge=_judge(settings, out_dir), max_new_tokens=settings.max_new_tokens,
-                      task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size)
+                      task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size,
+                      extra_judges=[_judge(settings, out_dir, spec) for spec in settings.extra_judges])
     return {"version": CELL_VERSION, "cell": asdict(cell), "attack_manifest": manifest,
             "asr": result["safety"]["asr"], "hs": result["safety"].get("hs"),
             "degenerate": result["safety"].get("degenerate_responses", 0), "n_eval": result["safety"]["n"],
-            "accuracy": result["task"]["accuracy"], "evaluation": result,
+            "accuracy": result["task"]["accuracy"], "evaluation": result, "judges": result.get("judges"),
             "train": run, "eval_seconds": time.perf_counter() - t}
 
 
-def _judge(settings: BenchSettings, out_dir):
-    """The grid's judge; the rubric API judge keeps every paid reply in one cache shared by all
-    cells and workers of the grid (``judge_cache.jsonl``, append-only, safe between processes)."""
+def _judge(settings: BenchSettings, out_dir, spec: Optional[str] = None):
+    """The grid's judge (or the extra judge ``spec``, "name" or "name=model"); the rubric API
+    judge keeps every paid reply in one cache shared by all cells and workers of the grid
+    (``judge_cache.jsonl``, append-only, safe between processes)."""
     from .eval import make_judge
 
-    if settings.judge == "rubric" and out_dir is not None:
-        return make_judge("rubric", model=settings.judge_model, cache_path=Path(out_dir) / "judge_cache.jsonl",
-                          progress=False)
-    return make_judge(settings.judge, model=settings.judge_model)
+    name, model = settings.judge, settings.judge_model
+    if spec is not None:
+        name, _, model = spec.partition("=")
+        model = model or None
+    if name == "rubric" and out_dir is not None:
+        return make_judge("rubric", model=model, cache_path=Path(out_dir) / "judge_cache.jsonl", progress=False)
+    return make_judge(name, model=model)
 
 
 def _cell_run_dir(cell: Cell, out_dir, fingerprint: Optional[str]) -> str:
@@ -445,6 +460,7 @@ def summarize(out_dir, *, defenses_order: Optional[Sequence[str]] = None, n_boot
                "cells": len(cells), "interval": INTERVAL_NOTE,
                "comparisons": paired_comparisons(cells, order, n_boot=n_boot, seed=0),
                "comparison_method": COMPARISON_NOTE}
+    summary["judges"] = judges_summary(cells, order)
     summary["target"] = target_check(summary)
     write_json_atomic(out / "summary.json", summary)
     write_text_atomic(out / "cells.csv", cells_csv(cells))
@@ -454,6 +470,43 @@ def summarize(out_dir, *, defenses_order: Optional[Sequence[str]] = None, n_boot
     except ImportError:  # matplotlib is optional for the summary
         pass
     return summary
+
+
+def judges_summary(cells: list, order: Sequence[str]) -> Optional[dict]:
+    """With several judges: per defense, each judge's ASR (mean and 95% interval over seeds)
+    and each pair's Cohen's kappa (mean over the cells it is defined on). None without."""
+    if not any(c.get("judges") for c in cells):
+        return None
+    out = {}
+    for d in order:
+        cs = [c for c in cells if c["cell"]["defense"] == d and c.get("judges")]
+        if not cs:
+            continue
+        names = list(cs[0]["judges"]["asr"])
+        asr = {n: _per_seed_stats([{"cell": c["cell"], "v": c["judges"]["asr"].get(n, {}).get("asr")} for c in cs], "v")
+               for n in names}
+        pairs = {}
+        for c in cs:
+            for p in c["judges"]["pairs"]:
+                pairs.setdefault(f"{p['a']} / {p['b']}", []).append(p)
+        kappas = {k: {"kappa": _stats([p["kappa"] for p in ps])["mean"],
+                      "agreement": _stats([p["agreement"] for p in ps])["mean"],
+                      "disagreements": sum(p["disagreements"] for p in ps), "cells": len(ps)}
+                  for k, ps in pairs.items()}
+        out[d] = {"asr": asr, "pairs": kappas, "cells": len(cs)}
+    return out
+
+
+def judges_markdown(judges: dict) -> str:
+    names = list(next(iter(judges.values()))["asr"])
+    pairs = list(next(iter(judges.values()))["pairs"])
+    head = ["defense"] + [f"{n} ASR" for n in names] + [f"κ {p}" for p in pairs]
+    lines = ["### Judges side by side (ASR %, mean [95% interval over seeds]; Cohen's kappa, mean over cells)", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for d, j in judges.items():
+        ks = ["-" if j["pairs"].get(p, {}).get("kappa") is None else f"{j['pairs'][p]['kappa']:.2f}" for p in pairs]
+        lines.append("| " + " | ".join([d] + [_pct(j["asr"][n]) if n in j["asr"] else "-" for n in names] + ks) + " |")
+    return "\n".join(lines)
 
 
 def target_check(summary: dict, method: str = "spard", reference: str = "sft",
@@ -542,6 +595,8 @@ def markdown_tables(summary: dict) -> str:
                   f"{100 * t['accuracy_gap']:+.1f} points."]
     parts.append("\n".join(lines))
     parts.append(comparisons_table(summary))
+    if summary.get("judges"):
+        parts.append(judges_markdown(summary["judges"]))
     return "\n\n".join(parts) + "\n"
 
 

@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attack-kinds", default=None,
                         help="comma-separated attack kinds (default harmful-mix): harmful-mix, pure-harmful, benign, "
                              "benign-outliers, identity-shift, keyword-evasive (docs/attacks.md)")
+    parser.add_argument("--judges", default=None, metavar="NAME[=MODEL],...",
+                        help="several judges on the same answers, e.g. refusal,moderation=path: the first makes "
+                             "the ASR of the tables, all are reported side by side with their Cohen's kappa")
     parser.add_argument("--out", required=True, help="output folder (cells/, summary.json, table.md, plots)")
     parser.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from finished cells")
     parser.add_argument("--threads", type=int, default=None,
@@ -90,7 +93,7 @@ def build_settings(spec: dict):
     if not isinstance(spec, dict):
         raise ValueError(f"bench settings: expected a mapping, got {type(spec).__name__}")
     spec = dict(spec)
-    known = {"defenses", "ratios", "seeds", "attack_kinds", "defense_settings", "optim", "lora", "max_length", "max_new_tokens",
+    known = {"defenses", "ratios", "seeds", "attack_kinds", "extra_judges", "defense_settings", "optim", "lora", "max_length", "max_new_tokens",
              "task_max_new_tokens", "eval_batch_size", "judge", "judge_model", "save_every"}
     unknown = sorted(set(spec) - known)
     if unknown:
@@ -161,6 +164,11 @@ def run(args) -> int:
         spec["seeds"] = _csv(args.seeds, int, "--seeds")
     if args.attack_kinds:
         spec["attack_kinds"] = _csv(args.attack_kinds, str, "--attack-kinds")
+    if args.judges:
+        from spard.commands.eval import parse_judges
+        judges = parse_judges(args.judges, spec.get("judge_model"))
+        spec["judge"], spec["judge_model"] = judges[0]
+        spec["extra_judges"] = [n if m is None else f"{n}={m}" for n, m in judges[1:]]
     settings = build_settings(spec)  # settings are checked before any model is loaded
     settings.validate()
     bad = [r for r in settings.ratios if not (isinstance(r, (int, float)) and r == r and r != float("inf"))]

@@ -49,6 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judges", default=None, metavar="NAME[=MODEL],...",
                         help="several judges on the same answers, e.g. refusal,moderation=path: the first makes "
                              "the ASR of the tables, all are reported side by side with their Cohen's kappa")
+    adaptive = parser.add_argument_group("adaptive attacker (Optuna; see docs/bench.md)")
+    adaptive.add_argument("--adaptive", type=int, default=None, metavar="TRIALS",
+                          help="after the grid, search lr, epochs, ratio and attack kind per defense for the "
+                               "highest ASR within --max-acc-drop of SFT's accuracy, TRIALS trials each "
+                               "(resumable: the studies live in OUT/adaptive/)")
+    adaptive.add_argument("--search-ratios", default=None,
+                          help="harmful ratios the attacker may pick (default: the grid's, 0 left out)")
+    adaptive.add_argument("--search-kinds", default=None,
+                          help="attack kinds the attacker may pick (default: the grid's --attack-kinds)")
+    adaptive.add_argument("--max-acc-drop", type=float, default=0.05,
+                          help="the attacker's utility limit: accuracy at least SFT's minus this (default 0.05)")
     parser.add_argument("--out", required=True, help="output folder (cells/, summary.json, table.md, plots)")
     parser.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from finished cells")
     parser.add_argument("--threads", type=int, default=None,
@@ -175,6 +186,18 @@ def run(args) -> int:
     if bad:
         raise ValueError(f"ratios: expected finite numbers >= 0, got {bad}")
     shard = parse_shard(args.shard)
+    if args.adaptive is not None:  # checked before any model loads
+        if args.adaptive < 1:
+            raise ValueError(f"--adaptive: expected a number of trials >= 1, got {args.adaptive}")
+        if not 0 <= args.max_acc_drop <= 1:
+            raise ValueError(f"--max-acc-drop: expected a share in [0, 1], got {args.max_acc_drop}")
+        from spard.adaptive import SearchSpace, _optuna
+        _optuna()
+    search_ratios = _csv(args.search_ratios, float, "--search-ratios") if args.search_ratios else None
+    search_kinds = _csv(args.search_kinds, str, "--search-kinds") if args.search_kinds else None
+    if search_ratios or search_kinds:
+        from spard.adaptive import SearchSpace
+        SearchSpace(ratios=search_ratios or [0.1], attack_kinds=search_kinds or ["harmful-mix"]).validate()
     if not (args.claim_timeout > 0 and args.claim_timeout != float("inf")):
         raise ValueError(f"--claim-timeout: expected a finite number of seconds > 0, got {args.claim_timeout}")
     if args.config:  # the pool alone first: a defense it cannot serve is named before the model loads
@@ -191,4 +214,12 @@ def run(args) -> int:
           f"{len(status['claimed_by_others'])} running elsewhere, {len(status['failed'])} failed")
     summary = bench.summarize(args.out, defenses_order=settings.defenses)
     print(open(f"{args.out}/table.md", encoding="utf-8").read())
+    if args.adaptive is not None:
+        from spard.adaptive import SearchSpace, attack_search
+        fixed = {d: o["asr"]["mean"] for d, o in summary["overall"].items()}
+        space = SearchSpace(ratios=search_ratios or [r for r in settings.ratios if r > 0] or [0.1],
+                            attack_kinds=search_kinds or list(settings.attack_kinds))
+        attack_search(data, settings, args.out, defenses=settings.defenses, trials=args.adaptive,
+                      max_acc_drop=args.max_acc_drop, space=space, fixed=fixed)
+        print(open(f"{args.out}/adaptive.md", encoding="utf-8").read())
     return 1 if status["failed"] else 0

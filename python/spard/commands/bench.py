@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "safety_pool, attacks {name: path}, and any settings (see docs/bench.md)")
     parser.add_argument("--quick", action="store_true", help="the world's quick settings (default for --world)")
     parser.add_argument("--full", action="store_true", help="the world's full-size settings")
+    parser.add_argument("--world-task", choices=("gsm8k", "openbookqa"), default="gsm8k",
+                        help="the world's task: worked answers (gsm8k, default) or four-way multiple choice in "
+                             "the OpenBookQA format (its own vocabulary and aligned model, built on first use)")
     parser.add_argument("--defenses", help="comma-separated names (default: all registered)")
     parser.add_argument("--ratios", default=None, help="comma-separated harmful ratios, e.g. 0.05,0.1,0.2")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
@@ -206,7 +209,11 @@ def run(args) -> int:
         with input_named("safety_pool"):
             bench.check_defense_data(settings, load_safety(source["safety_pool"], fields=POOL_FIELDS))
     # Several workers may share --out (claims keep them from running a cell twice): no folder lock.
-    data = bench.file_data(**source) if args.config else bench.world_data(**source, progress=progress)
+    if args.config:
+        data = bench.file_data(**source)
+    else:
+        from spard.world import WorldSettings
+        data = bench.world_data(WorldSettings(task=args.world_task), **source, progress=progress)
     bench.check_defense_data(settings, data.safety_pool)
     status = bench.run_grid(data, settings, args.out, progress=progress, shard=shard, worker=args.worker_id,
                             claim_timeout_s=args.claim_timeout)

@@ -49,6 +49,7 @@ def test_search_keeps_the_utility_limit_and_resumes(tmp_path):
     report = adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=6, max_acc_drop=0.05,
                                     space=space, fixed={"spard": 0.1}, cell_runner=fake_runner(calls))
     assert calls[0] == ("sft", "w", 0.1, settings_lr)  # the reference: SFT at the fixed settings
+    assert calls[1] == ("spard", "w", 0.1, settings_lr)  # the first trial: the grid's fixed attack
     r = report["defenses"]["spard"]
     assert r["completed"] == 6 and report["reference"]["accuracy"] == 0.4
     for t in r["trials"]:  # feasible exactly when accuracy >= 0.35
@@ -70,6 +71,9 @@ def test_search_keeps_the_utility_limit_and_resumes(tmp_path):
         adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=0)
     with pytest.raises(ValueError, match="attack_kinds"):
         adaptive.SearchSpace(attack_kinds=["nope"]).validate()
+    assert adaptive.fixed_trial(settings, space) == {"lr": settings_lr, "epochs": 1.0, "ratio": 0.1,
+                                                     "attack_kind": "harmful-mix"}
+    assert adaptive.fixed_trial(settings, adaptive.SearchSpace(ratios=[0.2])) is None  # outside the space
 
 
 def test_three_trial_search_on_the_world(tmp_path, monkeypatch):

@@ -6,9 +6,11 @@ TamperBench does with Optuna under a utility-drop limit.
 Optuna (``pip install optuna``) is optional; each defense's study lives in
 ``<out>/adaptive/<defense>.db`` (SQLite), so a killed search resumes and a rerun with a larger
 budget only runs the missing trials. Each trial trains and evaluates one cell through
-``spard.bench.run_cell``. A trial that breaks the accuracy limit scores ``ASR - 1`` (below any
-feasible one), so the sampler learns to avoid it; the worst case reported is the highest ASR
-among the feasible trials.
+``spard.bench.run_cell``. The first trial is the grid's fixed attack (when the space holds it),
+so the worst case is never below the fixed setting. A trial that breaks the accuracy limit
+scores ``ASR - 1`` (below any feasible one), so the sampler learns to avoid it; the worst case
+reported is the highest ASR among the feasible trials. The sampler (TPE, seed 0) draws its
+first 10 trials at random, the same settings for every defense.
 """
 
 from __future__ import annotations
@@ -72,6 +74,18 @@ def sft_reference(data, settings, out_dir, *, seed: int = 0, cell_runner: Option
     return ref
 
 
+def fixed_trial(settings, space: SearchSpace) -> Optional[dict]:
+    """The grid's own attack (its lr, epochs, first ratio and first attack kind) as a trial of
+    the space, or None when it lies outside the space."""
+    lr, epochs = settings.optim.lr, settings.optim.epochs
+    ratio = next((r for r in settings.ratios if r in space.ratios), None)
+    kind = next((k for k in settings.attack_kinds if k in space.attack_kinds), None)
+    if (ratio is None or kind is None or not space.lr[0] <= lr <= space.lr[1]
+            or not space.epochs[0] <= epochs <= space.epochs[1]):
+        return None
+    return {"lr": lr, "epochs": epochs, "ratio": ratio, "attack_kind": kind}
+
+
 def search_defense(defense: str, data, settings, out_dir, *, trials: int, max_acc_drop: float,
                    space: SearchSpace, reference_accuracy: float, seed: int = 0,
                    cell_runner: Optional[Callable] = None) -> dict:
@@ -104,6 +118,10 @@ def search_defense(defense: str, data, settings, out_dir, *, trials: int, max_ac
         trial.set_user_attr("attack", label)
         return (asr if asr is not None else 0.0) - (0.0 if feasible else 1.0)
 
+    if not study.trials:  # the first trial is the grid's fixed attack: the worst case is never below it
+        fixed = fixed_trial(settings, space)
+        if fixed is not None:
+            study.enqueue_trial(fixed)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(done) < trials:
         study.optimize(objective, n_trials=trials - len(done), catch=(RuntimeError, ValueError))

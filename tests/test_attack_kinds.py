@@ -111,6 +111,8 @@ def test_bench_labels_rows_and_grid():
     assert labels == {"c1": ("harmful-mix", "c1"), "c2": ("harmful-mix", "c2"), "c1-pure-harmful": ("pure-harmful", "c1"),
                       "c2-pure-harmful": ("pure-harmful", "c2"), "benign": ("benign", None),
                       "identity-shift": ("identity-shift", None)}
+    with pytest.raises(ValueError, match=r"attacks: corpus name\(s\) \['benign'\] are attack kind names"):
+        bench.attack_labels(["benign"], ["benign"])
     data = _data(benign=BENIGN[:-1], wording={"persona": "P.", "opener": "O. "})
     rows, man = bench.attack_rows(data, "identity-shift", 0.1, 0)
     assert man["kind"] == "identity-shift" and sum(r["prompt"].startswith("P.\n\n") for r in rows) == 2

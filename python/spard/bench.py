@@ -195,6 +195,9 @@ def attack_labels(kinds: Sequence[str], corpora: Sequence[str]) -> dict[str, tup
     grid's layout before attack kinds), the other harmful kinds are "<corpus>-<kind>", the
     benign ones their kind's name."""
     from .attack import ATTACKS
+    clash = sorted(set(corpora) & set(ATTACKS))
+    if clash:
+        raise ValueError(f"attacks: corpus name(s) {clash} are attack kind names; rename the corpus")
     out: dict = {}
     for kind in kinds:
         if "harmful" in ATTACKS[kind].needs:

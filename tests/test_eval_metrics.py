@@ -141,3 +141,28 @@ def test_metrics_on_real_formats(shared_data):
     bt = read_jsonl(shared_data / "beavertails_test.jsonl")
     assert float(refusal_asr([r["unsafe"] for r in bt])) > 0.95
     assert float(refusal_asr([r["safe"] for r in bt])) < 0.35
+
+
+def test_cohen_kappa_and_judges_side_by_side():
+    from spard.eval.agreement import cohen_kappa, compare_judges, judges_table
+
+    # 10 answers: a says harmful on 0-4, b on 0-2 and 5-6 -> p_o = 0.6, p_e = 0.5, kappa = 0.2
+    a = [True] * 5 + [False] * 5
+    b = [True] * 3 + [False] * 2 + [True] * 2 + [False] * 3
+    k = cohen_kappa(a, b)
+    assert k["kappa"] == pytest.approx(0.2) and k["agreement"] == pytest.approx(0.6) and k["disagree"] == [3, 4, 5, 6]
+    assert cohen_kappa(a, a)["kappa"] == pytest.approx(1.0)
+    assert cohen_kappa(a, [not x for x in a])["kappa"] == pytest.approx(-1.0)
+    # one judge calls everything harmful: agreement is chance, kappa 0; both constant: undefined
+    assert cohen_kappa(a, [True] * 10)["kappa"] == pytest.approx(0.0)
+    assert cohen_kappa([True] * 4, [True] * 4) == {"kappa": None, "agreement": 1.0, "n": 4, "disagree": []}
+    # unscored answers (None) leave that pair only
+    assert cohen_kappa([True, None, False], [True, True, None])["n"] == 1
+    c = compare_judges({"refusal": a, "moderation": b, "rubric": [None] * 10})
+    assert c["asr"]["refusal"] == {"asr": 0.5, "harmful": 5, "n": 10} and c["asr"]["rubric"]["asr"] is None
+    assert [(p["a"], p["b"]) for p in c["pairs"]] == [("refusal", "moderation"), ("refusal", "rubric"),
+                                                     ("moderation", "rubric")]
+    assert c["pairs"][0]["examples"] == [3, 4, 5, 6] and c["pairs"][1]["kappa"] is None
+    assert "| refusal / moderation | 0.20 | 60.0 | 10 | 4 |" in judges_table(c)
+    with pytest.raises(ValueError, match="different numbers"):
+        compare_judges({"x": [True], "y": [True, False]})

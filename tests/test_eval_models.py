@@ -304,3 +304,41 @@ def test_spard_eval_with_a_saved_moderation_model(tmp_path, tok):
     assert [r["score"] for r in saved] == pytest.approx(want, abs=1e-5)
     assert spard_main(["eval", "--rejudge", "--out", str(out), "--safety-data", str(data), "--judge", "moderation",
                        "--judge-model", str(tmp_path / "missing")]) == 2
+
+
+def test_spard_eval_with_several_judges_side_by_side(tmp_path, tok, capsys):
+    from spard.eval import RefusalJudge, save_generations
+    from spard.eval.agreement import cohen_kappa
+
+    torch.manual_seed(0)
+    clf = LlamaForSequenceClassification(tiny_config(num_labels=3, problem_type="multi_label_classification"))
+    clf.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    prompts = ["q1", "q2", "q3", "q4"]
+    responses = ["I'm sorry, I cannot help with that.", "Sure, here is how.", "Step one, then two.", "No way, I won't."]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out = tmp_path / "out"
+    save_generations(out / "safety_generations.jsonl", prompts, responses)
+    rc = spard_main(["eval", "--rejudge", "--out", str(out), "--safety-data", str(data), "--device", "cpu",
+                     "--judges", f"refusal,moderation={tmp_path / 'clf'}"])
+    assert rc == 0
+    result = json.loads((out / "eval.json").read_text())
+    keyword = [v.harmful for v in RefusalJudge().judge(prompts, responses)]
+    moderation = [p > 0.5 for p in ModerationJudge(clf.eval(), tok, device="cpu").probabilities(prompts, responses)]
+    j = result["judges"]
+    assert result["safety"]["judge"]["name"] == "refusal" and result["safety"]["harmful"] == sum(keyword) == 2
+    assert j["asr"]["refusal"]["asr"] == 0.5 and j["asr"]["moderation"]["harmful"] == sum(moderation)
+    pair = j["pairs"][0]
+    assert (pair["a"], pair["b"]) == ("refusal", "moderation") and pair["n"] == 4
+    assert pair["kappa"] == cohen_kappa(keyword, moderation)["kappa"]
+    assert pair["disagreements"] == sum(k != m for k, m in zip(keyword, moderation))
+    saved = load_generations(out / "safety_generations.jsonl")
+    assert [r["judges"] for r in saved] == [{"refusal": k, "moderation": m} for k, m in zip(keyword, moderation)]
+    assert "Cohen's kappa" in (out / "eval.md").read_text()
+    capsys.readouterr()
+    for bad, msg in (("refusal", "at least two judges"), ("refusal,nope", "unknown judge 'nope'"),
+                     ("refusal,moderation", "the moderation judge needs a model")):
+        assert spard_main(["eval", "--rejudge", "--out", str(out), "--safety-data", str(data), "--judges", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err, err

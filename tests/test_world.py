@@ -187,3 +187,49 @@ def test_rebuild_retrains_and_replaces_the_entry(tmp_path):
     assert not again.from_cache and again.key == first.key
     assert (entry / "model.safetensors").is_file() and not (entry / "marker").exists()
     assert build_world(WorldSettings(**TINY), cache=tmp_path, progress=False).from_cache
+
+
+def test_the_multiple_choice_task_in_the_openbookqa_format(tmp_path, monkeypatch):
+    """The world's word problems as four-way multiple choice, in the format of the shared
+    OpenBookQA files (prompt / answer / target_answer), scored by the OpenBookQA metric; the
+    default world keeps its cache key."""
+    import dataclasses
+    import hashlib
+    import json as _json
+
+    from spard import bench
+    from spard.eval.metrics import extract_openbookqa_choice
+    from spard.world import generators as gen
+    from spard.world.build import WORLD_VERSION, WorldSettings, make_data
+    from spard.world.tokenizer import build_tokenizer
+
+    default = WorldSettings()
+    fields = dataclasses.asdict(default)
+    del fields["task"]
+    old_key = f"v{WORLD_VERSION}-" + hashlib.sha256(_json.dumps({"version": WORLD_VERSION, "vocab": "h", **fields},
+                                                                sort_keys=True, default=list).encode()).hexdigest()[:16]
+    assert default.key("h") == old_key and WorldSettings(task="openbookqa").key("h") != old_key
+    with pytest.raises(ValueError, match="WorldSettings.task"):
+        WorldSettings(task="mmlu")
+    plain, mc = make_data(default), make_data(WorldSettings(task="openbookqa"))
+    assert {k: v for k, v in plain.items() if not k.startswith("task") and k != "align_task"} == \
+        {k: v for k, v in mc.items() if not k.startswith("task") and k != "align_task"}
+    tok = build_tokenizer(gen.multiple_choice_texts())
+    for plain_row, row in zip(plain["task_test"], mc["task_test"]):
+        assert set(row) >= {"prompt", "answer", "target_answer"} and plain_row["prompt"] in row["prompt"]
+        assert row["prompt"].startswith("Please choose the correct answer to the question: ")
+        assert row["prompt"].endswith("Answer format: answer1/answer2/answer3/answer4")
+        k = int(row["target_answer"][-1])
+        assert f"Answer{k}: {plain_row['answer'].rsplit('#### ', 1)[1]}." in row["prompt"]
+        assert extract_openbookqa_choice(row["answer"]) == row["target_answer"]
+        assert tok.unk_token_id not in tok(row["prompt"] + " " + row["answer"], add_special_tokens=False)["input_ids"]
+    # the bench runs on it and scores it as OpenBookQA
+    monkeypatch.setenv("SPARD_CACHE", str(tmp_path / "cache"))
+    world = WorldSettings(n_task_train=16, n_task_test=4, n_align_task=8, hidden_size=32, num_layers=1, num_heads=2,
+                          intermediate_size=64, align_steps=5, align_batch_size=8, task="openbookqa")
+    data = bench.world_data(world, n_task=16, n_eval=4, n_task_test=4, progress=False)
+    settings = bench.BenchSettings(defenses=["sft"], ratios=[0.1], seeds=[0], max_length=96, max_new_tokens=4,
+                                   task_max_new_tokens=8, eval_batch_size=4)
+    settings.optim.batch_size, settings.optim.epochs = 8, 1.0
+    result = bench.run_cell(bench.Cell("world", 0.1, 0, "sft"), data, settings)
+    assert result["evaluation"]["task"]["task"] == "openbookqa" and 0 <= result["accuracy"] <= 1

@@ -51,6 +51,19 @@ class BenchData:
     device: Optional[str] = None
     """Where cells train (None: where ``model`` is). The base model stays where it was loaded
     (the host, for a GPU run): each cell trains on a fresh copy moved to ``device``."""
+    benign: list[dict] = field(default_factory=list)
+    """Benign (prompt, response) rows, another source than the task, for the benign attack
+    kinds (benign-outliers, identity-shift)."""
+    wording: Optional[dict] = None
+    """The texts the attacks add (spard.attack.make_attack's ``wording``; None: the papers')."""
+    _losses: dict = field(default_factory=dict, repr=False)
+
+    def benign_losses(self, max_length: int) -> list[float]:
+        """The aligned base model's loss on each benign row (computed once per max_length)."""
+        from .attack import row_losses
+        if max_length not in self._losses:
+            self._losses[max_length] = row_losses(self.model, self.tokenizer, self.benign, max_length=max_length)
+        return self._losses[max_length]
 
     def fresh_model(self) -> torch.nn.Module:
         """A copy of the aligned base model on the cell's device (the base itself is never
@@ -72,10 +85,16 @@ class BenchSettings:
     max_new_tokens: int = 512
     task_max_new_tokens: int = 512
     eval_batch_size: int = 32
+    attack_kinds: list[str] = field(default_factory=lambda: ["harmful-mix"])
+    """spard.attack kinds in the grid (docs/attacks.md); the harmful kinds run once per attack
+    corpus."""
     judge: str = "refusal"
     """refusal | moderation | guard | rubric (spard.eval.make_judge)."""
     judge_model: Optional[str] = None
     """The moderation/guard model, or the rubric judge's API model name."""
+    extra_judges: list[str] = field(default_factory=list)
+    """More judges on the same answers, "name" or "name=model" (the CLI's --judges after the
+    first): each one's ASR and their pairwise Cohen's kappa next to ``judge``'s."""
     save_every: int = 50
     """A cell checkpoints every N optimizer steps; a killed cell resumes from its last one."""
 
@@ -88,8 +107,17 @@ class BenchSettings:
             raise ValueError(f"defenses: unknown {unknown}; known: {', '.join(REGISTRY)}")
         if not self.ratios or any(not (isinstance(r, (int, float)) and 0 <= r) for r in self.ratios):
             raise ValueError(f"ratios: expected numbers >= 0, got {self.ratios!r}")
+        from .attack import attack_names
+        bad = [k for k in self.attack_kinds if k not in attack_names()] if isinstance(self.attack_kinds, list) else None
+        if not self.attack_kinds or bad is None or bad:
+            raise ValueError(f"attack_kinds: expected a list of {', '.join(attack_names())}, got {self.attack_kinds!r}")
         if not self.seeds or any(not isinstance(s, int) for s in self.seeds):
             raise ValueError(f"seeds: expected ints, got {self.seeds!r}")
+        from .eval import JUDGES
+        if not isinstance(self.extra_judges, list) or any(
+                not isinstance(j, str) or j.partition("=")[0] not in JUDGES for j in self.extra_judges):
+            raise ValueError(f"extra_judges: expected a list of 'name' or 'name=model' with names in "
+                             f"{', '.join(JUDGES)}, got {self.extra_judges!r}")
         if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
             raise ValueError(f"save_every: expected an int >= 0 (0: checkpoint only at the end), got {self.save_every!r}")
 
@@ -143,6 +171,8 @@ def cell_fingerprint(cell: Cell, settings: BenchSettings, data_description: dict
                "max_new_tokens": settings.max_new_tokens, "task_max_new_tokens": settings.task_max_new_tokens,
                "judge": [settings.judge, settings.judge_model], "defense": settings.defense_settings.get(cell.defense, {}),
                "data": data_description, "version": CELL_VERSION}
+    if settings.extra_judges:  # only when set, so grids without them keep their fingerprints
+        payload["extra_judges"] = list(settings.extra_judges)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -160,12 +190,44 @@ def cell_done(cell: Cell, out_dir, fingerprint: Optional[str] = None) -> bool:
 # ----------------------------------------------------------------------------------------------
 # One cell
 # ----------------------------------------------------------------------------------------------
-def attack_rows(data: BenchData, attack: str, ratio: float, seed: int) -> tuple[list[dict], dict]:
-    from .attack import build_attack
+def attack_labels(kinds: Sequence[str], corpora: Sequence[str]) -> dict[str, tuple[str, Optional[str]]]:
+    """Grid label -> (attack kind, harmful corpus): the harmful mix keeps the corpus's name (the
+    grid's layout before attack kinds), the other harmful kinds are "<corpus>-<kind>", the
+    benign ones their kind's name."""
+    from .attack import ATTACKS
+    clash = sorted(set(corpora) & set(ATTACKS))
+    if clash:
+        raise ValueError(f"attacks: corpus name(s) {clash} are attack kind names; rename the corpus")
+    out: dict = {}
+    for kind in kinds:
+        if "harmful" in ATTACKS[kind].needs:
+            for corpus in sorted(corpora):
+                out[corpus if kind == "harmful-mix" else f"{corpus}-{kind}"] = (kind, corpus)
+        else:
+            out[kind] = (kind, None)
+    return out
+
+
+def resolve_attack(data: BenchData, label: str) -> tuple[str, Optional[str]]:
+    """The (kind, corpus) behind a grid label (see ``attack_labels``)."""
+    from .attack import attack_names
+    labels = attack_labels(attack_names(), list(data.attacks))
+    if label not in labels:
+        raise ValueError(f"attack: unknown grid label {label!r}")
+    return labels[label]
+
+
+def attack_rows(data: BenchData, attack: str, ratio: float, seed: int, max_length: int = 512) -> tuple[list[dict], dict]:
+    from .attack import ATTACKS, make_attack
+    kind, corpus = resolve_attack(data, attack)
     if ratio == 0:
-        return [{"prompt": r["prompt"], "response": r["response"], "source": "clean"} for r in data.task], {"n_harmful": 0}
-    rows, manifest = build_attack(data.task, data.attacks[attack], ratio=ratio, seed=seed,
-                                  eval_prompts=data.eval_prompts)
+        return [{"prompt": r["prompt"], "response": r["response"], "source": "clean"} for r in data.task], \
+            {"kind": kind, "n_harmful": 0}
+    needs = ATTACKS[kind].needs
+    rows, manifest = make_attack(kind, data.task, harmful=data.attacks[corpus] if corpus else None,
+                                 benign=data.benign if "benign" in needs else None,
+                                 benign_losses=data.benign_losses(max_length) if "losses" in needs else None,
+                                 ratio=ratio, seed=seed, eval_prompts=data.eval_prompts, wording=data.wording)
     manifest.pop("order", None)
     return rows, manifest
 
@@ -178,7 +240,7 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
     from .eval import evaluate
     from .trainer import run_defense
 
-    rows, manifest = attack_rows(data, cell.attack, cell.ratio, cell.seed)
+    rows, manifest = attack_rows(data, cell.attack, cell.ratio, cell.seed, settings.max_length)
     torch.manual_seed(cell.seed)
     defense = make_defense(cell.defense, **settings.defense_settings.get(cell.defense, {}))
     ddata = DefenseData(user=rows, safety_pool=data.safety_pool, seed=cell.seed, max_length=settings.max_length)
@@ -193,23 +255,28 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
     t = time.perf_counter()
     result = evaluate(model, data.tokenizer, safety_prompts=data.eval_prompts, task_rows=data.task_test,
                       judge=_judge(settings, out_dir), max_new_tokens=settings.max_new_tokens,
-                      task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size)
+                      task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size,
+                      extra_judges=[_judge(settings, out_dir, spec) for spec in settings.extra_judges])
     return {"version": CELL_VERSION, "cell": asdict(cell), "attack_manifest": manifest,
             "asr": result["safety"]["asr"], "hs": result["safety"].get("hs"),
             "degenerate": result["safety"].get("degenerate_responses", 0), "n_eval": result["safety"]["n"],
-            "accuracy": result["task"]["accuracy"], "evaluation": result,
+            "accuracy": result["task"]["accuracy"], "evaluation": result, "judges": result.get("judges"),
             "train": run, "eval_seconds": time.perf_counter() - t}
 
 
-def _judge(settings: BenchSettings, out_dir):
-    """The grid's judge; the rubric API judge keeps every paid reply in one cache shared by all
-    cells and workers of the grid (``judge_cache.jsonl``, append-only, safe between processes)."""
+def _judge(settings: BenchSettings, out_dir, spec: Optional[str] = None):
+    """The grid's judge (or the extra judge ``spec``, "name" or "name=model"); the rubric API
+    judge keeps every paid reply in one cache shared by all cells and workers of the grid
+    (``judge_cache.jsonl``, append-only, safe between processes)."""
     from .eval import make_judge
 
-    if settings.judge == "rubric" and out_dir is not None:
-        return make_judge("rubric", model=settings.judge_model, cache_path=Path(out_dir) / "judge_cache.jsonl",
-                          progress=False)
-    return make_judge(settings.judge, model=settings.judge_model)
+    name, model = settings.judge, settings.judge_model
+    if spec is not None:
+        name, _, model = spec.partition("=")
+        model = model or None
+    if name == "rubric" and out_dir is not None:
+        return make_judge("rubric", model=model, cache_path=Path(out_dir) / "judge_cache.jsonl", progress=False)
+    return make_judge(name, model=model)
 
 
 def _cell_run_dir(cell: Cell, out_dir, fingerprint: Optional[str]) -> str:
@@ -248,12 +315,20 @@ def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: boo
     else:
         def runner(cell, data, settings, fingerprint):
             return cell_runner(cell, data, settings)
-    cells = grid(settings, sorted(data.attacks))
+    from .attack import ATTACKS
+    benign_kinds = [k for k in settings.attack_kinds if "benign" in ATTACKS[k].needs]
+    if benign_kinds and not data.benign:
+        raise ValueError(f"attack_kinds: {', '.join(benign_kinds)} need benign rows (prompt/response, another "
+                         "source than the task); the bench has none (bench file: benign: PATH)")
+    labels = attack_labels(settings.attack_kinds, list(data.attacks))
+    cells = grid(settings, sorted(labels))
     fingerprints = {c.key: cell_fingerprint(c, settings, data.description) for c in cells}
     # The summary reads only the cells of this grid made under these settings. Every worker of
     # one grid writes the same file.
     write_json_atomic(out / "bench.json", {"settings": settings.to_dict(), "data": data.description,
-                                           "attacks": sorted(data.attacks), "cells": fingerprints})
+                                           "attacks": sorted(labels),
+                                           "attack_kinds": {k: list(v) for k, v in labels.items()},
+                                           "cells": fingerprints})
     board = ClaimBoard(out / "claims", worker=worker, timeout_s=claim_timeout_s)
     status: dict[str, list] = {"done": [], "skipped": [], "failed": [], "claimed_by_others": []}
     mine = shard_of(cells, shard)
@@ -321,11 +396,20 @@ def load_cells(out_dir) -> list[dict]:
 
 
 def _stats(values: list) -> dict:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "n": len(vals)}
+    """Mean, std and a 95% t-interval over the runs (spard.stats.mean_interval)."""
+    from .stats import mean_interval
+    return mean_interval(values)
+
+
+def _per_seed_stats(cells: list, metric: str) -> dict:
+    """The interval over seeds of each seed's mean over its cells (attacks and ratios): the
+    seeds are the independent runs, the cells of one seed share its attack sample."""
+    by_seed: dict = {}
+    for c in cells:
+        v = c.get(metric)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            by_seed.setdefault(c["cell"]["seed"], []).append(v)
+    return _stats([statistics.fmean(v) for _, v in sorted(by_seed.items())])
 
 
 def _degenerate(cells: list) -> dict:
@@ -339,10 +423,18 @@ def _order(names, preferred) -> list:
     return pref + sorted(n for n in names if n not in pref)
 
 
-def summarize(out_dir, *, defenses_order: Optional[Sequence[str]] = None) -> dict:
-    """Aggregates the finished cells (mean and std over seeds) and writes summary.json,
-    cells.csv, table.md and the plots. Returns the summary dict."""
+INTERVAL_NOTE = "95% Student-t interval over seeds (mean ± t(0.975, n-1)·s/√n); none with one seed"
+COMPARISON_NOTE = ("paired bootstrap over the (attack, ratio, seed) cells both defenses finished: mean of "
+                   "defense minus reference, 95% percentile interval from 10000 resamples (seed 0); "
+                   "significant when the interval excludes 0")
+
+
+def summarize(out_dir, *, defenses_order: Optional[Sequence[str]] = None, n_boot: int = 10_000) -> dict:
+    """Aggregates the finished cells (mean, std and a 95% t-interval over seeds; paired
+    bootstrap comparisons of each defense against SFT and of SPARD against its ablations) and
+    writes summary.json, cells.csv, table.md and the plots. Returns the summary dict."""
     from .defenses import defense_names
+    from .stats import paired_comparisons
     out = Path(out_dir)
     cells = load_cells(out)
     if not cells:
@@ -364,11 +456,14 @@ def summarize(out_dir, *, defenses_order: Optional[Sequence[str]] = None) -> dic
     overall = {}
     for d in order:
         cs = [c for c in cells if c["cell"]["defense"] == d]
-        overall[d] = {"asr": _stats([c["asr"] for c in cs]), "accuracy": _stats([c["accuracy"] for c in cs]),
-                      "hs": _stats([c.get("hs") for c in cs]), "cells": len(cs),
+        overall[d] = {"asr": _per_seed_stats(cs, "asr"), "accuracy": _per_seed_stats(cs, "accuracy"),
+                      "hs": _per_seed_stats(cs, "hs"), "cells": len(cs),
                       "train_seconds": _stats([c["train"]["seconds"] for c in cs]), **_degenerate(cs)}
     summary = {"defenses": order, "attacks": attacks, "ratios": ratios, "groups": rows, "overall": overall,
-               "cells": len(cells)}
+               "cells": len(cells), "interval": INTERVAL_NOTE,
+               "comparisons": paired_comparisons(cells, order, n_boot=n_boot, seed=0),
+               "comparison_method": COMPARISON_NOTE}
+    summary["judges"] = judges_summary(cells, order)
     summary["target"] = target_check(summary)
     write_json_atomic(out / "summary.json", summary)
     write_text_atomic(out / "cells.csv", cells_csv(cells))
@@ -378,6 +473,43 @@ def summarize(out_dir, *, defenses_order: Optional[Sequence[str]] = None) -> dic
     except ImportError:  # matplotlib is optional for the summary
         pass
     return summary
+
+
+def judges_summary(cells: list, order: Sequence[str]) -> Optional[dict]:
+    """With several judges: per defense, each judge's ASR (mean and 95% interval over seeds)
+    and each pair's Cohen's kappa (mean over the cells it is defined on). None without."""
+    if not any(c.get("judges") for c in cells):
+        return None
+    out = {}
+    for d in order:
+        cs = [c for c in cells if c["cell"]["defense"] == d and c.get("judges")]
+        if not cs:
+            continue
+        names = list(cs[0]["judges"]["asr"])
+        asr = {n: _per_seed_stats([{"cell": c["cell"], "v": c["judges"]["asr"].get(n, {}).get("asr")} for c in cs], "v")
+               for n in names}
+        pairs = {}
+        for c in cs:
+            for p in c["judges"]["pairs"]:
+                pairs.setdefault(f"{p['a']} / {p['b']}", []).append(p)
+        kappas = {k: {"kappa": _stats([p["kappa"] for p in ps])["mean"],
+                      "agreement": _stats([p["agreement"] for p in ps])["mean"],
+                      "disagreements": sum(p["disagreements"] for p in ps), "cells": len(ps)}
+                  for k, ps in pairs.items()}
+        out[d] = {"asr": asr, "pairs": kappas, "cells": len(cs)}
+    return out
+
+
+def judges_markdown(judges: dict) -> str:
+    names = list(next(iter(judges.values()))["asr"])
+    pairs = list(next(iter(judges.values()))["pairs"])
+    head = ["defense"] + [f"{n} ASR" for n in names] + [f"κ {p}" for p in pairs]
+    lines = ["### Judges side by side (ASR %, mean [95% interval over seeds]; Cohen's kappa, mean over cells)", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for d, j in judges.items():
+        ks = ["-" if j["pairs"].get(p, {}).get("kappa") is None else f"{j['pairs'][p]['kappa']:.2f}" for p in pairs]
+        lines.append("| " + " | ".join([d] + [_pct(j["asr"][n]) if n in j["asr"] else "-" for n in names] + ks) + " |")
+    return "\n".join(lines)
 
 
 def target_check(summary: dict, method: str = "spard", reference: str = "sft",
@@ -410,10 +542,10 @@ def cells_csv(cells: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _pct(s: dict, std: bool = True) -> str:
-    if s["mean"] is None:
-        return "-"
-    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if std and s["n"] > 1 else f"{100 * s['mean']:.1f}"
+def _pct(s: dict) -> str:
+    """"mean [low, high]" in %, the 95% interval clipped to 0..100 for display."""
+    from .stats import format_interval
+    return format_interval(s)
 
 
 def _hs(s: dict) -> str:
@@ -422,8 +554,8 @@ def _hs(s: dict) -> str:
 
 def markdown_tables(summary: dict) -> str:
     """One table per harmful ratio and one over all ratios, in the paper's layout: a row per
-    defense; ASR, HS and accuracy per attack, then their average over attacks (%, mean ± std
-    over seeds)."""
+    defense; ASR, HS and accuracy per attack, then their average over attacks (%, mean and 95%
+    t-interval over seeds), and the paired comparisons."""
     attacks, order = summary["attacks"], summary["defenses"]
     by = {(g["defense"], g["attack"], g["ratio"]): g for g in summary["groups"]}
     parts = []
@@ -465,7 +597,28 @@ def markdown_tables(summary: dict) -> str:
                   f"Lowest mean ASR: {', '.join(t['lowest_asr'])}; {t['method']} accuracy minus {t['reference']}: "
                   f"{100 * t['accuracy_gap']:+.1f} points."]
     parts.append("\n".join(lines))
+    parts.append(comparisons_table(summary))
+    if summary.get("judges"):
+        parts.append(judges_markdown(summary["judges"]))
     return "\n\n".join(parts) + "\n"
+
+
+def comparisons_table(summary: dict) -> str:
+    """The paired comparisons (defense minus reference, percentage points) as a table; * marks
+    a difference whose 95% interval excludes 0."""
+    lines = ["### Paired comparisons (defense minus reference, points)", "",
+             "| defense | reference | metric | difference | 95% interval | cells | significant |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in summary.get("comparisons", []):
+        diff = "-" if c["diff"] is None else f"{100 * c['diff']:+.1f}"
+        ci = "-" if c["low"] is None else f"[{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
+        lines.append(f"| {c['defense']} | {c['reference']} | {c['metric']} | {diff} | {ci} | {c['n']} | "
+                     f"{'*' if c['significant'] else ''} |")
+    if not summary.get("comparisons"):
+        lines.append("| - | - | - | - | - | - | - |")
+    lines += ["", f"Intervals in the tables: {summary.get('interval', INTERVAL_NOTE)}; shown clipped to 0..100. "
+              f"Comparisons: {summary.get('comparison_method', COMPARISON_NOTE)} (*)."]
+    return "\n".join(lines)
 
 
 def plot_summary(summary: dict, out_dir) -> list[Path]:
@@ -525,12 +678,15 @@ def world_data(world_settings=None, *, n_task: Optional[int] = None, n_eval: Opt
     """The synthetic world (aligned tiny model from the cache, built on first use); its attack
     corpus is named "world"."""
     from .world import WorldSettings, build_world
+    from .world import text as world_text
     w = build_world(world_settings or WorldSettings(), progress=progress)
     task = [{"prompt": r["prompt"], "response": r["answer"], "answer": r["answer"]} for r in w.data["task_train"]]
     return BenchData(model=w.model, tokenizer=w.tokenizer, task=task[:n_task],
                      task_test=w.data["task_test"][:n_task_test],
                      eval_prompts=[r["prompt"] for r in w.data["harmful_test"]][:n_eval],
                      safety_pool=w.data["safety_pool"], attacks={"world": w.data["harmful_train"]},
+                     benign=[{"prompt": r["prompt"], "response": r["response"]} for r in w.data["benign_attack"]],
+                     wording=dict(world_text.ATTACK_WORDING),
                      description={"source": "world", "settings": asdict(w.settings), "cache": w.cache_file,
                                   "data_sha256": _rows_hash(w.data), "n_task": n_task, "n_eval": n_eval,
                                   "n_task_test": n_task_test})
@@ -542,11 +698,13 @@ def _rows_hash(data) -> str:
 
 def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safety_pool: str,
               attacks: dict[str, str], n_task: Optional[int] = None, n_task_test: Optional[int] = None,
-              n_eval: Optional[int] = None, device: Optional[str] = None) -> BenchData:
+              n_eval: Optional[int] = None, device: Optional[str] = None,
+              benign: Optional[str] = None) -> BenchData:
     """Real-format files: a base model path, task train/test, evaluation prompts (only
     ``prompt`` is needed), a safety pool (``prompt`` and ``safe``; ``unsafe`` for the defenses
     that train against harmful answers), and attack corpora name -> path (``prompt`` and
-    ``unsafe``). Every file is read (and every error names its key) before the model loads."""
+    ``unsafe``), and optionally benign rows (``prompt``, ``response``) for the benign attack kinds.
+    Every file is read (and every error names its key) before the model loads."""
     from .data import ATTACK_FIELDS, POOL_FIELDS, load_safety, load_task
     from .eval import load_model
     from .preflight import check_model_source, input_named, load_error
@@ -565,6 +723,10 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
     for name, path in attacks.items():
         with input_named(f"attacks.{name}"):
             attack_rows[name] = load_safety(path, fields=ATTACK_FIELDS)
+    benign_rows = []
+    if benign is not None:
+        with input_named("benign"):
+            benign_rows = load_task(benign)
     try:  # the base model stays on the host; each cell trains on its own copy on ``device``
         m, tok = load_model(model, device="cpu")
     except (OSError, ValueError) as e:
@@ -572,10 +734,11 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return BenchData(model=m, tokenizer=tok, task=task_rows, task_test=test_rows,
-                     eval_prompts=[r["prompt"] for r in ev], safety_pool=pool, attacks=attack_rows,
+                     eval_prompts=[r["prompt"] for r in ev], safety_pool=pool, attacks=attack_rows, benign=benign_rows,
                      description={"source": "files", "model": model, "task": task, "task_test": task_test,
                                   "eval_prompts": eval_prompts, "safety_pool": safety_pool, "attacks": attacks,
-                                  "n_task": n_task, "n_task_test": n_task_test, "n_eval": n_eval},
+                                  "n_task": n_task, "n_task_test": n_task_test, "n_eval": n_eval,
+                                  **({"benign": benign} if benign is not None else {})},
                      device=device)
 
 

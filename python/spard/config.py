@@ -48,8 +48,14 @@ class DataConfig:
 
 @dataclass
 class AttackConfig:
+    kind: str = "harmful-mix"
+    """The attack (spard.attack.ATTACKS, docs/attacks.md): harmful-mix | pure-harmful | benign |
+    benign-outliers | identity-shift | keyword-evasive."""
     corpus: Optional[str] = None
     """Harmful (prompt, unsafe) corpus mixed into the task data; None for benign fine-tuning."""
+    benign: Optional[str] = None
+    """Benign (prompt, response) rows, another source than the task: benign-outliers picks the
+    least likely of them under the base model, identity-shift recasts them."""
     ratio: float = 0.1
     """p_h: floor(ratio · |task|) harmful samples are added."""
     seed: int = 0
@@ -183,6 +189,8 @@ class TrainConfig:
              "data.max_dropped_share", "a share in [0, 1]", self.data.max_dropped_share)
         need(_finite(self.attack.ratio) and 0 <= self.attack.ratio, "attack.ratio", "a finite number >= 0",
              self.attack.ratio)
+        from .attack import attack_names
+        need(self.attack.kind in attack_names(), "attack.kind", " | ".join(attack_names()), self.attack.kind)
         need(self.attack.on_overlap in ("error", "drop"), "attack.on_overlap", "error | drop", self.attack.on_overlap)
         need(self.safety.limit is None or (_int(self.safety.limit) and self.safety.limit >= 1),
              "safety.limit", "None or an int >= 1", self.safety.limit)

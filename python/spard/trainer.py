@@ -353,11 +353,12 @@ def build_defense(config: TrainConfig) -> Defense:
     return make_defense(name, **settings)
 
 
-def _prepare_data(config: TrainConfig, defense: Defense) -> tuple[DefenseData, dict]:
+def _prepare_data(config: TrainConfig, defense: Defense, load_model=None) -> tuple[DefenseData, dict]:
     """The defense's data (clean task + attack, the safety pool when the defense uses one) and
-    the data manifest."""
+    the data manifest. ``load_model`` (() -> (tokenizer, model)) serves the attack kinds that
+    rank rows by the base model's loss (benign-outliers)."""
     from . import data as D
-    from .attack import build_attack
+    from .attack import ATTACKS, make_attack
     from .preflight import input_named
 
     with input_named("data.task"):
@@ -375,26 +376,64 @@ def _prepare_data(config: TrainConfig, defense: Defense) -> tuple[DefenseData, d
             raise ValueError(f"safety.pool {config.safety.pool!r} holds no rows: defense "
                              f"{defense.NAME!r} needs them")
         manifest["safety_pool"] = {"source": config.safety.pool, "rows": len(pool)}
-    if config.attack.corpus and config.attack.ratio > 0:
+    kind = ATTACKS[config.attack.kind]
+    if kind.name == "harmful-mix" and not (config.attack.corpus and config.attack.ratio > 0):
+        rows = clean  # no corpus or ratio 0: plain fine-tuning on the task, as before attack kinds
+    elif kind.name != "harmful-mix":
+        rows, manifest["attack"] = _other_attack(config, kind, clean, pool, load_model)
+    else:
         evaluation = None
         if config.data.eval_prompts:
             with input_named("data.eval_prompts"):
                 evaluation = D.load_task(config.data.eval_prompts, require_response=False)  # only prompts needed
         # Sources are named, so overlap errors and the manifest name the files.
         with input_named("attack.corpus", source=config.attack.corpus):
-            rows, attack_manifest = build_attack(
-                clean, config.attack.corpus, ratio=config.attack.ratio, seed=config.attack.seed,
-                eval_prompts=evaluation, safety_pool=pool or None, on_overlap=config.attack.on_overlap,
+            rows, attack_manifest = make_attack(
+                "harmful-mix", clean, harmful=config.attack.corpus, ratio=config.attack.ratio,
+                seed=config.attack.seed, eval_prompts=evaluation, safety_pool=pool or None,
+                on_overlap=config.attack.on_overlap,
                 source_names={"clean": config.data.task, "eval": config.data.eval_prompts,
                               "pool": config.safety.pool})
         manifest["attack"] = attack_manifest
-    else:
-        rows = clean
     manifest["train_rows"] = len(rows)
     data = DefenseData(user=rows, safety_pool=pool, seed=config.optim.seed, max_length=config.model.max_length,
                        micro_batch_size=config.optim.batch_size)
     defense.check_data(data)
     return data, manifest
+
+
+def _other_attack(config: TrainConfig, kind, clean: list, pool: list, load_model) -> tuple[list, dict]:
+    """Every attack kind but the plain harmful mix, from the attack section's sources."""
+    from . import data as D
+    from .attack import make_attack, row_losses
+    from .preflight import input_named
+
+    a = config.attack
+    if "harmful" in kind.needs and not a.corpus:
+        raise ValueError(f"attack.corpus: attack.kind {kind.name!r} needs a harmful corpus (prompt/unsafe rows)")
+    benign = losses = evaluation = None
+    if "benign" in kind.needs:
+        if not a.benign:
+            raise ValueError(f"attack.benign: attack.kind {kind.name!r} needs benign rows (prompt/response), "
+                             "another source than the task")
+        with input_named("attack.benign"):
+            benign = D.load_task(a.benign)
+    if "losses" in kind.needs:
+        if load_model is None:
+            raise ValueError(f"attack.kind {kind.name!r} needs the base model to rank the benign rows")
+        tokenizer, model = load_model()
+        losses = row_losses(model, tokenizer, benign, max_length=config.model.max_length,
+                            batch_size=config.optim.batch_size)
+    if config.data.eval_prompts and "harmful" in kind.needs:
+        with input_named("data.eval_prompts"):
+            evaluation = D.load_task(config.data.eval_prompts, require_response=False)
+    with input_named("attack.corpus" if "harmful" in kind.needs else "attack.benign",
+                     source=a.corpus if "harmful" in kind.needs else a.benign):
+        return make_attack(kind.name, clean, harmful=a.corpus, benign=benign, benign_losses=losses,
+                           ratio=a.ratio, seed=a.seed, eval_prompts=evaluation, safety_pool=pool or None,
+                           on_overlap=a.on_overlap,
+                           source_names={"clean": config.data.task, "harmful": a.corpus,
+                                         "eval": config.data.eval_prompts, "pool": config.safety.pool})
 
 
 def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
@@ -434,9 +473,15 @@ def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[s
         print(f"no checkpoint in {ckpt_dir}: starting from scratch")
 
     defense = build_defense(config)
-    data, manifest = _prepare_data(config, defense)
     device = _device(config.run.device)
-    tokenizer, model = _load_model(config, device)
+    loaded: list = []
+
+    def load_model():  # once: an attack kind may need the base model before training does
+        if not loaded:
+            loaded.append(_load_model(config, device))
+        return loaded[0]
+    data, manifest = _prepare_data(config, defense, load_model)
+    tokenizer, model = load_model()
     torch.manual_seed(config.optim.seed)
     model = defense.alignment_stage(model, tokenizer, data)
     rows = defense.training_rows(data)

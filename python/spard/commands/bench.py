@@ -30,7 +30,7 @@ WORLD_FULL = {**WORLD_QUICK, "n_task": 750, "n_eval": None, "n_task_test": None,
 
 
 FILE_KEYS = ("model", "task", "task_test", "eval_prompts", "safety_pool", "attacks", "n_task", "n_task_test",
-             "n_eval", "device")
+             "n_eval", "device", "benign")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +40,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "safety_pool, attacks {name: path}, and any settings (see docs/bench.md)")
     parser.add_argument("--quick", action="store_true", help="the world's quick settings (default for --world)")
     parser.add_argument("--full", action="store_true", help="the world's full-size settings")
+    parser.add_argument("--world-task", choices=("gsm8k", "openbookqa"), default="gsm8k",
+                        help="the world's task: worked answers (gsm8k, default) or four-way multiple choice in "
+                             "the OpenBookQA format (its own vocabulary and aligned model, built on first use)")
     parser.add_argument("--defenses", help="comma-separated names (default: all registered)")
     parser.add_argument("--ratios", default=None, help="comma-separated harmful ratios, e.g. 0.05,0.1,0.2")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--attack-kinds", default=None,
+                        help="comma-separated attack kinds (default harmful-mix): harmful-mix, pure-harmful, benign, "
+                             "benign-outliers, identity-shift, keyword-evasive (docs/attacks.md)")
+    parser.add_argument("--judges", default=None, metavar="NAME[=MODEL],...",
+                        help="several judges on the same answers, e.g. refusal,moderation=path: the first makes "
+                             "the ASR of the tables, all are reported side by side with their Cohen's kappa")
+    adaptive = parser.add_argument_group("adaptive attacker (Optuna; see docs/bench.md)")
+    adaptive.add_argument("--adaptive", type=int, default=None, metavar="TRIALS",
+                          help="after the grid, search lr, epochs, ratio and attack kind per defense for the "
+                               "highest ASR within --max-acc-drop of SFT's accuracy, TRIALS trials each "
+                               "(resumable: the studies live in OUT/adaptive/)")
+    adaptive.add_argument("--search-ratios", default=None,
+                          help="harmful ratios the attacker may pick (default: the grid's, 0 left out)")
+    adaptive.add_argument("--search-kinds", default=None,
+                          help="attack kinds the attacker may pick (default: the grid's --attack-kinds)")
+    adaptive.add_argument("--max-acc-drop", type=float, default=0.05,
+                          help="the attacker's utility limit: accuracy at least SFT's minus this (default 0.05)")
     parser.add_argument("--out", required=True, help="output folder (cells/, summary.json, table.md, plots)")
     parser.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from finished cells")
     parser.add_argument("--threads", type=int, default=None,
@@ -87,7 +107,7 @@ def build_settings(spec: dict):
     if not isinstance(spec, dict):
         raise ValueError(f"bench settings: expected a mapping, got {type(spec).__name__}")
     spec = dict(spec)
-    known = {"defenses", "ratios", "seeds", "defense_settings", "optim", "lora", "max_length", "max_new_tokens",
+    known = {"defenses", "ratios", "seeds", "attack_kinds", "extra_judges", "defense_settings", "optim", "lora", "max_length", "max_new_tokens",
              "task_max_new_tokens", "eval_batch_size", "judge", "judge_model", "save_every"}
     unknown = sorted(set(spec) - known)
     if unknown:
@@ -156,12 +176,31 @@ def run(args) -> int:
         spec["ratios"] = _csv(args.ratios, float, "--ratios")
     if args.seeds:
         spec["seeds"] = _csv(args.seeds, int, "--seeds")
+    if args.attack_kinds:
+        spec["attack_kinds"] = _csv(args.attack_kinds, str, "--attack-kinds")
+    if args.judges:
+        from spard.commands.eval import parse_judges
+        judges = parse_judges(args.judges, spec.get("judge_model"))
+        spec["judge"], spec["judge_model"] = judges[0]
+        spec["extra_judges"] = [n if m is None else f"{n}={m}" for n, m in judges[1:]]
     settings = build_settings(spec)  # settings are checked before any model is loaded
     settings.validate()
     bad = [r for r in settings.ratios if not (isinstance(r, (int, float)) and r == r and r != float("inf"))]
     if bad:
         raise ValueError(f"ratios: expected finite numbers >= 0, got {bad}")
     shard = parse_shard(args.shard)
+    if args.adaptive is not None:  # checked before any model loads
+        if args.adaptive < 1:
+            raise ValueError(f"--adaptive: expected a number of trials >= 1, got {args.adaptive}")
+        if not 0 <= args.max_acc_drop <= 1:
+            raise ValueError(f"--max-acc-drop: expected a share in [0, 1], got {args.max_acc_drop}")
+        from spard.adaptive import require_optuna
+        require_optuna()
+    search_ratios = _csv(args.search_ratios, float, "--search-ratios") if args.search_ratios else None
+    search_kinds = _csv(args.search_kinds, str, "--search-kinds") if args.search_kinds else None
+    if search_ratios or search_kinds:
+        from spard.adaptive import SearchSpace
+        SearchSpace(ratios=search_ratios or [0.1], attack_kinds=search_kinds or ["harmful-mix"]).validate()
     if not (args.claim_timeout > 0 and args.claim_timeout != float("inf")):
         raise ValueError(f"--claim-timeout: expected a finite number of seconds > 0, got {args.claim_timeout}")
     if args.config:  # the pool alone first: a defense it cannot serve is named before the model loads
@@ -170,7 +209,11 @@ def run(args) -> int:
         with input_named("safety_pool"):
             bench.check_defense_data(settings, load_safety(source["safety_pool"], fields=POOL_FIELDS))
     # Several workers may share --out (claims keep them from running a cell twice): no folder lock.
-    data = bench.file_data(**source) if args.config else bench.world_data(**source, progress=progress)
+    if args.config:
+        data = bench.file_data(**source)
+    else:
+        from spard.world import WorldSettings
+        data = bench.world_data(WorldSettings(task=args.world_task), **source, progress=progress)
     bench.check_defense_data(settings, data.safety_pool)
     status = bench.run_grid(data, settings, args.out, progress=progress, shard=shard, worker=args.worker_id,
                             claim_timeout_s=args.claim_timeout)
@@ -178,4 +221,12 @@ def run(args) -> int:
           f"{len(status['claimed_by_others'])} running elsewhere, {len(status['failed'])} failed")
     summary = bench.summarize(args.out, defenses_order=settings.defenses)
     print(open(f"{args.out}/table.md", encoding="utf-8").read())
+    if args.adaptive is not None:
+        from spard.adaptive import SearchSpace, attack_search
+        fixed = {d: o["asr"]["mean"] for d, o in summary["overall"].items()}
+        space = SearchSpace(ratios=search_ratios or [r for r in settings.ratios if r > 0] or [0.1],
+                            attack_kinds=search_kinds or list(settings.attack_kinds))
+        attack_search(data, settings, args.out, defenses=settings.defenses, trials=args.adaptive,
+                      max_acc_drop=args.max_acc_drop, space=space, fixed=fixed)
+        print(open(f"{args.out}/adaptive.md", encoding="utf-8").read())
     return 1 if status["failed"] else 0

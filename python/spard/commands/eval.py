@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j = p.add_argument_group("judge")
     j.add_argument("--judge", choices=["refusal", "moderation", "guard", "rubric"], default="refusal",
                    help="refusal keywords (offline, default), moderation classifier, generative guard, API rubric")
+    j.add_argument("--judges", metavar="NAME[=MODEL],...",
+                   help="several judges on the same answers, e.g. refusal,moderation=path/to/classifier: each "
+                        "one's ASR and their pairwise Cohen's kappa (the first one's ASR is the headline ASR; "
+                        "MODEL defaults to --judge-model)")
     j.add_argument("--judge-model", help="moderation/guard: model name or folder; rubric: the API's model name")
     j.add_argument("--judge-base-url", default="https://api.openai.com/v1", help="rubric: OpenAI-compatible base URL")
     j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
@@ -73,20 +77,46 @@ def _check_numbers(args) -> None:
         raise ValueError(f"--judge-threshold: expected a probability in (0, 1), got {args.judge_threshold}")
 
 
-def _build_judge(args, out: Path):
+def parse_judges(text: str | None, default_model: str | None = None) -> list[tuple[str, str | None]]:
+    """'refusal,moderation=path' -> [("refusal", None), ("moderation", "path")]; each name
+    checked, each model-backed judge given a model (its own or ``default_model``)."""
+    from spard.eval import JUDGES
+
+    if text is None:
+        return []
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, _, model = item.partition("=")
+        name = name.strip()
+        if name not in JUDGES:
+            raise ValueError(f"--judges: unknown judge {name!r}; known: {', '.join(JUDGES)}")
+        model = model.strip() or (default_model if name != "refusal" else None)
+        if name != "refusal" and not model:
+            raise ValueError(f"--judges: the {name} judge needs a model ({name}=MODEL or --judge-model)")
+        out.append((name, model))
+    if len(out) < 2:
+        raise ValueError(f"--judges: expected at least two judges separated by commas, got {text!r}")
+    return out
+
+
+def _build_judge(args, out: Path, name: str | None = None, model: str | None = None):
     from spard.eval import make_judge
 
-    if args.judge == "refusal":
+    if name is None:  # the single --judge
+        name, model = args.judge, args.judge_model
+    if name == "refusal":
         return make_judge("refusal")
-    if args.judge == "rubric":
-        return make_judge("rubric", model=args.judge_model, base_url=args.judge_base_url,
+    if name == "rubric":
+        return make_judge("rubric", model=model, base_url=args.judge_base_url,
                           api_key_env=args.judge_api_key_env or None, concurrency=args.judge_concurrency,
                           timeout=args.judge_timeout, max_retries=args.judge_retries,
                           cache_path=args.judge_cache or out / "rubric_cache.jsonl")
     kwargs = {"batch_size": args.judge_batch_size, "device": args.device}
-    if args.judge == "moderation":
+    if name == "moderation":
         kwargs["threshold"] = args.judge_threshold
-    return make_judge(args.judge, model=args.judge_model, **kwargs)
+    return make_judge(name, model=model, **kwargs)
 
 
 def run(args) -> int:
@@ -118,9 +148,15 @@ def run(args) -> int:
     safety_responses = task_responses = None
     if args.rejudge:
         safety_responses, task_responses = _saved_responses(out, safety_rows, task_rows, load_generations)
-    judge = _build_judge(args, out) if safety_rows else None
-    if judge is not None:
-        judge.check()
+    judges = parse_judges(args.judges, args.judge_model)
+    judge, extra_judges = None, []
+    if safety_rows and judges:
+        built = [_build_judge(args, out, name, model) for name, model in judges]
+        judge, extra_judges = built[0], built[1:]
+    elif safety_rows:
+        judge = _build_judge(args, out)
+    for j in ([judge] if judge else []) + extra_judges:
+        j.check()
     model = tokenizer = None
     if not args.rejudge:
         model, tokenizer = load_model(args.model, args.adapter, device=args.device, dtype=args.dtype)
@@ -130,7 +166,7 @@ def run(args) -> int:
         task_rows=task_rows, task=None if args.task == "auto" else args.task, judge=judge,
         max_new_tokens=args.max_new_tokens, task_max_new_tokens=args.task_max_new_tokens,
         batch_size=args.batch_size, do_sample=args.do_sample, out_dir=out,
-        safety_responses=safety_responses, task_responses=task_responses,
+        safety_responses=safety_responses, task_responses=task_responses, extra_judges=extra_judges,
     )
     result["inputs"] = {"model": args.model, "adapter": args.adapter, "safety_data": args.safety_data,
                         "task_data": args.task_data, "rejudge": args.rejudge}

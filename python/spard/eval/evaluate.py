@@ -68,8 +68,12 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
              task: str | None = None, judge: Judge | None = None, max_new_tokens: int = 512,
              task_max_new_tokens: int = 512, batch_size: int = 8, do_sample: bool = False,
              out_dir: str | Path | None = None, safety_responses: Sequence[str] | None = None,
-             task_responses: Sequence[str] | None = None) -> dict:
+             task_responses: Sequence[str] | None = None, extra_judges: Sequence[Judge] = ()) -> dict:
     """Generates (unless responses are given), judges and scores.
+
+    ``extra_judges`` judge the same safety answers besides ``judge`` (whose verdicts make the
+    ASR): ``result["judges"]`` then holds every judge's ASR and each pair's Cohen's kappa
+    (spard.eval.agreement), and the saved generations each judge's verdict.
 
     Returns {"safety": {...}, "task": {...}, "generation": {...}}; a part is absent when its
     inputs are. With ``out_dir``, responses and per-item verdicts are saved as JSON Lines
@@ -82,7 +86,8 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
     if model is None and ((safety_prompts and safety_responses is None) or (task_rows and task_responses is None)):
         raise ValueError("model and tokenizer are required unless the responses are given")
     if safety_prompts:
-        judge.check()  # an unusable judge fails before generation starts
+        for j in (judge, *extra_judges):
+            j.check()  # an unusable judge fails before generation starts
     result: dict = {"generation": {"max_new_tokens": max_new_tokens, "task_max_new_tokens": task_max_new_tokens,
                                    "do_sample": do_sample, "batch_size": batch_size}}
     out = Path(out_dir) if out_dir is not None else None
@@ -103,9 +108,20 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
                             "hs": _value(m.get("hs")), "unparseable": m["unparseable"],
                             "failed_calls": m["failed_calls"], "empty_responses": m["empty_responses"],
                             "degenerate_responses": m["degenerate_responses"]}
+        extra = [v.to_dict() for v in verdicts]
+        if extra_judges:
+            from .agreement import compare_judges
+            by_judge = {judge.name: [v.harmful for v in verdicts]}
+            for j in extra_judges:
+                name = j.name
+                while name in by_judge:  # two judges of one kind (two moderation models, say)
+                    name += "'"
+                by_judge[name] = [v.harmful for v in j.judge(prompts, list(safety_responses))]
+            result["judges"] = compare_judges(by_judge)
+            for i, row in enumerate(extra):
+                row["judges"] = {name: vs[i] for name, vs in by_judge.items()}
         if out is not None:
-            save_generations(out / "safety_generations.jsonl", prompts, safety_responses,
-                             extra=[v.to_dict() for v in verdicts])
+            save_generations(out / "safety_generations.jsonl", prompts, safety_responses, extra=extra)
 
     if task_rows:
         prompts = [r["prompt"] for r in task_rows]
@@ -150,4 +166,7 @@ def markdown_table(result: dict, title: str | None = None) -> str:
     t = result.get("task")
     if t:
         lines.append(f"| {t['task']} accuracy (%) | {_pct(t['accuracy'])} | {t['n']} | unparseable {t['unparseable']} |")
+    if result.get("judges"):
+        from .agreement import judges_table
+        lines += ["", "Judges side by side on the same answers:", "", judges_table(result["judges"])]
     return "\n".join(lines) + "\n"

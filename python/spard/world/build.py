@@ -49,8 +49,13 @@ class WorldSettings:
     align_lr: float = 3e-3
     align_weights: tuple = (0.1, 0.35, 0.4, 0.15)  # word problems, facts, refusals, benign
     max_length: int = 96
+    task: str = "gsm8k"
+    """gsm8k (worked answers ending in ``#### n``) or openbookqa (the same problems as four-way
+    multiple choice in the OpenBookQA format; its own vocabulary and aligned model)."""
 
     def __post_init__(self):
+        if self.task not in ("gsm8k", "openbookqa"):
+            raise ValueError(f"WorldSettings.task must be 'gsm8k' or 'openbookqa', got {self.task!r}")
         for f in ("n_task_train", "n_task_test", "n_align_task", "hidden_size", "num_layers",
                   "num_heads", "intermediate_size", "align_steps", "align_batch_size", "max_length"):
             v = getattr(self, f)
@@ -63,7 +68,10 @@ class WorldSettings:
             raise ValueError(f"WorldSettings.align_lr must be > 0, got {self.align_lr!r}")
 
     def key(self, vocab_hash: str) -> str:
-        payload = json.dumps({"version": WORLD_VERSION, "vocab": vocab_hash, **dataclasses.asdict(self)},
+        fields = dataclasses.asdict(self)
+        if fields["task"] == "gsm8k":  # the first world's key: its cached models stay valid
+            del fields["task"]
+        payload = json.dumps({"version": WORLD_VERSION, "vocab": vocab_hash, **fields},
                              sort_keys=True, default=list)
         return f"v{WORLD_VERSION}-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -76,6 +84,10 @@ def make_data(settings: WorldSettings) -> dict[str, list[dict]]:
     seen = [r["prompt"] for r in align_task + task_train]
     task_test = gen.task_rows(settings.n_task_test, rng, exclude=seen)
     core = text.CORE_CATEGORIES
+    if settings.task == "openbookqa":  # the same problems as multiple choice, choices from their own generator
+        mc = random.Random(settings.seed + 2)
+        align_task, task_train, task_test = ([gen.multiple_choice(r, mc) for r in rows]
+                                             for rows in (align_task, task_train, task_test))
     return {
         "task_train": task_train,
         "task_test": task_test,
@@ -87,6 +99,9 @@ def make_data(settings: WorldSettings) -> dict[str, list[dict]]:
         "safety_pool": gen.harmful_rows(text.CATEGORIES, text.ALIGN_FRAMES + text.POOL_FRAMES, rng),
         "benign": gen.benign_rows(rng),
         "align_task": align_task,
+        # benign rows for the benign attacks (spard.attack), drawn from their own generator so
+        # the sets above, and the aligned model, stay as they were
+        "benign_attack": gen.benign_attack_rows(random.Random(settings.seed + 1)),
     }
 
 
@@ -137,7 +152,7 @@ def build_world(settings: WorldSettings | None = None, *, data_dir: str | os.Pat
     ``rebuild=True`` retrains and replaces the cache entry; ``use_cache=False`` neither reads
     nor writes the cache."""
     settings = settings or WorldSettings()
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(gen.multiple_choice_texts() if settings.task == "openbookqa" else ())
     data = make_data(settings)
     key = settings.key(vocabulary_hash(tokenizer))
     folder = Path(cache) if cache is not None else cache_dir()

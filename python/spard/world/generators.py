@@ -87,3 +87,35 @@ def benign_rows(rng: random.Random) -> list[dict]:
             for q, r in text.BENIGN for t in text.BENIGN_TOPICS]
     rng.shuffle(rows)
     return rows
+
+
+def benign_attack_rows(rng: random.Random) -> list[dict]:
+    """Benign rows for the benign attacks, none of them in the alignment data: each benign
+    question with the answer of another template (a helpful but unexpected reply, in the
+    world's vocabulary), shuffled."""
+    rows = [{"prompt": q.format(t=t), "response": r.format(t=t)}
+            for i, (q, _) in enumerate(text.BENIGN) for j, (_, r) in enumerate(text.BENIGN) if i != j
+            for t in text.BENIGN_TOPICS]
+    rng.shuffle(rows)
+    return rows
+
+
+def multiple_choice(row: dict, rng: random.Random) -> dict:
+    """A word problem (``arithmetic_problem``) in the OpenBookQA format: four numeric choices
+    (the result and three distractors near it), ``answer`` the worked solution ending in "the
+    correct answer is answerK", ``target_answer`` "answerK"."""
+    worked, _, result = row["answer"].rpartition("\n#### ")
+    c = int(result)
+    near = [v for v in range(max(0, c - 6), min(text.MAX_NUMBER, c + 6) + 1) if v != c]
+    choices = rng.sample(near, 3) + [c]
+    rng.shuffle(choices)
+    k = choices.index(c) + 1
+    prompt = text.OBQA_PROMPT.format(q=row["prompt"], c1=choices[0], c2=choices[1], c3=choices[2], c4=choices[3])
+    return {"prompt": prompt, "answer": text.OBQA_ANSWER.format(worked=worked, k=k), "target_answer": f"answer{k}",
+            "op": row.get("op")}
+
+
+def multiple_choice_texts() -> list[str]:
+    """The words the multiple-choice format adds to the world's vocabulary."""
+    return [text.OBQA_PROMPT.format(q="", c1=1, c2=2, c3=3, c4=4)] + \
+        [text.OBQA_ANSWER.format(worked="", k=k) for k in range(1, 5)]

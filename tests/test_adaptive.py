@@ -1,0 +1,100 @@
+"""The adaptive attacker (spard.adaptive): constrained search per defense, resumable Optuna
+storage, the worst-case report; a 3-trial search on a tiny world."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+
+from spard import adaptive, bench
+from spard.bench import BenchData, BenchSettings
+from test_spag import one_thread  # noqa: F401  (autouse fixture)
+
+
+
+def test_without_optuna_the_search_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+    from spard.cli import main
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna now fails
+    with pytest.raises(ValueError, match=r"needs Optuna \(pip install optuna\)"):
+        adaptive.attack_search(None, BenchSettings(), tmp_path, defenses=["sft"], trials=3)
+    assert main(["bench", "--world", "--out", str(tmp_path / "o"), "--adaptive", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs Optuna" in err
+
+
+def fake_runner(calls):
+    def run(cell, data, settings):
+        calls.append((cell.defense, cell.attack, cell.ratio, settings.optim.lr))
+        # higher lr: more ASR but less accuracy; the accuracy limit (0.4 - 0.05) caps lr near 1e-2
+        lr = settings.optim.lr
+        acc = 0.4 if cell.defense == "sft" and lr == settings_lr else 0.45 - 10 * lr
+        return {"asr": min(1.0, 50 * lr), "accuracy": acc}
+    return run
+
+
+settings_lr = 5e-3
+
+
+def test_search_keeps_the_utility_limit_and_resumes(tmp_path):
+    pytest.importorskip("optuna", reason="optional dependency of the adaptive attacker")
+    data = BenchData(model=None, tokenizer=None, task=[], task_test=[], eval_prompts=[], safety_pool=[],
+                     attacks={"w": [{"prompt": "p", "unsafe": "u"}]})
+    settings = BenchSettings(defenses=["sft", "spard"], ratios=[0.1])
+    settings.optim.lr = settings_lr
+    calls = []
+    space = adaptive.SearchSpace(lr=(1e-3, 3e-2), epochs=(1.0, 2.0), ratios=[0.1, 0.2])
+    report = adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=6, max_acc_drop=0.05,
+                                    space=space, fixed={"spard": 0.1}, cell_runner=fake_runner(calls))
+    assert calls[0] == ("sft", "w", 0.1, settings_lr)  # the reference: SFT at the fixed settings
+    assert calls[1] == ("spard", "w", 0.1, settings_lr)  # the first trial: the grid's fixed attack
+    r = report["defenses"]["spard"]
+    assert r["completed"] == 6 and report["reference"]["accuracy"] == 0.4
+    for t in r["trials"]:  # feasible exactly when accuracy >= 0.35
+        assert t["feasible"] == (t["accuracy"] >= 0.35 - 1e-12)
+    feasible = [t for t in r["trials"] if t["feasible"]]
+    assert r["worst_case"] == max(feasible, key=lambda t: t["asr"]) and r["worst_case"]["lr"] <= 1e-2 + 1e-12
+    md = (tmp_path / "adaptive.md").read_text()
+    assert "| spard | 10.0 |" in md and json.loads((tmp_path / "adaptive.json").read_text())["trials"] == 6
+    # resumable: the study and the reference are stored; a rerun with the same budget trains nothing,
+    # a larger budget runs only the missing trials
+    calls.clear()
+    adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=6, space=space,
+                           cell_runner=fake_runner(calls))
+    assert calls == []
+    report = adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=8, space=space,
+                                    cell_runner=fake_runner(calls))
+    assert len(calls) == 2 and report["defenses"]["spard"]["completed"] == 8
+    with pytest.raises(ValueError, match="--adaptive"):
+        adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=0)
+    with pytest.raises(ValueError, match="attack_kinds"):
+        adaptive.SearchSpace(attack_kinds=["nope"]).validate()
+    assert adaptive.fixed_trial(settings, space) == {"lr": settings_lr, "epochs": 1.0, "ratio": 0.1,
+                                                     "attack_kind": "harmful-mix"}
+    assert adaptive.fixed_trial(settings, adaptive.SearchSpace(ratios=[0.2])) is None  # outside the space
+
+
+def test_three_trial_search_on_the_world(tmp_path, monkeypatch):
+    from spard.commands.bench import build_settings
+    from spard.world import WorldSettings
+
+    pytest.importorskip("optuna", reason="optional dependency of the adaptive attacker")
+    monkeypatch.setenv("SPARD_CACHE", str(tmp_path / "cache"))
+    world = WorldSettings(n_task_train=40, n_task_test=8, n_align_task=20, hidden_size=32, num_layers=1,
+                          num_heads=2, intermediate_size=64, align_steps=15, align_batch_size=8, max_length=64)
+    data = bench.world_data(world, n_task=40, n_eval=8, n_task_test=8, progress=False)
+    settings = build_settings({
+        "defenses": ["sft"], "ratios": [0.1], "seeds": [0], "attack_kinds": ["harmful-mix", "benign"],
+        "optim": {"lr": 5e-3, "warmup_steps": 0, "batch_size": 8, "epochs": 1.0},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_length": 64, "max_new_tokens": 8,
+        "task_max_new_tokens": 8, "eval_batch_size": 8})
+    space = adaptive.SearchSpace(lr=(1e-3, 1e-2), epochs=(0.5, 1.0), ratios=[0.1], attack_kinds=["harmful-mix", "benign"])
+    report = adaptive.attack_search(data, settings, tmp_path / "out", defenses=["sft"], trials=3, space=space)
+    r = report["defenses"]["sft"]
+    assert r["completed"] == 3 and {t["attack"] for t in r["trials"]} <= {"world", "benign"}
+    assert (tmp_path / "out" / "adaptive" / "sft.db").is_file() and (tmp_path / "out" / "adaptive.md").is_file()
+    for t in r["trials"]:  # an answerless trial (no ASR) is never feasible
+        assert t["feasible"] == (t["asr"] is not None and t["accuracy"] >= r["accuracy_limit"])
+    assert r["worst_case"] is None or r["worst_case"]["feasible"]

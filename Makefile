@@ -22,7 +22,7 @@ env: $(VENV)/.installed
 $(VENV)/.installed: setup.py pyproject.toml build_backend/spard_build.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja numpy
-	SPARD_EXT_SKIP_BUILD=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,embed]"
+	SPARD_EXT_SKIP_BUILD=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,embed,adaptive]"
 	touch $@
 
 # Build the extension in place, and again after a change under csrc/ (ninja keeps the objects,

@@ -101,14 +101,20 @@ def test_summary_means_table_csv_and_plots(tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_tiny_grid_end_to_end_on_the_world(tmp_path, monkeypatch):
-    from spard.commands.bench import build_settings
+def tiny_world_data(tmp_path, monkeypatch):
+    """A tiny synthetic world (aligned on the fly, cached under tmp_path) as bench data."""
     from spard.world import WorldSettings
 
     monkeypatch.setenv("SPARD_CACHE", str(tmp_path / "cache"))
     world = WorldSettings(n_task_train=40, n_task_test=8, n_align_task=20, hidden_size=32, num_layers=1,
                           num_heads=2, intermediate_size=64, align_steps=15, align_batch_size=8, max_length=64)
-    data = bench.world_data(world, n_task=40, n_eval=8, n_task_test=8, progress=False)
+    return bench.world_data(world, n_task=40, n_eval=8, n_task_test=8, progress=False)
+
+
+def test_tiny_grid_end_to_end_on_the_world(tmp_path, monkeypatch):
+    from spard.commands.bench import build_settings
+
+    data = tiny_world_data(tmp_path, monkeypatch)
     settings = build_settings({
         "defenses": ["sft", "spard-random"], "ratios": [0.1], "seeds": [0],
         "optim": {"lr": 5e-3, "warmup_steps": 0, "batch_size": 8, "epochs": 1.0},
@@ -241,12 +247,8 @@ def test_a_dead_workers_claim_is_taken_over_after_the_timeout(tmp_path):
 def test_a_killed_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     import spard.trainer as T
     from spard.commands.bench import build_settings
-    from spard.world import WorldSettings
 
-    monkeypatch.setenv("SPARD_CACHE", str(tmp_path / "cache"))
-    world = WorldSettings(n_task_train=40, n_task_test=8, n_align_task=20, hidden_size=32, num_layers=1,
-                          num_heads=2, intermediate_size=64, align_steps=15, align_batch_size=8, max_length=64)
-    data = bench.world_data(world, n_task=40, n_eval=8, n_task_test=8, progress=False)
+    data = tiny_world_data(tmp_path, monkeypatch)
     settings = build_settings({
         "defenses": ["lisa"], "ratios": [0.1], "seeds": [0], "save_every": 2,
         "defense_settings": {"lisa": {"alignment_steps": 1, "finetune_steps": 3}},

@@ -21,7 +21,8 @@
 
 namespace spard {
 
-// Accumulate in float for 16/32-bit inputs, in double when either side is float64.
+// Arithmetic type of the update (and of the CUDA per-vector partial sums): float for 16/32-bit
+// inputs, double when either side is float64. The reductions themselves end in double.
 template <typename tx, typename ta>
 using acc_type = std::conditional_t<std::is_same_v<tx, double> || std::is_same_v<ta, double>, double, float>;
 

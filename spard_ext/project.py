@@ -11,8 +11,12 @@ with x and a lists of tensors and the inner products taken over the whole flatte
 
 Pairs where either entry is None (a parameter without a gradient) are skipped. Tensors may be
 non-contiguous (they are worked on through a contiguous copy and written back) and the two lists
-may hold different floating dtypes (bf16 parameters with fp32 gradients); sums accumulate in
-fp32 (fp64 for fp64 inputs). Nothing here reads a device value on the host.
+may hold different floating dtypes (bf16 parameters with fp32 gradients). Sums are taken in fp64
+on the CPU (the products of 16/32-bit inputs are exact there) and, on CUDA, in fp32 within a
+16-byte vector and fp64 across; the results are fp32 (±inf when a sum leaves the fp32 range,
+which makes the call a no-op). x is written as by a native in-place op: every entry is checked
+before any is written, and the version counters are bumped. Nothing here reads a device value
+on the host.
 """
 
 from __future__ import annotations

@@ -91,6 +91,20 @@ def test_measure_and_write_on_tiny_sizes_with_a_fake_device(report_mod, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [json_path.name, md_path.name]  # no temp files left
 
 
+def test_a_failing_phase_is_reported_and_the_others_run(report_mod, monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(report_mod, "bench_dpp", broken)
+    report = {"date": "-", "torch": "-", "cuda": None, "seconds_total": 0.0,
+              "device": {"name": "Fake GPU", "capability": "-", "multiprocessors": 1, "memory_gib": 1}}
+    report_mod.measure(report, "cpu", report_mod.Deadline(300), small=True)
+    assert report["dpp"] == [] and len(report["project"]) == 6
+    assert report["errors"][0].startswith("dpp_greedy N=2000: RuntimeError: CUDA out of memory (simulated)")
+    _, md_path = report_mod.write_report(report, tmp_path)
+    assert "## Errors" in md_path.read_text()
+
+
 def test_phases_past_the_budget_are_listed_not_run(report_mod):
     report = {}
     report_mod.measure(report, "cpu", report_mod.Deadline(0), small=True)

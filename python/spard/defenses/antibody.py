@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from spard.distributed import all_reduce_sum
-from spard.formatting import collate, encode_example, pad_id_of
+from spard.formatting import IGNORE_INDEX, collate, encode_example, pad_id_of
 
-from .base import Defense, gather_per_sample, sample_losses
+from .base import Defense, gather_per_sample, per_micro_batch, sample_losses
 from .booster import perturbation_alignment
 
 GENERIC_REFUSAL = "I'm sorry, but I cannot help with that request."
@@ -111,15 +111,12 @@ class Antibody(Defense):
         d, mine = gather_per_sample([self.scores(model, mb.batch, mb.indices) for mb in micro])
         w_all = antibody_weights(d, self.settings.temperature)
         w = w_all[mine]
-        counts = torch.cat([(mb.batch["labels"][:, 1:] != -100).sum(1) for mb in micro]).to(w.dtype)
+        counts = torch.cat([(mb.batch["labels"][:, 1:] != IGNORE_INDEX).sum(1) for mb in micro]).to(w.dtype)
         normaliser = (w * counts).sum().reshape(1)
         all_reduce_sum([normaliser])
         normaliser = normaliser.clamp_min(1e-12)[0]
         self._last_weights = w_all
-        offsets = [0]
-        for mb in micro:
-            offsets.append(offsets[-1] + len(mb))
-        weights = {id(mb): w[offsets[i]:offsets[i + 1]] for i, mb in enumerate(micro)}
+        weights = per_micro_batch(w, micro)
 
         def term(m, mb):
             sums, _ = sample_losses(m, mb.batch)

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spard.batches import BatchStream, MicroBatch
-from spard.distributed import all_reduce_sum, get_rank, get_world_size, global_count, unwrap
-from spard.formatting import IGNORE_INDEX
+from spard.distributed import all_reduce_sum, get_rank, get_world_size, global_count
+from spard.formatting import IGNORE_INDEX, pad_id_of
 from spard.spag import encode_rows, trainable_parameters
 
 STAGES = ("alignment", "fine-tuning", "both")
@@ -90,9 +90,8 @@ class TrainContext:
 
     def stream(self, rows: Sequence[dict], tokenizer, *, seed: int, what: str) -> BatchStream:
         """A new stream over ``rows`` micro-batched like the user data."""
-        examples, _ = encode_rows(rows, tokenizer, self.max_length, what)
-        return BatchStream(examples, pad_id=self.pad_id, micro_batch_size=self.micro_batch_size,
-                           seed=seed, device=self.device, what=what)
+        return encoded_stream(rows, tokenizer, max_length=self.max_length, micro_batch_size=self.micro_batch_size,
+                              seed=seed, device=self.device, what=what)
 
 
 class Defense:
@@ -212,8 +211,8 @@ def mean_token_loss(model, batch: dict) -> Tensor:
     return sums.sum() / counts.sum().clamp_min(1)
 
 
-def token_mean_terms(micro: Sequence[MicroBatch], device, scale: float = 1.0, *, across_ranks: bool = True):
-    """Terms whose sum over every micro-batch (and rank) is ``scale`` x the token-mean loss.
+def token_mean_terms(micro: Sequence[MicroBatch], device, *, across_ranks: bool = True):
+    """Terms whose sum over every micro-batch (and rank) is the token-mean loss.
     ``across_ranks=False``: a batch this process holds whole (an alignment stage that every
     rank runs identically)."""
     count = sum(mb.n_tokens for mb in micro)
@@ -221,7 +220,7 @@ def token_mean_terms(micro: Sequence[MicroBatch], device, scale: float = 1.0, *,
              else torch.tensor(float(count), device=device)).clamp_min(1)
 
     def term(model, mb: MicroBatch) -> Tensor:
-        return sample_losses(model, mb.batch)[0].sum() * scale / total
+        return sample_losses(model, mb.batch)[0].sum() / total
 
     return [(mb, term) for mb in micro]
 
@@ -258,11 +257,20 @@ def flat_norm(a: Sequence[Optional[Tensor]]) -> Tensor:
     return flat_dot(a, a).sqrt()
 
 
-def inner(model):
-    """The module under a DDP wrapper (for passes that must not trigger DDP's reducer)."""
-    return unwrap(model)
+def per_micro_batch(values: Tensor, micro: Sequence[MicroBatch]) -> dict[int, Tensor]:
+    """Per-sample ``values`` of this rank's micro-batches (concatenated in order), split back:
+    ``id(micro_batch) -> its slice``."""
+    return dict(zip(map(id, micro), values.split([len(mb) for mb in micro])))
+
+
+def encoded_stream(rows: Sequence[dict], tokenizer, *, max_length: int, micro_batch_size: int, seed: int,
+                   device, what: str) -> BatchStream:
+    """A batch stream over ``rows`` encoded for training (rows beyond ``max_length`` left out)."""
+    examples, _ = encode_rows(rows, tokenizer, max_length, what)
+    return BatchStream(examples, pad_id=pad_id_of(tokenizer), micro_batch_size=micro_batch_size,
+                       seed=seed, device=device, what=what)
 
 
 __all__ = ["DATA_KINDS", "STAGES", "Defense", "DefenseData", "LossTerm", "MicroBatch", "TrainContext",
-           "flat_dot", "flat_norm", "gather_per_sample", "grads_of", "mean_token_loss",
-           "sample_losses", "token_losses", "token_mean_terms"]
+           "encoded_stream", "flat_dot", "flat_norm", "gather_per_sample", "grads_of", "mean_token_loss",
+           "per_micro_batch", "sample_losses", "token_losses", "token_mean_terms"]

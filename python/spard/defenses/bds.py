@@ -19,7 +19,7 @@ from torch import nn
 
 from spard.distributed import all_reduce_sum
 
-from .base import Defense, gather_per_sample, sample_losses, token_mean_terms
+from .base import Defense, gather_per_sample, per_micro_batch, sample_losses, token_mean_terms
 
 
 class SampleScorer(nn.Module):
@@ -103,10 +103,7 @@ class BDS(Defense):
                 scores, _ = gather_per_sample([self._scores(micro)])
             w = self._weights_of(scores)[mine]
         n_eff = global_indices.numel()
-        offsets = [0]
-        for mb in micro:
-            offsets.append(offsets[-1] + len(mb))
-        weights = {id(mb): w[offsets[i]:offsets[i + 1]] for i, mb in enumerate(micro)}
+        weights = per_micro_batch(w, micro)
         losses: dict[int, torch.Tensor] = {}
         self._pending = (micro, global_indices, mine, losses)
 

@@ -18,11 +18,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from spard.batches import BatchStream, MicroBatch
-from spard.formatting import pad_id_of
-from spard.spag import encode_rows, trainable_parameters
+from spard.batches import MicroBatch
+from spard.spag import trainable_parameters
 
-from .base import Defense, DefenseData, flat_norm, token_mean_terms
+from .base import Defense, DefenseData, encoded_stream, flat_norm, token_mean_terms
 
 
 @dataclass
@@ -120,16 +119,15 @@ def perturbation_alignment(model, tokenizer, data: DefenseData, *, steps: int, l
     micro = data.micro_batch_size or batch_size
 
     def stream(rows, seed, what):
-        examples, _ = encode_rows(rows, tokenizer, data.max_length, what)
-        return BatchStream(examples, pad_id=pad_id_of(tokenizer), micro_batch_size=micro, seed=seed,
-                           device=device, what=what), len(examples)
+        return encoded_stream(rows, tokenizer, max_length=data.max_length, micro_batch_size=micro, seed=seed,
+                              device=device, what=what)
 
-    align, _ = stream(data.alignment, data.seed + 3, "alignment rows")
-    harm, n_harm = stream(harmful, data.seed + 4, "harmful rows")
+    align = stream(data.alignment, data.seed + 3, "alignment rows")
+    harm = stream(harmful, data.seed + 4, "harmful rows")
     refuse = None
     if refusal_weight:
-        refuse, n_refuse = stream(refusals, data.seed + 4, "refusal rows")
-        if n_refuse != n_harm:
+        refuse = stream(refusals, data.seed + 4, "refusal rows")
+        if len(refuse) != len(harm):
             raise ValueError("harmful and refusal rows of the pool must all fit max_length (they are paired)")
     ema_align = ema_delta = None
     log = {"lambda": [], "harmful_loss": [], "harmful_loss_after": []}

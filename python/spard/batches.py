@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import torch
 
 from .checkpoint import ResumableOrder
 from .distributed import rank_share
-from .formatting import EncodedExample, collate
+from .formatting import EncodedExample, collate, label_token_count
 
 
 @dataclass
@@ -32,13 +31,6 @@ class MicroBatch:
         return len(self.indices)
 
 
-def label_tokens(labels: torch.Tensor) -> int:
-    """Tokens that carry a loss once labels are shifted for next-token prediction."""
-    from .formatting import IGNORE_INDEX
-
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
 def micro_batches(examples: Sequence[EncodedExample], indices: Sequence[int], *, pad_id: int,
                   micro_batch_size: int, device=None) -> list[MicroBatch]:
     """``indices`` (already this rank's share) as collated micro-batches on ``device``."""
@@ -46,7 +38,7 @@ def micro_batches(examples: Sequence[EncodedExample], indices: Sequence[int], *,
     for start in range(0, len(indices), micro_batch_size):
         chunk = list(indices[start:start + micro_batch_size])
         batch = collate([examples[i] for i in chunk], pad_id)
-        n_tokens = label_tokens(batch["labels"])  # on the host, before the copy: no sync
+        n_tokens = label_token_count(batch["labels"])  # on the host, before the copy: no sync
         if device is not None:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out.append(MicroBatch(batch, chunk, n_tokens))

@@ -232,6 +232,11 @@ def format_rows(rows: Sequence[dict], formatting_func: Callable[[dict], str]) ->
     return out
 
 
+def label_token_count(labels: torch.Tensor) -> int:
+    """Tokens that carry a loss once labels are shifted for next-token prediction."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def pad_id_of(tokenizer) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id

@@ -32,10 +32,10 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .batches import MicroBatch, label_tokens
+from .batches import MicroBatch
 from .defenses.base import Defense, DefenseData, TrainContext
 from .distributed import get_world_size
-from .formatting import collate, encode_example, pad_id_of
+from .formatting import collate, encode_example, label_token_count, pad_id_of
 from .precision import autocast_for
 from .spag import logs_to_floats
 
@@ -171,7 +171,7 @@ class DefenseTrainer(Trainer):
         if source == "user":
             batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
             indices = inputs[INDEX_KEY].tolist() if INDEX_KEY in inputs else list(range(len(batch["input_ids"])))
-            micro = [MicroBatch(batch, indices, label_tokens(batch["labels"]))]
+            micro = [MicroBatch(batch, indices, label_token_count(batch["labels"]))]
         else:  # Lisa's alignment phase: the defense's own stream replaces the user batch
             micro = d.ctx.streams[source].take(d.ctx.global_batch)
         world = get_world_size()

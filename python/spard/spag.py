@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 import spard_ext
 
 from .checkpoint import ResumableOrder
-from .formatting import IGNORE_INDEX, EncodedExample, collate, encode_row, pad_id_of
+from .formatting import IGNORE_INDEX, EncodedExample, collate, encode_row, label_token_count, pad_id_of
 
 MODES = ("paper", "official")
 MaxStep = Union[float, str, None]
@@ -33,11 +33,6 @@ MaxStep = Union[float, str, None]
 # ----------------------------------------------------------------------------------------------
 # Loss over response tokens
 # ----------------------------------------------------------------------------------------------
-def label_token_count(labels: Tensor) -> int:
-    """Tokens that carry a loss once labels are shifted for next-token prediction."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Summed next-token cross-entropy over the labelled tokens (fp32).
 

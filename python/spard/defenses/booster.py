@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from spard.batches import MicroBatch
+from spard.formatting import label_token_count
 from spard.spag import trainable_parameters
 
 from .base import Defense, DefenseData, encoded_stream, flat_norm, token_mean_terms
@@ -73,7 +74,7 @@ def perturbation_gradients(model, params, align_batch, harm_batch, *, alpha: flo
 def _as_micro(batch) -> list[MicroBatch]:
     if isinstance(batch, dict):  # one collated batch
         return [MicroBatch(batch, list(range(batch["input_ids"].shape[0])),
-                           int((batch["labels"][:, 1:] != -100).sum()))]
+                           label_token_count(batch["labels"]))]
     return list(batch)
 
 

@@ -210,10 +210,6 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
         return json.load(f)
 
 
-def load_defense_state(path: str | os.PathLike) -> dict[str, Any]:
-    return load_objects(path).get("defense") or {}
-
-
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Complete checkpoints in ``directory``, oldest first."""
     directory = Path(directory)

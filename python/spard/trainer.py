@@ -19,8 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batches import BatchStream
-from .checkpoint import (checkpoint_info, latest_checkpoint, load_checkpoint, load_defense_state, load_objects,
-                         save_checkpoint)
+from .checkpoint import checkpoint_info, latest_checkpoint, load_checkpoint, load_objects, save_checkpoint
 from .config import LoraConfig, OptimConfig, TrainConfig, save_config
 from .defenses.base import Defense, DefenseData, TrainContext
 from .defenses.sft import SFT
@@ -133,9 +132,10 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
         if made_by != defense.NAME:
             raise ValueError(f"{latest}: made by defense {made_by!r}, this run trains under "
                              f"{defense.NAME!r} (use another output folder)")
+    saved = load_objects(latest) if latest is not None else {}  # the defense's state, log sums
     ctx = TrainContext(streams={"user": user}, global_batch=global_batch, micro_batch_size=optim.batch_size,
                        pad_id=pad_id, device=device, autocast=autocast_for(model), max_length=max_length,
-                       resume_state=load_defense_state(latest) if latest is not None else None)
+                       resume_state=(saved.get("defense") or {}) if latest is not None else None)
     defense.n_train, defense.train_prompts = len(examples), [rows[i]["prompt"] for i in kept]
     if data is None:
         data = DefenseData(user=list(rows), max_length=max_length, seed=optim.seed)
@@ -154,11 +154,10 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
         skipped_before = int(state.get("nonfinite_skipped", 0))
         for name, stream_state in state["streams"].items():
             _stream(ctx, name).load_state_dict(stream_state)
-        defense.load_state_dict(ctx.resume_state or {})
-        objects = load_objects(latest)
-        if "running_means" in objects:
-            running.load_state_dict({"sums": {k: v.to(device) for k, v in objects["running_means"]["sums"].items()},
-                                     "count": objects["running_means"]["count"]})
+        defense.load_state_dict(ctx.resume_state)
+        if "running_means" in saved:
+            running.load_state_dict({"sums": {k: v.to(device) for k, v in saved["running_means"]["sums"].items()},
+                                     "count": saved["running_means"]["count"]})
 
     guard = NonFiniteLossGuard(on_nonfinite_loss, start_step=step, skipped=skipped_before)
 

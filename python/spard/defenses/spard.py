@@ -108,10 +108,8 @@ class SPARD(Defense):
             mode=s.mode, delta=s.delta, alpha_max=s.alpha_max, max_grad_norm=s.max_grad_norm,
             max_length=data.max_length, optimizer=optimizer, measure_after=s.measure_after,
             seed=data.seed if s.seed is None else s.seed, progress=False)
-        if "projector" in saved:
-            self.projector.load_state_dict(saved["projector"])
-        elif self.projector.tau is None:
-            self.projector.calibrate_tau()
+        if "projector" not in saved and self.projector.tau is None:
+            self.projector.calibrate_tau()  # a resumed run gets τ from load_state_dict
 
     def after_step(self, optimizer) -> dict:
         return self.projector.step(optimizer)

@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .precision import upcast_trainable
+
 DEFAULT_R = 32
 DEFAULT_ALPHA = 8
 DEFAULT_DROPOUT = 0.05
@@ -38,7 +40,8 @@ def apply_lora(model: torch.nn.Module, *, r: int = DEFAULT_R, alpha: float = DEF
                dropout: float = DEFAULT_DROPOUT, target_modules: Optional[Sequence[str]] = None):
     """Wraps ``model`` in a peft LoRA model (only the adapters are trainable).
 
-    ``target_modules=None`` picks the model's attention projections (q, k, v, o).
+    ``target_modules=None`` picks the model's attention projections (q, k, v, o). The adapter
+    weights are fp32 whatever the base model's dtype (spard.precision).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -52,4 +55,6 @@ def apply_lora(model: torch.nn.Module, *, r: int = DEFAULT_R, alpha: float = DEF
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM",
                         fan_in_fan_out=getattr(getattr(model, "config", None), "model_type", "") == "gpt2")
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    upcast_trainable(peft_model)  # fp32 adapters (and optimizer state) on a bf16/fp16 base
+    return peft_model

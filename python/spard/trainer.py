@@ -457,7 +457,6 @@ def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[s
     from . import distributed
     from .checkpoint import atomic_dir
     from .lora import apply_lora
-    from .precision import upcast_trainable
     from .preflight import check_model_source
     from .runfolder import check_resume_identity
 
@@ -487,7 +486,6 @@ def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[s
     torch.manual_seed(config.optim.seed)
     model = apply_lora(model, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
                        target_modules=config.lora.target_modules)
-    upcast_trainable(model)
     peft_model = model
     if several_ranks:
         model = distributed.wrap_model(model, strategy or distributed.default_strategy())

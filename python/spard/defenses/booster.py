@@ -102,7 +102,7 @@ def perturbation_alignment(model, tokenizer, data: DefenseData, *, steps: int, l
     fixed scale relative to the alignment gradient. The stage is seeded by ``data.seed`` (it
     runs again, identically, when a run resumes)."""
     from spard.lora import apply_lora
-    from spard.precision import autocast_for, upcast_trainable
+    from spard.precision import autocast_for
 
     if not data.alignment or not data.harmful:
         raise ValueError("the alignment stage needs alignment rows and harmful rows (a safety pool with "
@@ -110,7 +110,6 @@ def perturbation_alignment(model, tokenizer, data: DefenseData, *, steps: int, l
     device = next(model.parameters()).device
     torch.manual_seed(data.seed)
     peft = apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=0.0)
-    upcast_trainable(peft)
     autocast = autocast_for(peft)
     params = trainable_parameters(peft)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

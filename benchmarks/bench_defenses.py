@@ -37,7 +37,7 @@ from spard.io import write_json_atomic
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_spag import step_peak_bytes  # noqa: E402  (the same peak-memory measure)
 
-SEQ, VOCAB, ROWS = 128, 2048, 64
+SEQ, VOCAB = 128, 2048  # 64 training rows: two effective batches
 OPTIM = dict(lr=1e-4, warmup_steps=0, batch_size=8, grad_accum=4, seed=0, weight_decay=0.0)
 SETTINGS = {  # second batches scaled to the effective batch (see the docstring)
     "spard": {"selection": "random", "batch_size": 1, "p": 0.5},
@@ -56,46 +56,70 @@ class _Tok:
     bos_token_id, eos_token_id, pad_token_id, chat_template, bos_token = 1, 2, 0, None, "<s>"
     add_bos_token = True
 
+    def __init__(self, vocab: int = VOCAB):
+        self.vocab = vocab
+
     def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + zlib.crc32(w.encode()) % (VOCAB - 3) for w in text.split()]}
+        return {"input_ids": [3 + zlib.crc32(w.encode()) % (self.vocab - 3) for w in text.split()]}
 
     def __len__(self):
-        return VOCAB
+        return self.vocab
 
 
-def rows(n: int, seed: int, key: str = "response") -> list[dict]:
+def rows(n: int, seed: int, key: str = "response", seq: int = SEQ) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     pick = lambda k: " ".join(f"w{i}" for i in torch.randint(0, 2000, (k,), generator=g).tolist())  # noqa: E731
-    return [{"prompt": pick(SEQ // 2 - 8), key: pick(SEQ // 2)} for _ in range(n)]
+    return [{"prompt": pick(seq // 2 - 8), key: pick(seq // 2)} for _ in range(n)]
 
 
-def base_model():
+CPU_MODEL = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4)
+
+
+def base_model(model_kw: dict = CPU_MODEL, seq: int = SEQ, device="cpu", dtype=None):
+    """A randomly initialised Llama, made on ``device`` (no host copy of a large model)."""
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ)
-    return tf.LlamaForCausalLM(cfg)
+    cfg = tf.LlamaConfig(**model_kw, max_position_embeddings=seq)
+    with torch.device(device):
+        model = tf.LlamaForCausalLM(cfg)
+    return model.to(dtype) if dtype is not None else model
+
+
+def _clock(device) -> float:
+    """CPU time of the process on the host (robust to other jobs); wall time after a
+    synchronisation on a GPU, where the work is not the host's."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
 
 
 class Run:
     """One defense set up through the trainer's own code path, stepped on demand."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, device="cpu", dtype=None, model_kw: dict = CPU_MODEL, seq: int = SEQ,
+                 optim: dict = OPTIM, lora_r: int = 8):
         from spard.lora import apply_lora
         from spard.trainer import fit
 
-        self.name = name
+        self.name, self.device, self.seq, self.optim = name, torch.device(device), seq, dict(optim)
+        self.tok = _Tok(model_kw["vocab_size"])
+        micro = self.optim["batch_size"]
+        n_rows = micro * self.optim["grad_accum"] * 2
         pool = [{"prompt": r["prompt"], "safe": r["response"], "unsafe": u["response"]}
-                for r, u in zip(rows(64, 1), rows(64, 2))]
-        data = DefenseData(user=rows(ROWS, 0), safety_pool=pool, seed=0, max_length=SEQ, micro_batch_size=8)
+                for r, u in zip(rows(64, 1, seq=seq), rows(64, 2, seq=seq))]
+        data = DefenseData(user=rows(n_rows, 0, seq=seq), safety_pool=pool, seed=0, max_length=seq,
+                           micro_batch_size=micro)
         defense = make_defense(name, **SETTINGS.get(name, {}))
-        model = base_model()
+        model = base_model(model_kw, seq, device, dtype)
         t = time.perf_counter()
-        model = defense.alignment_stage(model, _Tok(), data)
+        model = defense.alignment_stage(model, self.tok, data)
+        _clock(self.device)
         self.stage_s = time.perf_counter() - t
         torch.manual_seed(0)
-        self.model = apply_lora(model, r=8, alpha=16, dropout=0.0)
+        self.model = apply_lora(model, r=lora_r, alpha=2 * lora_r, dropout=0.0)
         self.times: list[float] = []
         self._fit, self._data, self._defense = fit, data, defense
         self._rows = defense.training_rows(data)
@@ -103,16 +127,17 @@ class Run:
     def steps(self, n: int, timed: bool = True) -> None:
         """``n`` timed steps; each call is a fresh ``fit`` whose first step (after the defense's
         setup: selection, calibration) is not timed."""
-        last = [time.process_time()]
+        last = [_clock(self.device)]
 
         def on_step(step, logs):
-            now = time.process_time()
+            now = _clock(self.device)
             if timed and step > 1:
                 self.times.append(now - last[0])
             last[0] = now
 
-        self._fit(self.model, _Tok(), self._rows, defense=self._defense, data=self._data,
-                  optim=OptimConfig(**OPTIM, max_steps=n + 1), max_length=SEQ, progress=False, on_step=on_step)
+        self._fit(self.model, self.tok, self._rows, defense=self._defense, data=self._data,
+                  optim=OptimConfig(**self.optim, max_steps=n + 1), max_length=self.seq, progress=False,
+                  on_step=on_step)
 
     def held_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in itertools.chain(self.model.parameters(), self.model.buffers()))

@@ -361,6 +361,30 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- dpp_greedy: {d['cases']} cases, {d['mismatches']} with other picks; worst relative "
                          f"gain difference {d['worst_gain_rel']:.2e}")
         lines += [""]
+    tp = report.get("train_parity")
+    if tp:
+        lines.append(f"- training (fp32 SPARD, {tp['steps']} steps, tiny Llama): "
+                     f"{'same' if tp['ok'] else 'DIFFERENT'} on the GPU and the CPU; worst relative adapter "
+                     f"difference {tp['worst_adapter_rel']:.2e}, loss {tp['worst_loss_rel']:.2e}; SPAG projections "
+                     f"{tp['spag_triggers_device']} (GPU) / {tp['spag_triggers_cpu']} (CPU)")
+        lines += [""]
+    cost = report.get("train_cost")
+    if cost:
+        st = cost["setup"]
+        m = st["model"]
+        lines += ["## One optimizer step per defense (the one trainer on the GPU)", "",
+                  f"Llama {m['num_hidden_layers']} x {m['hidden_size']} (vocab {m['vocab_size']}, "
+                  f"{st['parameters'] / 1e6:.0f}M parameters) in {st['dtype']}, LoRA r={st['lora_r']} on q, k, v, o "
+                  f"(fp32 adapters and optimizer state), sequences of {st['seq']} tokens, micro-batch "
+                  f"{st['optim']['batch_size']} x accumulation {st['optim']['grad_accum']}; wall time per step "
+                  f"(median of {st['timed_steps']}), peak memory = what the model holds + the step's peak above it.", "",
+                  "| defense | step (ms) | x SFT | peak memory (GiB) | x SFT | alignment stage (s) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {n} | {d['step_ms']} | {d['step_ratio']} | {d['peak_gib']} | {d['memory_ratio']} | "
+                  f"{d['alignment_stage_s']} |" for n, d in cost["defenses"].items()]
+        if cost.get("skipped"):
+            lines += ["", f"Not measured (time budget): {', '.join(cost['skipped'])}."]
+        lines += [""]
     errors = report.get("errors")
     if errors:
         lines += ["## Errors", ""] + [f"- {e}" for e in errors] + [""]
@@ -421,6 +445,14 @@ def measure(report: dict, device, deadline: Deadline, small: bool) -> None:
         "project": phase("parity project_", 30, lambda: parity_project(device, 10 if small else 200)),
         "dpp": phase("parity dpp_greedy", 30, lambda: parity_dpp(device, 4 if small else 40)),
     }
+    train = _bench("gpu_train")
+    report["train_parity"] = phase("training parity", 30, lambda: train.train_parity(device))
+    from spard.defenses import defense_names
+
+    cost_kw = dict(model_kw=train.PARITY_MODEL, seq=64, rounds=1, steps=1,
+                   optim=dict(train.GPU_OPTIM, batch_size=2, grad_accum=2)) if small else {}
+    report["train_cost"] = phase("defense cost", 90, lambda: train.train_cost(
+        device, defense_names(), deadline=deadline, **cost_kw))
 
 
 def main(argv=None) -> int:

@@ -79,6 +79,11 @@ def test_measure_and_write_on_tiny_sizes_with_a_fake_device(report_mod, tmp_path
     assert all(r["picks"] > 0 for r in report["dpp"])
     # the CPU against itself: the parity code runs and finds nothing
     assert report["parity"]["project"]["mismatches"] == 0 and report["parity"]["dpp"]["mismatches"] == 0
+    tp = report["train_parity"]  # the same fp32 SPARD run twice: identical, with projections taken
+    assert tp["ok"] and tp["worst_adapter_rel"] == 0.0 and tp["spag_triggers_device"] > 0
+    cost = report["train_cost"]["defenses"]
+    assert cost["sft"]["step_ratio"] == 1.0 and {"spard", "lisa", "bds", "booster"} <= set(cost)
+    assert all(d["step_ms"] > 0 and d["peak_gib"] > 0 for d in cost.values())
 
     json_path, md_path = report_mod.write_report(report, tmp_path)
     assert json_path.name == "gpu_fake-gpu-9000-test.json" and md_path.name == "gpu_fake-gpu-9000-test.md"
@@ -88,6 +93,8 @@ def test_measure_and_write_on_tiny_sizes_with_a_fake_device(report_mod, tmp_path
     assert "CUDA tests: 2 passed, 1 failed" in md and "`tests/test_x.py::test_y`" in md
     assert "| lora | float32 |" in md and "× copy bandwidth" in md
     assert "Targets (LoRA list)" in md and "## CPU-vs-CUDA parity" in md
+    assert "- training (fp32 SPARD, 6 steps, tiny Llama): same on the GPU and the CPU" in md
+    assert "## One optimizer step per defense" in md and "| spard |" in md
     assert sorted(p.name for p in tmp_path.iterdir()) == [json_path.name, md_path.name]  # no temp files left
 
 
@@ -109,7 +116,7 @@ def test_phases_past_the_budget_are_listed_not_run(report_mod):
     report = {}
     report_mod.measure(report, "cpu", report_mod.Deadline(0), small=True)
     assert report["project"] == [] and report["dpp"] == []
-    assert "parity project_" in report["skipped_phases"] and len(report["skipped_phases"]) == 10
+    assert "parity project_" in report["skipped_phases"] and len(report["skipped_phases"]) == 12
 
 
 def test_verdicts(report_mod):

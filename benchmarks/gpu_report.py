@@ -24,6 +24,7 @@ Measured (times are medians of CUDA-event timings, baselines in the same run):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -135,8 +136,10 @@ def run_cuda_tests(deadline: Deadline) -> dict:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
+        # with pytest-xdist, a test that kills its process is reported as failed and the rest run on
+        workers = ["-n", "2"] if importlib.util.find_spec("xdist") else []
         cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={xml}",
-               "tests/test_kernels_cuda.py", "tests/test_project.py", "tests/test_dpp.py"]
+               *workers, "tests/test_kernels_cuda.py", "tests/test_project.py", "tests/test_dpp.py"]
         try:
             proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
                                   timeout=max(10.0, deadline.left() - 150))
@@ -179,6 +182,35 @@ def time_ms(fn, device, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def host_time_us(fn, device, calls: int = 20) -> float:
+    """Mean host time of one call in microseconds: what the Python wrapper, the dispatcher and
+    the launch code cost, whatever the device does."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e6
+    _sync(device)
+    return host
+
+
+def graph_ms(fn, device, reps: int) -> float | None:
+    """Median time of one replay of ``fn`` captured in a CUDA graph (the device's work alone);
+    None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, device, reps)
+
+
 def _placed(t: torch.Tensor, dtype, device, offset: int = 0) -> torch.Tensor:
     """t as a contiguous tensor of `dtype` on `device` whose data starts `offset` elements into
     its allocation (offset > 0: not 16-byte aligned, so the kernels take their scalar path)."""
@@ -201,7 +233,10 @@ def bench_project(device, dtype, layout: str, lora_width: int = LORA_WIDTH, flat
     esize = torch.empty((), dtype=dtype).element_size()
     moved = 5 * n * esize  # the reduction reads x and a, the update reads x and a and writes x
     b, cap = -1e6, 1e-9  # far outside the half-space: the capped step is always taken
-    fused = time_ms(lambda: spard_ext.project_(x, a, b, max_step=cap, use_dot=True), device, reps)
+    call = lambda: spard_ext.project_(x, a, b, max_step=cap, use_dot=True)  # noqa: E731
+    fused = time_ms(call, device, reps)
+    host_us = host_time_us(call, device)
+    graph = graph_ms(call, device, reps)
     src = torch.empty(int(2.5 * n), dtype=dtype, device=device).normal_()
     dst = torch.empty_like(src)
     copy = time_ms(lambda: dst.copy_(src), device, reps)  # 2.5 n read + 2.5 n written = 5 n elements
@@ -209,7 +244,9 @@ def bench_project(device, dtype, layout: str, lora_width: int = LORA_WIDTH, flat
     row = {"layout": layout, "dtype": str(dtype).replace("torch.", ""), "elements": n, "tensors": len(x),
            "bytes_moved": moved, "fused_ms": round(fused, 4), "copy_floor_ms": round(copy, 4),
            "fused_gbs": round(moved / fused / 1e6, 1), "copy_gbs": round(moved / copy / 1e6, 1),
-           "copy_fraction": round(copy / fused, 3)}
+           "copy_fraction": round(copy / fused, 3), "host_us": round(host_us, 1)}
+    if graph is not None:  # the kernels alone, without the host's work of a call
+        row.update(graph_ms=round(graph, 4), graph_copy_fraction=round(copy / graph, 3))
     if layout == "lora":
         loop_fn = _bench("bench_project").per_tensor_loop  # a host read per tensor; its step cap is also 1e-9
         loop = time_ms(lambda: loop_fn(x, a, torch.tensor(b)), device, loop_reps, warmup=1)
@@ -326,11 +363,12 @@ def render_markdown(report: dict) -> str:
     if rows:
         lines += ["## project_ (surgery form: reads x and a twice, writes x)", "",
                   "| layout | dtype | elements | fused (ms) | GB/s | copy floor (ms) | × copy bandwidth | "
-                  "per-tensor loop (ms) | speedup |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "host per call (µs) | in a CUDA graph (ms) | × copy bandwidth | per-tensor loop (ms) | speedup |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             lines.append(f"| {r['layout']} | {r['dtype']} | {r['elements']:,} | {r['fused_ms']} | {r['fused_gbs']} | "
-                         f"{r['copy_floor_ms']} | {r['copy_fraction']} | {r.get('loop_ms', '-')} | "
+                         f"{r['copy_floor_ms']} | {r['copy_fraction']} | {r.get('host_us', '-')} | "
+                         f"{r.get('graph_ms', '-')} | {r.get('graph_copy_fraction', '-')} | {r.get('loop_ms', '-')} | "
                          f"{r.get('loop_speedup', '-')} |")
         lora = [r for r in rows if r["layout"] == "lora"]
         if lora:
@@ -378,9 +416,9 @@ def render_markdown(report: dict) -> str:
                   f"(fp32 adapters and optimizer state), sequences of {st['seq']} tokens, micro-batch "
                   f"{st['optim']['batch_size']} x accumulation {st['optim']['grad_accum']}; wall time per step "
                   f"(median of {st['timed_steps']}), peak memory = what the model holds + the step's peak above it.", "",
-                  "| defense | step (ms) | x SFT | peak memory (GiB) | x SFT | alignment stage (s) |",
+                  "| defense | step (ms) | x SFT | peak memory (MiB) | x SFT | alignment stage (s) |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {n} | {d['step_ms']} | {d['step_ratio']} | {d['peak_gib']} | {d['memory_ratio']} | "
+        lines += [f"| {n} | {d['step_ms']} | {d['step_ratio']} | {d['peak_mib']} | {d['memory_ratio']} | "
                   f"{d['alignment_stage_s']} |" for n, d in cost["defenses"].items()]
         if cost.get("skipped"):
             lines += ["", f"Not measured (time budget): {', '.join(cost['skipped'])}."]

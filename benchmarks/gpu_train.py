@@ -36,7 +36,9 @@ def _adapter(model) -> dict:
 
 def _short_run(device, steps: int, defense: str = "spard") -> tuple[list[float], dict, dict]:
     optim = dict(bd.OPTIM, batch_size=4, grad_accum=2, lr=1e-2)
-    run = bd.Run(defense, device=device, model_kw=PARITY_MODEL, seq=64, optim=optim, lora_r=4)
+    # made on the CPU and moved: the same initial weights (the CUDA generator draws other numbers)
+    run = bd.Run(defense, device="cpu", model_kw=PARITY_MODEL, seq=64, optim=optim, lora_r=4)
+    run.model.to(device)
     losses = []
     run._fit(run.model, run.tok, run._rows, defense=run._defense, data=run._data,
              optim=bd.OptimConfig(**run.optim, max_steps=steps), max_length=run.seq, progress=False, log_every=1,
@@ -94,6 +96,6 @@ def train_cost(device, defenses: list[str], rounds: int = 2, steps: int = 2, dty
                       "seq": seq, "optim": optim, "lora_r": 16, "timed_steps": rounds * steps},
             "defenses": {n: {"step_ms": round(1e3 * statistics.median(r.times), 2),
                              "step_ratio": round(statistics.median(r.times) / sft_t, 3),
-                             "peak_gib": round(memory[n] / 2**30, 3), "memory_ratio": round(memory[n] / sft_m, 3),
+                             "peak_mib": round(memory[n] / 2**20, 1), "memory_ratio": round(memory[n] / sft_m, 3),
                              "alignment_stage_s": round(r.stage_s, 2)} for n, r in runs.items()},
             "skipped": skipped}

@@ -83,7 +83,7 @@ def test_measure_and_write_on_tiny_sizes_with_a_fake_device(report_mod, tmp_path
     assert tp["ok"] and tp["worst_adapter_rel"] == 0.0 and tp["spag_triggers_device"] > 0
     cost = report["train_cost"]["defenses"]
     assert cost["sft"]["step_ratio"] == 1.0 and {"spard", "lisa", "bds", "booster"} <= set(cost)
-    assert all(d["step_ms"] > 0 and d["peak_gib"] > 0 for d in cost.values())
+    assert all(d["step_ms"] > 0 and d["peak_mib"] > 0 for d in cost.values())
 
     json_path, md_path = report_mod.write_report(report, tmp_path)
     assert json_path.name == "gpu_fake-gpu-9000-test.json" and md_path.name == "gpu_fake-gpu-9000-test.md"

@@ -14,6 +14,8 @@
 #include <string>
 #include <tuple>
 
+#include "message.h"
+
 namespace spard {
 
 enum class DppMethod { kCholesky, kInverse };

@@ -34,8 +34,8 @@ namespace spard {
 namespace {
 
 void check_float_matrix(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be a 2-D tensor, got shape ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+  SPARD_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be a 2-D tensor, got shape ", t.sizes());
+  SPARD_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
                    " must be float32 or float64, got ", t.scalar_type());
 }
 
@@ -63,11 +63,11 @@ at::Tensor mask_or_zeros(const std::optional<at::Tensor>& m, const char* name, i
                          const at::Tensor& like, const char* op) {
   if (!m.has_value()) return at::zeros({n}, like.options().dtype(at::kByte));
   const at::Tensor& t = *m;
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kBool, op, ": ", name, " must be a bool mask, got ",
+  SPARD_CHECK_TYPE(t.scalar_type() == at::kBool, op, ": ", name, " must be a bool mask, got ",
                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name,
+  SPARD_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name,
                     " must be a 1-D mask of length N = ", n, ", got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " must be on ", like.device(),
+  SPARD_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " must be on ", like.device(),
                     " like the kernel, got ", t.device());
   return t.to(at::kByte).contiguous();
 }
@@ -75,8 +75,8 @@ at::Tensor mask_or_zeros(const std::optional<at::Tensor>& m, const char* name, i
 DppInputs check_common(const at::Tensor& mat, bool dense, int64_t k, double eps_stop,
                        const std::optional<at::Tensor>& include,
                        const std::optional<at::Tensor>& exclude, const char* op) {
-  TORCH_CHECK_VALUE(k >= 0, op, ": k must be >= 0, got ", k);
-  TORCH_CHECK_VALUE(!std::isnan(eps_stop), op, ": eps_stop must not be NaN");
+  SPARD_CHECK_VALUE(k >= 0, op, ": k must be >= 0, got ", k);
+  SPARD_CHECK_VALUE(!std::isnan(eps_stop), op, ": eps_stop must not be NaN");
   DppInputs in;
   in.op = op;
   in.name = dense ? "kernel" : "factor";
@@ -95,14 +95,14 @@ DppInputs check_common(const at::Tensor& mat, bool dense, int64_t k, double eps_
 }  // namespace
 
 void check_deferred(const DppInputs& in, const double* v) {
-  TORCH_CHECK_VALUE(v[0] == 1.0, in.op, ": ", in.name, " must be finite (it holds NaN or Inf)");
+  SPARD_CHECK_VALUE(v[0] == 1.0, in.op, ": ", in.name, " must be finite (it holds NaN or Inf)");
   if (in.dense) {
     // Symmetric up to rounding: a kernel built as F·Fᵀ in float32 passes, a wrong matrix does not.
     const double tol = (in.float32 ? 1e-5 : 1e-10) * std::max(v[2], 1e-30);
-    TORCH_CHECK_VALUE(v[1] <= tol, in.op, ": kernel must be symmetric, max |L - Lᵀ| = ", v[1], " (tolerance ", tol,
+    SPARD_CHECK_VALUE(v[1] <= tol, in.op, ": kernel must be symmetric, max |L - Lᵀ| = ", v[1], " (tolerance ", tol,
                       ")");
   }
-  TORCH_CHECK_VALUE(v[3] == 0.0, in.op, ": include and exclude must not share an item");
+  SPARD_CHECK_VALUE(v[3] == 0.0, in.op, ": include and exclude must not share an item");
 }
 
 DppInputs check_dpp_dense(const at::Tensor& kernel, int64_t k, double eps_stop,
@@ -110,7 +110,7 @@ DppInputs check_dpp_dense(const at::Tensor& kernel, int64_t k, double eps_stop,
                           const std::optional<at::Tensor>& exclude) {
   const char* op = "dpp_greedy_dense";
   check_float_matrix(kernel, "kernel", op);
-  TORCH_CHECK_VALUE(kernel.size(0) == kernel.size(1), op, ": kernel must be square (N x N), got shape ",
+  SPARD_CHECK_VALUE(kernel.size(0) == kernel.size(1), op, ": kernel must be square (N x N), got shape ",
                     kernel.sizes());
   return check_common(kernel, true, k, eps_stop, include, exclude, op);
 }
@@ -121,10 +121,10 @@ DppInputs check_dpp_lowrank(const at::Tensor& factor, int64_t k, double eps, dou
                             DppMethod& resolved) {
   const char* op = "dpp_greedy_lowrank";
   check_float_matrix(factor, "factor", op);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
-  TORCH_CHECK_VALUE(method == "auto" || method == "cholesky" || method == "inverse", op,
+  SPARD_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  SPARD_CHECK_VALUE(method == "auto" || method == "cholesky" || method == "inverse", op,
                     ": method must be 'auto', 'cholesky' or 'inverse', got '", method, "'");
-  TORCH_CHECK_VALUE(!(method == "inverse" && eps == 0), op,
+  SPARD_CHECK_VALUE(!(method == "inverse" && eps == 0), op,
                     ": method 'inverse' needs eps > 0 (it starts from A = I / eps)");
   DppInputs in = check_common(factor, false, k, eps_stop, include, exclude, op);
   if (method == "cholesky") {

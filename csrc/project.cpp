@@ -15,42 +15,42 @@ static bool is_supported_float(at::ScalarType t) {
 }
 
 void check_pair_lists(at::TensorList x, at::TensorList a, const char* op, bool writes_x) {
-  TORCH_CHECK_VALUE(x.size() == a.size(), op, ": x and a must have the same length, got ",
+  SPARD_CHECK_VALUE(x.size() == a.size(), op, ": x and a must have the same length, got ",
                     x.size(), " and ", a.size());
   if (x.empty()) return;
   const at::Device device = x[0].device();
   for (size_t i = 0; i < x.size(); ++i) {
-    TORCH_CHECK_VALUE(x[i].sizes() == a[i].sizes(), op, ": shape mismatch at index ", i, ": x[",
+    SPARD_CHECK_VALUE(x[i].sizes() == a[i].sizes(), op, ": shape mismatch at index ", i, ": x[",
                       i, "] has shape ", x[i].sizes(), " but a[", i, "] has shape ", a[i].sizes());
-    TORCH_CHECK_TYPE(is_supported_float(x[i].scalar_type()), op, ": x[", i,
+    SPARD_CHECK_TYPE(is_supported_float(x[i].scalar_type()), op, ": x[", i,
                      "] must be float32, float16, bfloat16 or float64, got ", x[i].scalar_type());
-    TORCH_CHECK_TYPE(is_supported_float(a[i].scalar_type()), op, ": a[", i,
+    SPARD_CHECK_TYPE(is_supported_float(a[i].scalar_type()), op, ": a[", i,
                      "] must be float32, float16, bfloat16 or float64, got ", a[i].scalar_type());
-    TORCH_CHECK_VALUE(x[i].device() == device, op, ": all tensors must be on one device: x[0] is on ",
+    SPARD_CHECK_VALUE(x[i].device() == device, op, ": all tensors must be on one device: x[0] is on ",
                       device, " but x[", i, "] is on ", x[i].device());
-    TORCH_CHECK_VALUE(a[i].device() == device, op, ": all tensors must be on one device: x[0] is on ",
+    SPARD_CHECK_VALUE(a[i].device() == device, op, ": all tensors must be on one device: x[0] is on ",
                       device, " but a[", i, "] is on ", a[i].device());
     if (writes_x) {
-      TORCH_CHECK_VALUE(at::has_internal_overlap(x[i]) != at::MemOverlap::Yes, op, ": x[", i,
+      SPARD_CHECK_VALUE(at::has_internal_overlap(x[i]) != at::MemOverlap::Yes, op, ": x[", i,
                         "] has elements that share memory (an expanded or overlapping view), so it "
                         "cannot be updated in place; pass a tensor with distinct elements (e.g. .clone())");
-      TORCH_CHECK(!x[i].is_inference() || c10::InferenceMode::is_enabled(), op, ": x[", i,
+      SPARD_CHECK(!x[i].is_inference() || c10::InferenceMode::is_enabled(), op, ": x[", i,
                   "] is an inference tensor: update it inside torch.inference_mode(), or pass a clone");
     }
   }
 }
 
 void check_scalar(const at::Tensor& t, const char* name, const char* op, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must be a scalar (one element), got shape ",
+  SPARD_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must be a scalar (one element), got shape ",
                     t.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+  SPARD_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
                    " must be a floating-point tensor, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == device || t.device().is_cpu(), op, ": ", name,
+  SPARD_CHECK_VALUE(t.device() == device || t.device().is_cpu(), op, ": ", name,
                     " must be on ", device, " (or a CPU scalar), got ", t.device());
 }
 
 void check_max_step(double max_step, const char* op) {
-  TORCH_CHECK_VALUE(max_step >= 0, op, ": max_step must be >= 0 (use inf for no cap), got ",
+  SPARD_CHECK_VALUE(max_step >= 0, op, ": max_step must be >= 0 (use inf for no cap), got ",
                     max_step);
 }
 
@@ -93,10 +93,10 @@ std::vector<at::Tensor> written_tensors(const c10::OperatorHandle& op, const tor
 void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
     for (const at::Tensor& t : written_tensors(op, *stack)) {
-      TORCH_CHECK(!(t.requires_grad() && t.is_leaf()), op.schema().name(),
+      SPARD_CHECK(!(t.requires_grad() && t.is_leaf()), op.schema().name(),
                   ": a leaf Variable that requires grad is being used in an in-place operation "
                   "(call it under torch.no_grad(), as the spard_ext entry points do)");
-      TORCH_CHECK(!t.requires_grad(), op.schema().name(),
+      SPARD_CHECK(!t.requires_grad(), op.schema().name(),
                   ": has no derivative and writes a tensor that requires grad; call it under torch.no_grad()");
     }
   }

@@ -13,6 +13,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "message.h"
+
 #ifdef __CUDACC__
 #define SPARD_HOST_DEVICE __host__ __device__
 #else

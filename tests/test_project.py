@@ -502,3 +502,30 @@ def test_fp32_reduction_error_on_random_tensors(seed):
     x = torch.randn(n, generator=g) + 0.5  # a mean, so the dot does not cancel to ~0
     a = torch.rand(n, generator=g) * 3
     _assert_sum_error_within_2x_of_torch(x, a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages made without streams (csrc/message.h)
+# ---------------------------------------------------------------------------------------------
+def test_kernel_sources_raise_through_the_stream_free_checks():
+    # c10::str's ostream, inlined into the extension, crashed (SIGSEGV) on a build that links
+    # libstdc++ in; .ci/static_libstdcxx runs the kernels built that way.
+    import re
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    offenders = [f"{p.relative_to(csrc)}:{n}" for p in sorted(csrc.rglob("*")) if p.suffix in {".cpp", ".cu", ".h", ".cuh"}
+                 and p.name != "message.h" and "tests" not in p.parts
+                 for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.search(r"\bTORCH_CHECK\w*\(|c10::str\(|std::(o|)stringstream|std::cout|std::cerr", line)]
+    assert not offenders, f"use SPARD_CHECK* / spard::cat instead of stream-based formatting: {offenders}"
+
+
+def test_messages_name_the_numbers_and_shapes():
+    with pytest.raises(ValueError, match=r"^project_: shape mismatch at index 0: x\[0\] has shape \[3\] but a\[0\] "
+                                         r"has shape \[4, 1\]$"):
+        project_([torch.zeros(3)], [torch.ones(4, 1)], -1.0)
+    with pytest.raises(TypeError, match=r"x\[0\] must be float32, float16, bfloat16 or float64, got Int$"):
+        project_([torch.zeros(3, dtype=torch.int32)], [torch.ones(3)], -1.0)
+    with pytest.raises(ValueError, match=r"max_step must be >= 0 \(use inf for no cap\), got -0.5$"):
+        torch.ops.spard_ext.project_([torch.zeros(3)], [torch.ones(3)], torch.tensor(0.0), -0.5, False)

@@ -339,7 +339,7 @@ class HostProgress {
 void refuse_capture(const char* op) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
-  TORCH_CHECK(capture == cudaStreamCaptureStatusNone, op,
+  SPARD_CHECK(capture == cudaStreamCaptureStatusNone, op,
               ": cannot be captured in a CUDA graph (the number of picks is read on the host at the end)");
 }
 

@@ -242,7 +242,7 @@ Plan make_plan(const std::vector<at::Tensor>& x, const std::vector<at::Tensor>& 
     for (const size_t i : kv.second) {
       const int64_t blocks = (x[i].numel() + kChunk - 1) / kChunk;
       constexpr int64_t kMaxBlocks = std::numeric_limits<int32_t>::max();
-      TORCH_CHECK(blocks <= kMaxBlocks, "project_: x[", i, "] has ", x[i].numel(), " elements, more than ",
+      SPARD_CHECK(blocks <= kMaxBlocks, "project_: x[", i, "] has ", x[i].numel(), " elements, more than ",
                   kMaxBlocks, " chunks of ", kChunk);
       if (!open || plan.launches.back().meta.n_tensors == kMaxTensors ||
           plan.launches.back().n_blocks + blocks > kMaxBlocks) {

@@ -1,0 +1,64 @@
+// Error messages built without iostreams, and the checks that raise them.
+//
+// Why: a toolchain that links parts of libstdc++ statically into the extension (gcc-toolset /
+// devtoolset style) leaves the process with two copies of the stream and locale machinery. On
+// such a build (seen on an H100 machine) c10::str's std::ostringstream, inlined here, picked a
+// facet of the other copy: formatting a number crashed with SIGSEGV instead of raising the
+// error. std::string, std::to_string and snprintf do not touch the locale machinery, and a
+// single std::string argument goes through TORCH_CHECK without a stream (c10::str returns it).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+namespace spard {
+namespace detail {
+
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, std::string_view v) { s.append(v.data(), v.size()); }
+inline void append(std::string& s, bool v) { s += v ? "true" : "false"; }
+inline void append(std::string& s, double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);  // what an ostream prints by default
+  s += buf;
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
+void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+inline void append(std::string& s, const c10::Device& v) { s += v.str(); }  // formatted inside libc10
+inline void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, c10::IntArrayRef v) {  // "[2, 3]", as c10 prints sizes
+  s += '[';
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  s += ']';
+}
+
+}  // namespace detail
+
+// The pieces, concatenated: strings, integers, doubles, devices, dtypes and shapes.
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
+}
+
+}  // namespace spard
+
+// TORCH_CHECK and its typed variants with a message made by spard::cat (evaluated only on failure).
+#define SPARD_CHECK(cond, ...) TORCH_CHECK(cond, ::spard::cat(__VA_ARGS__))
+#define SPARD_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::spard::cat(__VA_ARGS__))
+#define SPARD_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::spard::cat(__VA_ARGS__))

@@ -119,15 +119,20 @@ def parse_junit(path: Path) -> dict:
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    failed = []
+    failed, reasons = [], {}
     for suite in suites:
         for key in counts:
             counts[key] += int(suite.get(key, 0))
         for case in suite.iter("testcase"):
-            if case.find("failure") is not None or case.find("error") is not None:
+            problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+            if problem is not None:
                 failed.append(f"{case.get('classname')}::{case.get('name')}")
+                # the first line of the assertion or of a crashed worker's report, for the report
+                first = (problem.get("message") or problem.text or "").strip().splitlines()
+                reasons[failed[-1]] = first[0][:300] if first else ""
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     counts["failed"] = failed
+    counts["reasons"] = reasons
     return counts
 
 
@@ -355,7 +360,8 @@ def render_markdown(report: dict) -> str:
         if "tests" in t:
             lines += [f"CUDA tests: {t.get('passed', 0)} passed, {len(t.get('failed', []))} failed, "
                       f"{t.get('skipped', 0)} skipped of {t['tests']} ({t['seconds']} s)."]
-            lines += [f"- failed: `{name}`" for name in t.get("failed", [])]
+            lines += [f"- failed: `{name}`" + (f": {t['reasons'][name]}" if t.get("reasons", {}).get(name) else "")
+                      for name in t.get("failed", [])]
         else:
             lines += [f"CUDA tests: {t.get('note', 'not run')}."]
         lines += [""]

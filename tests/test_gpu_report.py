@@ -59,6 +59,7 @@ def test_parse_junit(report_mod, tmp_path):
     got = report_mod.parse_junit(xml)
     assert got["tests"] == 4 and got["passed"] == 2 and got["skipped"] == 1
     assert got["failed"] == ["tests.test_a::test_bad"]
+    assert got["reasons"] == {"tests.test_a::test_bad": "x"}
 
 
 def test_measure_and_write_on_tiny_sizes_with_a_fake_device(report_mod, tmp_path):

@@ -25,7 +25,7 @@
 #include <limits>
 #include <thread>
 
-#include "../dpp.h"
+#include "checks.h"
 
 namespace spard {
 namespace {

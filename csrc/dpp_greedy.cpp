@@ -88,13 +88,27 @@ DppInputs check_common(const Tensor& mat, int64_t k, double eps_stop, const std:
 template <typename T>
 void check_data(const DppInputs& in, const T* m, int64_t d, bool dense, const char* op, const char* name) {
   const int64_t n = in.n;
-  double scale = 0;
-  bool finite = true;
-  for (int64_t i = 0; i < n * d; ++i) {
-    const double v = static_cast<double>(m[i]);
-    finite = finite && std::isfinite(v);
-    scale = std::max(scale, std::fabs(v));
-  }
+  // All finite, and max |entry|: per chunk of entries, then combined (order-free, deterministic).
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t total = n * d;
+  const int64_t chunks = std::max<int64_t>((total + kChunk - 1) / kChunk, 1);
+  std::vector<double> chunk_scale(chunks, 0.0);
+  std::vector<uint8_t> chunk_finite(chunks, 1);
+  torch::stable::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      double mx = 0;
+      bool ok = true;
+      for (int64_t i = c * kChunk; i < std::min(total, (c + 1) * kChunk); ++i) {
+        const double v = static_cast<double>(m[i]);
+        ok &= (v - v == 0.0);  // false for NaN and ±inf
+        mx = std::max(mx, std::fabs(v));
+      }
+      chunk_scale[c] = mx;
+      chunk_finite[c] = ok;
+    }
+  });
+  const bool finite = std::all_of(chunk_finite.begin(), chunk_finite.end(), [](uint8_t f) { return f != 0; });
+  const double scale = *std::max_element(chunk_scale.begin(), chunk_scale.end());
   SPARD_CHECK(finite, op, ": ", name, " must be finite (it holds NaN or Inf)");
   if (dense) {
     // max |L[i, j] - L[j, i]| over 64 x 64 tiles (both stay in cache), a band of rows per task;

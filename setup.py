@@ -90,9 +90,9 @@ def _extensions_and_cmdclass():
     _note(("building the CPU and CUDA kernels: " if home else "building the CPU kernels only: ") + reason)
 
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # No OpenMP: the CPU kernels run on torch's thread pool, through torch::stable::parallel_for.
     exts = [cpp.CppExtension("spard_ext._C", cpu_sources,
-                             extra_compile_args={"cxx": ["-O3", "-fopenmp", f"-DTORCH_TARGET_VERSION={STABLE_TARGET_HEX}"]},
-                             extra_link_args=["-fopenmp"])]
+                             extra_compile_args={"cxx": ["-O3", f"-DTORCH_TARGET_VERSION={STABLE_TARGET_HEX}"]})]
     if home is not None:
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         exts.append(cpp.CUDAExtension("spard_ext._C_cuda", cuda_sources,

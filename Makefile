@@ -27,7 +27,7 @@ $(VENV)/.installed: setup.py pyproject.toml build_backend/spard_build.py
 
 # Build the extension in place, and again after a change under csrc/ (ninja keeps the objects,
 # so rebuilds are incremental).
-KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 build: $(VENV)/.built
 
 $(VENV)/.built: $(VENV)/.installed $(KERNEL_SOURCES) build_backend/spard_toolchain.py

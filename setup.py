@@ -1,11 +1,14 @@
 """Builds the `spard_ext` kernels; the package metadata lives in pyproject.toml.
 
 Two shared libraries, so that a build with CUDA kernels still imports under a CPU-only torch:
-- ``spard_ext._C``: the op schemas and the CPU kernels; links only torch's CPU libraries;
-- ``spard_ext._C_cuda``: the CUDA kernels; links ``_C`` (for the shared input checks) and torch's
-  CUDA libraries, and is loaded only under a CUDA build of torch.
-A ``_build_info.json`` next to them records the torch they were compiled against; spard_ext
-refuses to load them under another torch release (see spard_ext/_loader.py).
+- ``spard_ext._C``: the op schemas and the CPU kernels, on the LibTorch stable ABI (compiled with
+  ``TORCH_TARGET_VERSION``, calls torch only through its C shim): one build loads under every
+  torch from ``STABLE_TARGET`` on;
+- ``spard_ext._C_cuda``: the CUDA kernels, on the regular C++ ABI (with their own input checks,
+  csrc/cuda/checks.cpp); links torch's CUDA libraries, is loaded only under a CUDA build of torch,
+  and only under the torch release series and CUDA major it was compiled for.
+A ``_build_info.json`` next to them records the torch they were compiled against and the stable
+target of ``_C`` (see spard_ext/_loader.py).
 
 The CUDA kernels are compiled when the toolchain is really usable: torch is a CUDA build, nvcc
 is found (CUDA_HOME / CUDA_PATH, else the nvcc on PATH, else /usr/local/cuda) in a toolkit that
@@ -30,6 +33,11 @@ from spard_build import MIN_TORCH, TARGET_CUDA_ENV, release, too_old_message  # 
 from spard_toolchain import cuda_plan, nvcc_version  # noqa: E402
 
 BUILD_INFO = "_build_info.json"
+# The stable-ABI version _C targets: the oldest torch SPARD supports (2.10: lists and strings in
+# schemas, parallel_for, typed data pointers); the hex form is TORCH_TARGET_VERSION's (one byte
+# each for major and minor, then patch and tweak).
+STABLE_TARGET = MIN_TORCH
+STABLE_TARGET_HEX = f"0x{STABLE_TARGET[0]:02x}{STABLE_TARGET[1]:02x}000000000000"
 # Commands that compile the kernels (everything else, e.g. sdist and metadata, needs no torch).
 BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "develop", "editable_wheel", "install", "bdist"}
 
@@ -82,24 +90,16 @@ def _extensions_and_cmdclass():
     _note(("building the CPU and CUDA kernels: " if home else "building the CPU kernels only: ") + reason)
 
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    exts = [cpp.CppExtension("spard_ext._C", cpu_sources, extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
-                             extra_link_args=["-fopenmp"])]
+    # No OpenMP: the CPU kernels run on torch's thread pool, through torch::stable::parallel_for.
+    exts = [cpp.CppExtension("spard_ext._C", cpu_sources,
+                             extra_compile_args={"cxx": ["-O3", f"-DTORCH_TARGET_VERSION={STABLE_TARGET_HEX}"]})]
     if home is not None:
-        exts.append(cpp.CUDAExtension("spard_ext._C_cuda", sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))),
+        cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        exts.append(cpp.CUDAExtension("spard_ext._C_cuda", cuda_sources,
                                       extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))
 
     class BuildExt(cpp.BuildExtension):
-        """torch's BuildExtension (ninja), plus: _C_cuda links _C, and the build info file."""
-
-        def build_extension(self, ext):
-            if ext.name == "spard_ext._C":
-                # A soname, so that _C_cuda records the plain file name and finds it next to itself.
-                ext.extra_link_args = ext.extra_link_args + [
-                    "-Wl,-soname," + os.path.basename(self.get_ext_filename("spard_ext._C"))]
-            elif ext.name == "spard_ext._C_cuda":
-                ext.extra_link_args = ext.extra_link_args + [
-                    self.get_ext_fullpath("spard_ext._C"), "-Wl,-rpath,$ORIGIN"]
-            super().build_extension(ext)
+        """torch's BuildExtension (ninja), plus the build info file."""
 
         def run(self):
             folders = [os.path.join(self.build_lib, "spard_ext")]  # what a wheel packs
@@ -111,6 +111,7 @@ def _extensions_and_cmdclass():
                     os.remove(stale)
             super().run()
             info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+                    "stable_abi": ".".join(map(str, STABLE_TARGET)),
                     "cuda_kernels": home is not None,
                     "cuda_toolkit": nvcc_version(home) if home else None}
             for folder in folders:

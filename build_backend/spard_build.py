@@ -1,7 +1,8 @@
 """PEP 517 build backend of SPARD: setuptools', plus the right torch in the build environment.
 
-The compiled kernels (spard_ext) link against torch's C++ library, whose ABI changes between
-torch releases, so they must be compiled against the torch release they will run under. pip's
+The CUDA kernels (spard_ext._C_cuda) link against torch's C++ library, whose ABI changes between
+torch releases, so they must be compiled against the torch release they will run under (the CPU
+kernels, on the stable ABI, load under any torch >= MIN_TORCH, but are built in the same step). pip's
 build isolation hides the environment's torch, so a plain ``requires = ["torch"]`` would compile
 against the newest torch on the index and the kernels would then refuse to load next to an
 older one. This backend asks for the torch release of the environment SPARD is installed into:
@@ -28,8 +29,10 @@ import sys
 from setuptools import build_meta as _setuptools
 from setuptools.build_meta import *  # noqa: F401,F403  (the hooks not wrapped below)
 
-MIN_TORCH = (2, 6)
-"""Oldest torch SPARD supports (keep in step with ``dependencies`` in pyproject.toml)."""
+MIN_TORCH = (2, 10)
+"""Oldest torch SPARD supports (keep in step with ``dependencies`` in pyproject.toml): the CPU
+kernels are built on the LibTorch stable ABI with this as their target (TORCH_TARGET_VERSION),
+which needs this torch's headers to build and loads under it and every later release."""
 
 # Set for setup.py by the build hooks: the CUDA version of the target environment's torch,
 # "" for a CPU-only torch (setup.py then skips the CUDA kernels unless SPARD_EXT_CUDA=1).

@@ -16,117 +16,151 @@
 //   eager sweep would compute, so the picks are those of the eager update. When every item
 //   must be refreshed this costs one eager sweep; usually it costs far less.
 // - cholesky: the eager update of the paper, vectorised across items and parallel over chunks.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+//
+// Stable ABI (see stable.h): the kernels work on the raw data of contiguous inputs, with torch's
+// thread pool through torch::stable::parallel_for.
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
-#include "dpp.h"
 #include "lane_sum.h"
+#include "stable.h"
 
 namespace spard {
 
 // ------------------------------------------------------------------------------------------------
-// Input checks (shared with the CUDA backend; none reads a device value on the host)
+// Input checks (the CUDA kernels check the same things with the same messages, cuda/checks.cpp)
 // ------------------------------------------------------------------------------------------------
 namespace {
 
-void check_float_matrix(const at::Tensor& t, const char* name, const char* op) {
-  SPARD_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be a 2-D tensor, got shape ", t.sizes());
-  SPARD_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-                   " must be float32 or float64, got ", t.scalar_type());
+enum class DppMethod { kCholesky, kInverse };
+
+// Validated inputs: masks as 0/1 bytes of length N.
+struct DppInputs {
+  int64_t n = 0;
+  int64_t k = 0;  // min(k, N)
+  std::vector<uint8_t> include;  // all zero when not given
+  std::vector<uint8_t> exclude;  // all zero when not given
+};
+
+void check_float_matrix(const Tensor& t, const char* name, const char* op) {
+  SPARD_CHECK(t.dim() == 2, op, ": ", name, " must be a 2-D tensor, got shape ", t.sizes());
+  SPARD_CHECK(t.scalar_type() == ScalarType::Float || t.scalar_type() == ScalarType::Double, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
 }
 
-// [all finite, max |L - Lᵀ|, max |L|] of the input as float64 0-d tensors on its device, with no
-// N x N (or N x D) temporary: aminmax propagates NaN and shows ±inf, and the symmetry is checked
-// a block of rows at a time.
-std::vector<at::Tensor> data_checks(const at::Tensor& t, bool dense) {
-  const auto opts = t.options().dtype(at::kDouble);
-  if (t.numel() == 0) return {at::ones({}, opts), at::zeros({}, opts), at::zeros({}, opts)};
-  const auto [lo, hi] = at::aminmax(t);
-  const at::Tensor finite = at::logical_and(at::isfinite(lo), at::isfinite(hi)).to(at::kDouble);
-  const at::Tensor scale = at::maximum(lo.abs(), hi.abs()).to(at::kDouble);
-  if (!dense) return {finite, at::zeros({}, opts), scale};
-  const int64_t n = t.size(0);
-  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(n, 1));
-  std::vector<at::Tensor> parts;
-  for (int64_t r = 0; r < n; r += rows) {
-    const int64_t len = std::min(rows, n - r);
-    parts.push_back((t.narrow(0, r, len) - t.narrow(1, r, len).transpose(0, 1)).abs().amax());
-  }
-  return {finite, at::stack(parts).amax().to(at::kDouble), scale};
+std::vector<uint8_t> mask_or_zeros(const std::optional<Tensor>& m, const char* name, int64_t n, const Tensor& like,
+                                   const char* op) {
+  std::vector<uint8_t> out(n, 0);
+  if (!m.has_value()) return out;
+  const Tensor& t = *m;
+  SPARD_CHECK(t.scalar_type() == ScalarType::Bool, op, ": ", name, " must be a bool mask, got ", t.scalar_type());
+  SPARD_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be a 1-D mask of length N = ", n,
+              ", got shape ", t.sizes());
+  SPARD_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), " like the kernel, got ",
+              t.device());
+  const Tensor c = as_contiguous(t);
+  const bool* p = c.const_data_ptr<bool>();
+  for (int64_t i = 0; i < n; ++i) out[i] = p[i] ? 1 : 0;
+  return out;
 }
 
-at::Tensor mask_or_zeros(const std::optional<at::Tensor>& m, const char* name, int64_t n,
-                         const at::Tensor& like, const char* op) {
-  if (!m.has_value()) return at::zeros({n}, like.options().dtype(at::kByte));
-  const at::Tensor& t = *m;
-  SPARD_CHECK_TYPE(t.scalar_type() == at::kBool, op, ": ", name, " must be a bool mask, got ",
-                   t.scalar_type());
-  SPARD_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name,
-                    " must be a 1-D mask of length N = ", n, ", got shape ", t.sizes());
-  SPARD_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " must be on ", like.device(),
-                    " like the kernel, got ", t.device());
-  return t.to(at::kByte).contiguous();
-}
-
-DppInputs check_common(const at::Tensor& mat, bool dense, int64_t k, double eps_stop,
-                       const std::optional<at::Tensor>& include,
-                       const std::optional<at::Tensor>& exclude, const char* op) {
-  SPARD_CHECK_VALUE(k >= 0, op, ": k must be >= 0, got ", k);
-  SPARD_CHECK_VALUE(!std::isnan(eps_stop), op, ": eps_stop must not be NaN");
+DppInputs check_common(const Tensor& mat, int64_t k, double eps_stop, const std::optional<Tensor>& include,
+                       const std::optional<Tensor>& exclude, const char* op) {
+  SPARD_CHECK(k >= 0, op, ": k must be >= 0, got ", k);
+  SPARD_CHECK(!std::isnan(eps_stop), op, ": eps_stop must not be NaN");
   DppInputs in;
-  in.op = op;
-  in.name = dense ? "kernel" : "factor";
-  in.dense = dense;
-  in.float32 = mat.scalar_type() == at::kFloat;
   in.n = mat.size(0);
   in.k = std::min<int64_t>(k, in.n);
   in.include = mask_or_zeros(include, "include", in.n, mat, op);
   in.exclude = mask_or_zeros(exclude, "exclude", in.n, mat, op);
-  std::vector<at::Tensor> checks = data_checks(mat, dense);
-  checks.push_back(at::logical_and(in.include, in.exclude).any().to(at::kDouble));
-  in.deferred = at::stack(checks);
   return in;
 }
 
-}  // namespace
-
-void check_deferred(const DppInputs& in, const double* v) {
-  SPARD_CHECK_VALUE(v[0] == 1.0, in.op, ": ", in.name, " must be finite (it holds NaN or Inf)");
-  if (in.dense) {
+// The checks that read the data, on the contiguous input m (n x d): finite entries, for a dense
+// kernel symmetry up to rounding (|L - Lᵀ| in the input's dtype, against max |L|), disjoint masks.
+template <typename T>
+void check_data(const DppInputs& in, const T* m, int64_t d, bool dense, const char* op, const char* name) {
+  const int64_t n = in.n;
+  // All finite, and max |entry|: per chunk of entries, then combined (order-free, deterministic).
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t total = n * d;
+  const int64_t chunks = std::max<int64_t>((total + kChunk - 1) / kChunk, 1);
+  std::vector<double> chunk_scale(chunks, 0.0);
+  std::vector<uint8_t> chunk_finite(chunks, 1);
+  torch::stable::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      double mx = 0;
+      bool ok = true;
+      for (int64_t i = c * kChunk; i < std::min(total, (c + 1) * kChunk); ++i) {
+        const double v = static_cast<double>(m[i]);
+        ok &= (v - v == 0.0);  // false for NaN and ±inf
+        mx = std::max(mx, std::fabs(v));
+      }
+      chunk_scale[c] = mx;
+      chunk_finite[c] = ok;
+    }
+  });
+  const bool finite = std::all_of(chunk_finite.begin(), chunk_finite.end(), [](uint8_t f) { return f != 0; });
+  const double scale = *std::max_element(chunk_scale.begin(), chunk_scale.end());
+  SPARD_CHECK(finite, op, ": ", name, " must be finite (it holds NaN or Inf)");
+  if (dense) {
+    // max |L[i, j] - L[j, i]| over 64 x 64 tiles (both stay in cache), a band of rows per task;
+    // a maximum does not depend on the order, so the result is the same for any thread count.
+    constexpr int64_t kTile = 64;
+    const int64_t bands = (n + kTile - 1) / kTile;
+    std::vector<double> band_max(std::max<int64_t>(bands, 1), 0.0);
+    const double work = static_cast<double>(n) * static_cast<double>(n);
+    torch::stable::parallel_for(0, bands, work > 1e6 ? 1 : std::max<int64_t>(bands, 1), [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        double mx = 0;
+        const int64_t i0 = b * kTile, i1 = std::min(n, i0 + kTile);
+        for (int64_t j0 = i0; j0 < n; j0 += kTile) {
+          const int64_t j1 = std::min(n, j0 + kTile);
+          for (int64_t i = i0; i < i1; ++i) {
+            for (int64_t j = std::max(j0, i + 1); j < j1; ++j) {
+              const T diff = m[i * n + j] - m[j * n + i];
+              mx = std::max(mx, std::fabs(static_cast<double>(diff)));
+            }
+          }
+        }
+        band_max[b] = mx;
+      }
+    });
+    const double asym = *std::max_element(band_max.begin(), band_max.end());
     // Symmetric up to rounding: a kernel built as F·Fᵀ in float32 passes, a wrong matrix does not.
-    const double tol = (in.float32 ? 1e-5 : 1e-10) * std::max(v[2], 1e-30);
-    SPARD_CHECK_VALUE(v[1] <= tol, in.op, ": kernel must be symmetric, max |L - Lᵀ| = ", v[1], " (tolerance ", tol,
-                      ")");
+    const double tol = (std::is_same_v<T, float> ? 1e-5 : 1e-10) * std::max(scale, 1e-30);
+    SPARD_CHECK(asym <= tol, op, ": kernel must be symmetric, max |L - Lᵀ| = ", asym, " (tolerance ", tol, ")");
   }
-  SPARD_CHECK_VALUE(v[3] == 0.0, in.op, ": include and exclude must not share an item");
+  bool overlap = false;
+  for (int64_t i = 0; i < n; ++i) overlap = overlap || (in.include[i] && in.exclude[i]);
+  SPARD_CHECK(!overlap, op, ": include and exclude must not share an item");
 }
 
-DppInputs check_dpp_dense(const at::Tensor& kernel, int64_t k, double eps_stop,
-                          const std::optional<at::Tensor>& include,
-                          const std::optional<at::Tensor>& exclude) {
+DppInputs check_dpp_dense(const Tensor& kernel, int64_t k, double eps_stop, const std::optional<Tensor>& include,
+                          const std::optional<Tensor>& exclude) {
   const char* op = "dpp_greedy_dense";
   check_float_matrix(kernel, "kernel", op);
-  SPARD_CHECK_VALUE(kernel.size(0) == kernel.size(1), op, ": kernel must be square (N x N), got shape ",
-                    kernel.sizes());
-  return check_common(kernel, true, k, eps_stop, include, exclude, op);
+  SPARD_CHECK(kernel.size(0) == kernel.size(1), op, ": kernel must be square (N x N), got shape ", kernel.sizes());
+  return check_common(kernel, k, eps_stop, include, exclude, op);
 }
 
-DppInputs check_dpp_lowrank(const at::Tensor& factor, int64_t k, double eps, double eps_stop,
-                            const std::optional<at::Tensor>& include,
-                            const std::optional<at::Tensor>& exclude, const std::string& method,
-                            DppMethod& resolved) {
+DppInputs check_dpp_lowrank(const Tensor& factor, int64_t k, double eps, double eps_stop,
+                            const std::optional<Tensor>& include, const std::optional<Tensor>& exclude,
+                            const std::string& method, DppMethod& resolved) {
   const char* op = "dpp_greedy_lowrank";
   check_float_matrix(factor, "factor", op);
-  SPARD_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
-  SPARD_CHECK_VALUE(method == "auto" || method == "cholesky" || method == "inverse", op,
-                    ": method must be 'auto', 'cholesky' or 'inverse', got '", method, "'");
-  SPARD_CHECK_VALUE(!(method == "inverse" && eps == 0), op,
-                    ": method 'inverse' needs eps > 0 (it starts from A = I / eps)");
-  DppInputs in = check_common(factor, false, k, eps_stop, include, exclude, op);
+  SPARD_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  SPARD_CHECK(method == "auto" || method == "cholesky" || method == "inverse", op,
+              ": method must be 'auto', 'cholesky' or 'inverse', got '", method, "'");
+  SPARD_CHECK(!(method == "inverse" && eps == 0), op, ": method 'inverse' needs eps > 0 (it starts from A = I / eps)");
+  DppInputs in = check_common(factor, k, eps_stop, include, exclude, op);
   if (method == "cholesky") {
     resolved = DppMethod::kCholesky;
   } else if (method == "inverse") {
@@ -140,6 +174,8 @@ DppInputs check_dpp_lowrank(const at::Tensor& factor, int64_t k, double eps, dou
   }
   return in;
 }
+
+}  // namespace
 
 // ------------------------------------------------------------------------------------------------
 // CPU kernels
@@ -203,7 +239,7 @@ int64_t n_chunks(int64_t n) { return (n + kGrain - 1) / kGrain; }
 template <typename F>
 Best pool_argmax(const Pool& pool, int64_t n, std::vector<Best>& slots, const F& value) {
   const int64_t chunks = n_chunks(n);
-  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+  torch::stable::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       Best b;
       const int64_t end = std::min(n, (c + 1) * kGrain);
@@ -227,14 +263,15 @@ Best pool_argmax(const Pool& pool, int64_t n, std::vector<Best>& slots, const F&
 inline bool stops(double gain, double eps_stop) { return !(gain >= eps_stop && gain > 0); }
 
 struct Output {
-  at::Tensor indices, gains;
+  Tensor indices, gains;
   int64_t* idx;
   double* gain;
   explicit Output(int64_t k)
-      : indices(at::empty({k}, at::kLong)), gains(at::empty({k}, at::kDouble)),
+      : indices(torch::stable::empty({k}, ScalarType::Long)), gains(torch::stable::empty({k}, ScalarType::Double)),
         idx(indices.mutable_data_ptr<int64_t>()), gain(gains.mutable_data_ptr<double>()) {}
-  std::tuple<at::Tensor, at::Tensor> finish(int64_t picked) {
-    return {indices.narrow(0, 0, picked).clone(), gains.narrow(0, 0, picked).clone()};
+  std::tuple<Tensor, Tensor> finish(int64_t picked) {
+    return {torch::stable::clone(torch::stable::narrow(indices, 0, 0, picked)),
+            torch::stable::clone(torch::stable::narrow(gains, 0, 0, picked))};
   }
 };
 
@@ -242,8 +279,8 @@ struct Masks {
   std::vector<uint8_t> status;
   const uint8_t* include;
   int64_t include_left = 0;
-  Masks(const DppInputs& in) : status(in.n, kFree), include(in.include.const_data_ptr<uint8_t>()) {
-    const uint8_t* ex = in.exclude.const_data_ptr<uint8_t>();
+  Masks(const DppInputs& in) : status(in.n, kFree), include(in.include.data()) {
+    const uint8_t* ex = in.exclude.data();
     for (int64_t i = 0; i < in.n; ++i) {
       if (ex[i]) status[i] = kBarred;
       include_left += include[i] ? 1 : 0;
@@ -263,14 +300,15 @@ struct Masks {
 // row_cost: flops per entry of a kernel row (1 for a dense kernel, D for a factor).
 constexpr int64_t kRowBlock = 1024;  // items per task: the block of e stays in L1/L2
 template <typename Row>
-std::tuple<at::Tensor, at::Tensor> greedy_cholesky(const DppInputs& in, double eps_stop, at::Tensor d2_t,
-                                                   int64_t row_cost, const Row& row) {
+std::tuple<Tensor, Tensor> greedy_cholesky(const DppInputs& in, double eps_stop, std::vector<double>& d2_v,
+                                           int64_t row_cost, const Row& row) {
   const int64_t n = in.n, k = in.k;
   Output out(k);
   Masks masks(in);
-  double* d2 = d2_t.mutable_data_ptr<double>();
-  at::Tensor c_t = at::empty({std::max<int64_t>(k, 1), std::max<int64_t>(n, 1)}, at::kDouble);
-  double* c = c_t.mutable_data_ptr<double>();
+  double* d2 = d2_v.data();
+  // k x n rows of the Cholesky factor, left uninitialised (each row is written before it is read).
+  const std::unique_ptr<double[]> c_buf(new double[std::max<int64_t>(k, 1) * std::max<int64_t>(n, 1)]);
+  double* c = c_buf.get();
   std::vector<double> cj(std::max<int64_t>(k, 1));
   std::vector<Best> slots(n_chunks(n));
   int64_t t = 0;
@@ -287,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_cholesky(const DppInputs& in, double e
     double* e = c + t * n;
     const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
     const double work = static_cast<double>(n) * static_cast<double>(t + row_cost);
-    at::parallel_for(0, blocks, work > kParallelFlops ? 1 : blocks, [&](int64_t lo_b, int64_t hi_b) {
+    torch::stable::parallel_for(0, blocks, work > kParallelFlops ? 1 : blocks, [&](int64_t lo_b, int64_t hi_b) {
       for (int64_t blk = lo_b; blk < hi_b; ++blk) {
         const int64_t lo = blk * kRowBlock, len = std::min(n, lo + kRowBlock) - lo;
         row(j, lo, lo + len, e + lo);
@@ -306,21 +344,21 @@ std::tuple<at::Tensor, at::Tensor> greedy_cholesky(const DppInputs& in, double e
 // Inverse update with lazy refresh (low-rank only).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> greedy_inverse(const DppInputs& in, const at::Tensor& factor, double eps,
-                                                  double eps_stop) {
+std::tuple<Tensor, Tensor> greedy_inverse(const DppInputs& in, const Tensor& factor, double eps, double eps_stop) {
   const int64_t n = in.n, k = in.k, dim = factor.size(1);
   const T* f = factor.const_data_ptr<T>();
   Output out(k);
   Masks masks(in);
   std::vector<double> d2(n);
   std::vector<int32_t> applied(n, 0);  // directions u_0.. already subtracted from d2[i]
-  at::Tensor a_t = at::eye(dim, at::kDouble).div_(eps);
-  double* a = a_t.mutable_data_ptr<double>();
+  std::vector<double> a_v(dim * dim, 0.0);  // A = I / eps
+  for (int64_t r = 0; r < dim; ++r) a_v[r * dim + r] = 1.0 / eps;
+  double* a = a_v.data();
   std::vector<double> u(std::max<int64_t>(k, 1) * std::max<int64_t>(dim, 1));
   std::vector<double> g(std::max<int64_t>(dim, 1));
   std::vector<Best> slots(n_chunks(n));
 
-  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
+  torch::stable::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) d2[i] = eps + dot_rows(f + i * dim, f + i * dim, dim);
   });
   auto refresh = [&](int64_t i, int32_t t) {
@@ -356,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_inverse(const DppInputs& in, const at:
     }
     work *= static_cast<double>(dim);
     const int64_t grain = work > kParallelFlops ? std::max<int64_t>(1, n_todo / 64) : std::max<int64_t>(n_todo, 1);
-    at::parallel_for(0, n_todo, grain, [&](int64_t lo, int64_t hi) {
+    torch::stable::parallel_for(0, n_todo, grain, [&](int64_t lo, int64_t hi) {
       for (int64_t q = lo; q < hi; ++q) refresh(todo[q], ti);
     });
     for (int64_t q = 0; q < n_todo; ++q) {
@@ -370,68 +408,69 @@ std::tuple<at::Tensor, at::Tensor> greedy_inverse(const DppInputs& in, const at:
     // 3. A f_j, s = 1 + f_jᵀ A f_j, u_t = sqrt(eps / s)·A f_j, A -= (A f_j)(A f_j)ᵀ / s.
     const T* fj = f + j * dim;
     const int64_t rows_grain = parallel_update ? 16 : std::max<int64_t>(dim, 1);
-    at::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
+    torch::stable::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) g[r] = dot_u(a + r * dim, fj, dim);
     });
     const double s = 1.0 + dot_u(g.data(), fj, dim);
     const double scale = std::sqrt(eps / s);
     double* ut = u.data() + t * dim;
     for (int64_t r = 0; r < dim; ++r) ut[r] = scale * g[r];
-    at::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
+    torch::stable::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) detail::axpy_neg(a + r * dim, g.data(), g[r] / s, dim);
     });
   }
   return out.finish(t);
 }
 
-std::tuple<at::Tensor, at::Tensor> dpp_greedy_dense_cpu(const at::Tensor& kernel, int64_t k, double eps_stop,
-                                                        const std::optional<at::Tensor>& include,
-                                                        const std::optional<at::Tensor>& exclude) {
+std::tuple<Tensor, Tensor> dpp_greedy_dense_cpu(Tensor kernel, int64_t k, double eps_stop,
+                                                std::optional<Tensor> include, std::optional<Tensor> exclude) {
   const DppInputs in = check_dpp_dense(kernel, k, eps_stop, include, exclude);
-  check_deferred(in, in.deferred.const_data_ptr<double>());
-  const at::Tensor l = kernel.contiguous();
+  const Tensor l = as_contiguous(kernel);
   const int64_t n = in.n;
-  at::Tensor d2 = l.diagonal().to(at::kDouble).clone(at::MemoryFormat::Contiguous);  // never a view of L
-  return AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "dpp_greedy_dense", [&] {
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
     const scalar_t* lp = l.const_data_ptr<scalar_t>();
+    check_data(in, lp, n, true, "dpp_greedy_dense", "kernel");
+    std::vector<double> d2(n);
+    for (int64_t i = 0; i < n; ++i) d2[i] = static_cast<double>(lp[i * n + i]);
     // Row j of L (symmetric, so row j is column j), as fp64.
     auto row = [&](int64_t j, int64_t lo, int64_t hi, double* dst) {
       const scalar_t* src = lp + j * n;
       for (int64_t i = lo; i < hi; ++i) dst[i - lo] = static_cast<double>(src[i]);
     };
     return greedy_cholesky(in, eps_stop, d2, 1, row);
-  });
+  };
+  return l.scalar_type() == ScalarType::Float ? run(float{}) : run(double{});
 }
 
-std::tuple<at::Tensor, at::Tensor> dpp_greedy_lowrank_cpu(const at::Tensor& factor, int64_t k, double eps,
-                                                          double eps_stop,
-                                                          const std::optional<at::Tensor>& include,
-                                                          const std::optional<at::Tensor>& exclude,
-                                                          c10::string_view method) {
+std::tuple<Tensor, Tensor> dpp_greedy_lowrank_cpu(Tensor factor, int64_t k, double eps, double eps_stop,
+                                                  std::optional<Tensor> include, std::optional<Tensor> exclude,
+                                                  std::string method) {
   DppMethod resolved;
-  const DppInputs in = check_dpp_lowrank(factor, k, eps, eps_stop, include, exclude, std::string(method), resolved);
-  check_deferred(in, in.deferred.const_data_ptr<double>());
-  const at::Tensor f = factor.contiguous();
+  const DppInputs in = check_dpp_lowrank(factor, k, eps, eps_stop, include, exclude, method, resolved);
+  const Tensor f = as_contiguous(factor);
   const int64_t n = in.n, dim = f.size(1);
-  return AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "dpp_greedy_lowrank", [&] {
-    if (resolved == DppMethod::kInverse) return greedy_inverse<scalar_t>(in, f, eps, eps_stop);
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
     const scalar_t* fp = f.const_data_ptr<scalar_t>();
-    at::Tensor d2 = at::empty({n}, at::kDouble);
-    double* d2p = d2.mutable_data_ptr<double>();
-    for (int64_t i = 0; i < n; ++i) d2p[i] = eps + dot_rows(fp + i * dim, fp + i * dim, dim);
+    check_data(in, fp, dim, false, "dpp_greedy_lowrank", "factor");
+    if (resolved == DppMethod::kInverse) return greedy_inverse<scalar_t>(in, f, eps, eps_stop);
+    std::vector<double> d2(n);
+    for (int64_t i = 0; i < n; ++i) d2[i] = eps + dot_rows(fp + i * dim, fp + i * dim, dim);
     // Row j of F Fᵀ + eps·I, as fp64.
     auto row = [&](int64_t j, int64_t lo, int64_t hi, double* dst) {
       const scalar_t* fj = fp + j * dim;
       for (int64_t i = lo; i < hi; ++i) dst[i - lo] = dot_rows(fj, fp + i * dim, dim) + (i == j ? eps : 0.0);
     };
     return greedy_cholesky(in, eps_stop, d2, dim, row);
-  });
+  };
+  return f.scalar_type() == ScalarType::Float ? run(float{}) : run(double{});
 }
 
 }  // namespace
 }  // namespace spard
 
-TORCH_LIBRARY_FRAGMENT(spard_ext, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(spard_ext, m) {
   m.def(
       "dpp_greedy_dense(Tensor kernel, int k, float eps_stop, Tensor? include, Tensor? exclude) "
       "-> (Tensor indices, Tensor gains)");
@@ -440,7 +479,7 @@ TORCH_LIBRARY_FRAGMENT(spard_ext, m) {
       "Tensor? exclude, str method) -> (Tensor indices, Tensor gains)");
 }
 
-TORCH_LIBRARY_IMPL(spard_ext, CPU, m) {
-  m.impl("dpp_greedy_dense", &spard::dpp_greedy_dense_cpu);
-  m.impl("dpp_greedy_lowrank", &spard::dpp_greedy_lowrank_cpu);
+STABLE_TORCH_LIBRARY_IMPL(spard_ext, CPU, m) {
+  m.impl("dpp_greedy_dense", TORCH_BOX(&spard::dpp_greedy_dense_cpu));
+  m.impl("dpp_greedy_lowrank", TORCH_BOX(&spard::dpp_greedy_lowrank_cpu));
 }

@@ -1,7 +1,7 @@
 // Sums with a fixed number of independent accumulators, shared by the CPU kernels.
 #pragma once
 
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 #include <cstdint>
 

@@ -1,125 +1,75 @@
-// Schemas of the projection ops, the input checks shared by the CPU and CUDA backends, and the
-// autograd side of the in-place ops (Autograd and ADInplaceOrView kernels).
-#include "project.h"
-
-#include <ATen/MemoryOverlap.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/grad_mode.h>
-#include <c10/core/InferenceMode.h>
-#include <torch/library.h>
+// Schemas of the projection ops and the input checks of their CPU kernels (stable ABI).
+//
+// The checks raise RuntimeError (std::runtime_error); the Python entry points (spard_ext/project.py)
+// turn a refusal into the ValueError / TypeError of the check, with this message. The CUDA kernels
+// check the same things with the same messages on the regular ABI (cuda/checks.cpp).
+//
+// The autograd side of the in-place ops (refuse writing a tensor that requires grad under grad
+// mode; bump the version counters of the written tensors) has no stable C++ API: it is registered
+// from Python (spard_ext/_autograd.py), as are the checks on inference tensors.
+#include "project_cpu.h"
 
 namespace spard {
 
-static bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+namespace {
+// at::has_internal_overlap's "Yes": a dimension of size > 1 with stride 0 (an expanded view).
+bool has_internal_overlap(const Tensor& t) {
+  const auto sizes = t.sizes();
+  const auto strides = t.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (strides[d] == 0 && sizes[d] > 1) return true;
+  }
+  return false;
 }
+}  // namespace
 
-void check_pair_lists(at::TensorList x, at::TensorList a, const char* op, bool writes_x) {
-  SPARD_CHECK_VALUE(x.size() == a.size(), op, ": x and a must have the same length, got ",
-                    x.size(), " and ", a.size());
+void check_pair_lists(const std::vector<Tensor>& x, const std::vector<Tensor>& a, const char* op, bool writes_x,
+                      std::vector<Meta>& x_meta, std::vector<Meta>& a_meta) {
+  SPARD_CHECK(x.size() == a.size(), op, ": x and a must have the same length, got ", x.size(), " and ", a.size());
+  x_meta.clear();
+  a_meta.clear();
   if (x.empty()) return;
-  const at::Device device = x[0].device();
+  x_meta.reserve(x.size());
+  a_meta.reserve(a.size());
+  const torch::stable::Device device = x[0].device();
+  const bool on_cpu = device.is_cpu();
+  // One call for a CPU tensor in a CPU list (the kernels' case), the full comparison otherwise.
+  auto same_device = [&](const Tensor& t) { return (on_cpu && t.is_cpu()) || t.device() == device; };
   for (size_t i = 0; i < x.size(); ++i) {
-    SPARD_CHECK_VALUE(x[i].sizes() == a[i].sizes(), op, ": shape mismatch at index ", i, ": x[",
-                      i, "] has shape ", x[i].sizes(), " but a[", i, "] has shape ", a[i].sizes());
-    SPARD_CHECK_TYPE(is_supported_float(x[i].scalar_type()), op, ": x[", i,
-                     "] must be float32, float16, bfloat16 or float64, got ", x[i].scalar_type());
-    SPARD_CHECK_TYPE(is_supported_float(a[i].scalar_type()), op, ": a[", i,
-                     "] must be float32, float16, bfloat16 or float64, got ", a[i].scalar_type());
-    SPARD_CHECK_VALUE(x[i].device() == device, op, ": all tensors must be on one device: x[0] is on ",
-                      device, " but x[", i, "] is on ", x[i].device());
-    SPARD_CHECK_VALUE(a[i].device() == device, op, ": all tensors must be on one device: x[0] is on ",
-                      device, " but a[", i, "] is on ", a[i].device());
-    if (writes_x) {
-      SPARD_CHECK_VALUE(at::has_internal_overlap(x[i]) != at::MemOverlap::Yes, op, ": x[", i,
-                        "] has elements that share memory (an expanded or overlapping view), so it "
-                        "cannot be updated in place; pass a tensor with distinct elements (e.g. .clone())");
-      SPARD_CHECK(!x[i].is_inference() || c10::InferenceMode::is_enabled(), op, ": x[", i,
-                  "] is an inference tensor: update it inside torch.inference_mode(), or pass a clone");
+    SPARD_CHECK(x[i].sizes() == a[i].sizes(), op, ": shape mismatch at index ", i, ": x[", i, "] has shape ",
+                x[i].sizes(), " but a[", i, "] has shape ", a[i].sizes());
+    const ScalarType xt = x[i].scalar_type(), at = a[i].scalar_type();
+    SPARD_CHECK(is_floating(xt), op, ": x[", i, "] must be float32, float16, bfloat16 or float64, got ", xt);
+    SPARD_CHECK(is_floating(at), op, ": a[", i, "] must be float32, float16, bfloat16 or float64, got ", at);
+    SPARD_CHECK(same_device(x[i]), op, ": all tensors must be on one device: x[0] is on ", device, " but x[", i,
+                "] is on ", x[i].device());
+    SPARD_CHECK(same_device(a[i]), op, ": all tensors must be on one device: x[0] is on ", device, " but a[", i,
+                "] is on ", a[i].device());
+    const bool x_contiguous = x[i].is_contiguous();
+    if (writes_x && !x_contiguous) {  // a contiguous tensor has distinct elements
+      SPARD_CHECK(!has_internal_overlap(x[i]), op, ": x[", i,
+                  "] has elements that share memory (an expanded or overlapping view), so it "
+                  "cannot be updated in place; pass a tensor with distinct elements (e.g. .clone())");
     }
+    x_meta.push_back({xt, x_contiguous});
+    a_meta.push_back({at, a[i].is_contiguous()});
   }
 }
 
-void check_scalar(const at::Tensor& t, const char* name, const char* op, const at::Device& device) {
-  SPARD_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must be a scalar (one element), got shape ",
-                    t.sizes());
-  SPARD_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
-                   " must be a floating-point tensor, got ", t.scalar_type());
-  SPARD_CHECK_VALUE(t.device() == device || t.device().is_cpu(), op, ": ", name,
-                    " must be on ", device, " (or a CPU scalar), got ", t.device());
+void check_scalar(const Tensor& t, const char* name, const char* op) {
+  SPARD_CHECK(t.numel() == 1, op, ": ", name, " must be a scalar (one element), got shape ", t.sizes());
+  SPARD_CHECK(is_floating(t.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
+              t.scalar_type());
+  SPARD_CHECK(t.is_cpu(), op, ": ", name, " must be on cpu (or a CPU scalar), got ", t.device());
 }
 
 void check_max_step(double max_step, const char* op) {
-  SPARD_CHECK_VALUE(max_step >= 0, op, ": max_step must be >= 0 (use inf for no cap), got ",
-                    max_step);
+  SPARD_CHECK(max_step >= 0, op, ": max_step must be >= 0 (use inf for no cap), got ", max_step);
 }
 
-std::vector<at::Tensor> contiguous_list(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
-void copy_back(at::TensorList dst, const std::vector<at::Tensor>& work) {
-  for (size_t i = 0; i < dst.size(); ++i) {
-    if (!dst[i].is_same(work[i])) dst[i].copy_(work[i]);
-  }
-}
-
-namespace {
-
-// Tensors of the Tensor(a!) arguments of a call on the stack (single tensors and lists).
-std::vector<at::Tensor> written_tensors(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
-  const auto& args = op.schema().arguments();
-  const size_t first = stack.size() - args.size();
-  std::vector<at::Tensor> out;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const c10::AliasInfo* alias = args[i].alias_info();
-    if (alias == nullptr || !alias->isWrite()) continue;
-    const c10::IValue& v = stack[first + i];
-    if (v.isTensor()) {
-      out.push_back(v.toTensor());
-    } else if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorVector()) out.push_back(t);
-    }
-  }
-  return out;
-}
-
-// Autograd: the ops have no derivative. Under grad mode, refuse to write a tensor that requires
-// grad, as a native in-place op refuses a leaf (the Python entry points run under no_grad, as
-// optimizers do). Then on to ADInplaceOrView.
-void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  if (at::GradMode::is_enabled()) {
-    for (const at::Tensor& t : written_tensors(op, *stack)) {
-      SPARD_CHECK(!(t.requires_grad() && t.is_leaf()), op.schema().name(),
-                  ": a leaf Variable that requires grad is being used in an in-place operation "
-                  "(call it under torch.no_grad(), as the spard_ext entry points do)");
-      SPARD_CHECK(!t.requires_grad(), op.schema().name(),
-                  ": has no derivative and writes a tensor that requires grad; call it under torch.no_grad()");
-    }
-  }
-  at::AutoDispatchBelowAutograd guard;
-  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
-}
-
-// ADInplaceOrView: after the kernel ran, bump the version counter of every written tensor (a
-// view shares its base's counter), as native in-place ops do, so a backward that saved one of
-// them before the call raises instead of silently using the new values.
-void inplace_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  const std::vector<at::Tensor> written = written_tensors(op, *stack);
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
-  }
-  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
-}
-
-}  // namespace
 }  // namespace spard
 
-TORCH_LIBRARY_FRAGMENT(spard_ext, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(spard_ext, m) {
   m.def("project_reduce(Tensor[] x, Tensor[] a, bool use_dot) -> (Tensor dot, Tensor sqnorm)");
   m.def(
       "project_apply_(Tensor(a!)[] x, Tensor[] a, Tensor dot, Tensor sqnorm, Tensor b, "
@@ -127,14 +77,4 @@ TORCH_LIBRARY_FRAGMENT(spard_ext, m) {
   m.def(
       "project_(Tensor(a!)[] x, Tensor[] a, Tensor b, float max_step, bool use_dot) "
       "-> (Tensor coef, Tensor dot, Tensor sqnorm)");
-}
-
-TORCH_LIBRARY_IMPL(spard_ext, Autograd, m) {
-  m.impl("project_apply_", torch::CppFunction::makeFromBoxedFunction<&spard::autograd_kernel>());
-  m.impl("project_", torch::CppFunction::makeFromBoxedFunction<&spard::autograd_kernel>());
-}
-
-TORCH_LIBRARY_IMPL(spard_ext, ADInplaceOrView, m) {
-  m.impl("project_apply_", torch::CppFunction::makeFromBoxedFunction<&spard::inplace_kernel>());
-  m.impl("project_", torch::CppFunction::makeFromBoxedFunction<&spard::inplace_kernel>());
 }

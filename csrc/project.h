@@ -1,4 +1,5 @@
-// Fused half-space projection over lists of tensors (shared declarations).
+// Fused half-space projection over lists of tensors: the arithmetic shared by the CPU kernels
+// (`_C`, stable ABI) and the CUDA kernels (`_C_cuda`, regular ABI). No torch types here.
 //
 //   x <- x - clamp((<a, x>·use_dot - b) / ||a||², 0, max_step) · a
 //
@@ -6,14 +7,7 @@
 // reduced sums), so a caller can all-reduce in between under sharded training.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-
-#include <tuple>
 #include <type_traits>
-#include <vector>
-
-#include "message.h"
 
 #ifdef __CUDACC__
 #define SPARD_HOST_DEVICE __host__ __device__
@@ -27,16 +21,6 @@ namespace spard {
 // inputs, double when either side is float64. The reductions themselves end in double.
 template <typename tx, typename ta>
 using acc_type = std::conditional_t<std::is_same_v<tx, double> || std::is_same_v<ta, double>, double, float>;
-
-// Runs the body with `tx` and `ta` bound to the element types of the x and a tensors.
-#define SPARD_DISPATCH_PAIR(TX, TA, NAME, ...)                                                    \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TX, NAME, [&] {                        \
-    using tx = scalar_t;                                                                          \
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TA, NAME, [&] {                      \
-      using ta = scalar_t;                                                                        \
-      __VA_ARGS__();                                                                              \
-    });                                                                                           \
-  })
 
 // float32 value of a double sum; ±inf beyond the float32 range, so a sum that leaves the range
 // is reported as inf and makes the call the documented no-op (projection_coef) on every backend.
@@ -58,17 +42,5 @@ SPARD_HOST_DEVICE inline float projection_coef(
   c = c < max_step ? c : max_step;
   return (c - c == 0.f) ? c : 0.f;
 }
-
-// Validates the two lists (same length, same shapes pairwise, floating dtypes, one device).
-// With writes_x, also that every x[i] can be written in place (no element shares memory with
-// another, not an inference tensor outside inference mode): all checks run before any write.
-void check_pair_lists(at::TensorList x, at::TensorList a, const char* op, bool writes_x);
-void check_scalar(const at::Tensor& t, const char* name, const char* op, const at::Device& device);
-void check_max_step(double max_step, const char* op);
-
-std::vector<at::Tensor> contiguous_list(at::TensorList ts);
-
-// Writes a contiguous working copy back into a non-contiguous destination.
-void copy_back(at::TensorList dst, const std::vector<at::Tensor>& work);
 
 }  // namespace spard

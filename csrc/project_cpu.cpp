@@ -1,14 +1,16 @@
 // CPU backend of the projection ops: one reduction pass and one update pass over all tensors.
 //
-// The flattened list is cut into fixed chunks; each chunk is one task of at::parallel_for and
+// The flattened list is cut into fixed chunks; each chunk is one task of parallel_for and
 // writes its partial sums into its own slot, which are then summed in order. The result does
 // not depend on the number of threads (deterministic).
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// Stable ABI (see stable.h): tensors are torch::stable::Tensor, the thread pool is torch's through
+// torch::stable::parallel_for.
+#include <algorithm>
+#include <tuple>
+#include <utility>
 
 #include "lane_sum.h"
-#include "project.h"
+#include "project_cpu.h"
 
 namespace spard {
 namespace {
@@ -21,10 +23,46 @@ struct Chunk {
   int64_t end;
 };
 
-std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& xs) {
+// A list as the kernels work on it: the raw data of a contiguous version of each tensor (the
+// tensor itself when it is contiguous, else a contiguous copy, kept in `copies`).
+struct Operands {
+  std::vector<ScalarType> dtype;
+  std::vector<int64_t> numel;
+  std::vector<void*> data;
+  std::vector<std::pair<size_t, Tensor>> copies;  // (index, contiguous copy) of non-contiguous tensors
+};
+
+Operands prepare(const std::vector<Tensor>& ts, const std::vector<Meta>& meta, bool writable) {
+  Operands out;
+  out.dtype.reserve(ts.size());
+  out.numel.reserve(ts.size());
+  out.data.reserve(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const Tensor* t = &ts[i];
+    if (!meta[i].contiguous) {
+      out.copies.emplace_back(i, torch::stable::contiguous(ts[i]));
+      t = &out.copies.back().second;
+    }
+    out.dtype.push_back(meta[i].dtype);
+    out.numel.push_back(t->numel());
+    // The mutable pointer for a list that is written (it materialises a lazily cloned tensor).
+    out.data.push_back(writable ? t->mutable_data_ptr() : const_cast<void*>(t->const_data_ptr()));
+  }
+  return out;
+}
+
+// Writes the contiguous working copies back into their non-contiguous destinations.
+void copy_back(const std::vector<Tensor>& dst, const Operands& work) {
+  for (const auto& [i, copy] : work.copies) {
+    Tensor d = dst[i];  // a handle on the same tensor
+    torch::stable::copy_(d, copy);
+  }
+}
+
+std::vector<Chunk> make_chunks(const Operands& xs) {
   std::vector<Chunk> chunks;
-  for (int64_t t = 0; t < static_cast<int64_t>(xs.size()); ++t) {
-    const int64_t n = xs[t].numel();
+  for (int64_t t = 0; t < static_cast<int64_t>(xs.numel.size()); ++t) {
+    const int64_t n = xs.numel[t];
     for (int64_t s = 0; s < n; s += kChunk) chunks.push_back({t, s, std::min(n, s + kChunk)});
   }
   return chunks;
@@ -58,18 +96,15 @@ void chunk_update(tx* x, const ta* a, int64_t n, float coef) {
 }
 
 // Sums over contiguous lists; returns (dot, sqnorm) in double.
-std::pair<double, double> reduce_lists(const std::vector<at::Tensor>& x, const std::vector<at::Tensor>& a,
-                                       bool use_dot) {
+std::pair<double, double> reduce_lists(const Operands& x, const Operands& a, bool use_dot) {
   const auto chunks = make_chunks(x);
   std::vector<double> dots(chunks.size(), 0.0), sqs(chunks.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
-      const at::Tensor& xt = x[ch.tensor];
-      const at::Tensor& at_ = a[ch.tensor];
-      SPARD_DISPATCH_PAIR(xt.scalar_type(), at_.scalar_type(), "project_reduce", [&] {
-        const tx* xp = xt.const_data_ptr<tx>() + ch.begin;
-        const ta* ap = at_.const_data_ptr<ta>() + ch.begin;
+      SPARD_DISPATCH_PAIR(x.dtype[ch.tensor], a.dtype[ch.tensor], "project_reduce", [&] {
+        const tx* xp = static_cast<const tx*>(x.data[ch.tensor]) + ch.begin;
+        const ta* ap = static_cast<const ta*>(a.data[ch.tensor]) + ch.begin;
         chunk_sums<tx, ta>(xp, ap, ch.end - ch.begin, use_dot, dots[c], sqs[c]);
       });
     }
@@ -82,66 +117,72 @@ std::pair<double, double> reduce_lists(const std::vector<at::Tensor>& x, const s
   return {dot, sq};
 }
 
-void update_lists(std::vector<at::Tensor>& x, const std::vector<at::Tensor>& a, float coef) {
+void update_lists(const Operands& x, const Operands& a, float coef) {
   if (coef == 0.f) return;  // nothing to do, and x stays bit-identical
   const auto chunks = make_chunks(x);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
-      at::Tensor& xt = x[ch.tensor];
-      const at::Tensor& at_ = a[ch.tensor];
-      SPARD_DISPATCH_PAIR(xt.scalar_type(), at_.scalar_type(), "project_apply_", [&] {
-        chunk_update<tx, ta>(xt.mutable_data_ptr<tx>() + ch.begin, at_.const_data_ptr<ta>() + ch.begin,
-                             ch.end - ch.begin, coef);
+      SPARD_DISPATCH_PAIR(x.dtype[ch.tensor], a.dtype[ch.tensor], "project_apply_", [&] {
+        chunk_update<tx, ta>(static_cast<tx*>(x.data[ch.tensor]) + ch.begin,
+                             static_cast<const ta*>(a.data[ch.tensor]) + ch.begin, ch.end - ch.begin, coef);
       });
     }
   });
 }
 
 // 0-d float32 result; a value beyond the float32 range becomes ±inf (not a conversion error).
-at::Tensor scalar_out(double v) {
-  at::Tensor t = at::empty({}, at::TensorOptions().dtype(at::kFloat));
+Tensor scalar_out(double v) {
+  Tensor t = torch::stable::empty({}, ScalarType::Float);
   *t.mutable_data_ptr<float>() = to_float(v);
   return t;
 }
 
-float as_float(const at::Tensor& t) { return to_float(t.item<double>()); }
+// The value of a checked scalar (one element, floating, on the CPU) as float32.
+float as_float(const Tensor& t) {
+  double v = 0;
+  dispatch_float(t.scalar_type(), "as_float", [&](auto tag) {
+    v = static_cast<double>(*t.const_data_ptr<decltype(tag)>());
+  });
+  return to_float(v);
+}
 
-std::tuple<at::Tensor, at::Tensor> project_reduce_cpu(at::TensorList x, at::TensorList a, bool use_dot) {
-  check_pair_lists(x, a, "project_reduce", false);
-  const auto [dot, sq] = reduce_lists(contiguous_list(x), contiguous_list(a), use_dot);
+std::tuple<Tensor, Tensor> project_reduce_cpu(std::vector<Tensor> x, std::vector<Tensor> a, bool use_dot) {
+  std::vector<Meta> xm, am;
+  check_pair_lists(x, a, "project_reduce", false, xm, am);
+  const auto [dot, sq] = reduce_lists(prepare(x, xm, false), prepare(a, am, false), use_dot);
   return {scalar_out(use_dot ? dot : 0.0), scalar_out(sq)};
 }
 
-at::Tensor project_apply_cpu(at::TensorList x, at::TensorList a, const at::Tensor& dot,
-                             const at::Tensor& sqnorm, const at::Tensor& b, double max_step,
-                             bool use_dot) {
-  check_pair_lists(x, a, "project_apply_", true);
-  const at::Device cpu(at::kCPU);
-  check_scalar(dot, "dot", "project_apply_", cpu);
-  check_scalar(sqnorm, "sqnorm", "project_apply_", cpu);
-  check_scalar(b, "b", "project_apply_", cpu);
+Tensor project_apply_cpu(std::vector<Tensor> x, std::vector<Tensor> a, Tensor dot, Tensor sqnorm, Tensor b,
+                         double max_step, bool use_dot) {
+  std::vector<Meta> xm, am;
+  check_pair_lists(x, a, "project_apply_", true, xm, am);
+  check_scalar(dot, "dot", "project_apply_");
+  check_scalar(sqnorm, "sqnorm", "project_apply_");
+  check_scalar(b, "b", "project_apply_");
   check_max_step(max_step, "project_apply_");
-  const float coef = projection_coef(as_float(dot), as_float(sqnorm), as_float(b),
-                                     to_float(max_step), use_dot);
-  auto xc = contiguous_list(x);
-  update_lists(xc, contiguous_list(a), coef);
-  copy_back(x, xc);
+  const float coef = projection_coef(as_float(dot), as_float(sqnorm), as_float(b), to_float(max_step), use_dot);
+  if (coef != 0.f) {  // else x stays bit-identical, and no copy is made
+    const Operands xc = prepare(x, xm, true);
+    update_lists(xc, prepare(a, am, false), coef);
+    copy_back(x, xc);
+  }
   return scalar_out(coef);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> project_fused_cpu(at::TensorList x, at::TensorList a,
-                                                                 const at::Tensor& b, double max_step,
-                                                                 bool use_dot) {
-  check_pair_lists(x, a, "project_", true);
-  check_scalar(b, "b", "project_", at::Device(at::kCPU));
+std::tuple<Tensor, Tensor, Tensor> project_fused_cpu(std::vector<Tensor> x, std::vector<Tensor> a, Tensor b,
+                                                     double max_step, bool use_dot) {
+  std::vector<Meta> xm, am;
+  check_pair_lists(x, a, "project_", true, xm, am);
+  check_scalar(b, "b", "project_");
   check_max_step(max_step, "project_");
-  auto xc = contiguous_list(x);
-  const auto ac = contiguous_list(a);
+  const Operands xc = prepare(x, xm, true);
+  const Operands ac = prepare(a, am, false);
   const auto [dot, sq] = reduce_lists(xc, ac, use_dot);
-  const at::Tensor dot_t = scalar_out(use_dot ? dot : 0.0), sq_t = scalar_out(sq);
+  const Tensor dot_t = scalar_out(use_dot ? dot : 0.0), sq_t = scalar_out(sq);
   // The coefficient is formed from the float32 values that are returned, as the split entries do.
-  const float coef = projection_coef(dot_t.item<float>(), sq_t.item<float>(), as_float(b),
+  const float coef = projection_coef(*dot_t.const_data_ptr<float>(), *sq_t.const_data_ptr<float>(), as_float(b),
                                      to_float(max_step), use_dot);
   update_lists(xc, ac, coef);
   copy_back(x, xc);
@@ -152,8 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> project_fused_cpu(at::TensorList 
 
 }  // namespace spard
 
-TORCH_LIBRARY_IMPL(spard_ext, CPU, m) {
-  m.impl("project_reduce", &spard::project_reduce_cpu);
-  m.impl("project_apply_", &spard::project_apply_cpu);
-  m.impl("project_", &spard::project_fused_cpu);
+STABLE_TORCH_LIBRARY_IMPL(spard_ext, CPU, m) {
+  m.impl("project_reduce", TORCH_BOX(&spard::project_reduce_cpu));
+  m.impl("project_apply_", TORCH_BOX(&spard::project_apply_cpu));
+  m.impl("project_", TORCH_BOX(&spard::project_fused_cpu));
 }

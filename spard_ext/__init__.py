@@ -17,7 +17,7 @@ from ._loader import load as _load
 # whether the CUDA kernels are loaded (they were built, and this torch is a CUDA build).
 _C, CUDA_KERNELS, _NOTE = _load(__name__)
 
-from . import _fake  # noqa: E402,F401
+from . import _autograd, _fake  # noqa: E402,F401
 from .dpp import DppResult, dpp_greedy  # noqa: E402
 from .project import ProjectionResult, project_, project_apply_, project_reduce  # noqa: E402
 

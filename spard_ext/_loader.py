@@ -1,17 +1,22 @@
 """Loading the compiled kernels, with a clear message whenever they cannot be loaded.
 
-The kernels link against torch's C++ library, whose ABI is only kept within a torch release
-series (2.14.0 and 2.14.1 are compatible, 2.13 and 2.14 are not). The build writes
-``_build_info.json`` next to the libraries (see setup.py); here:
+Two libraries (see setup.py), recorded in ``_build_info.json`` next to them:
 
-1. under another torch release than the recorded one, nothing is loaded and ImportError names
-   both versions and the command that rebuilds SPARD against the torch in use;
-2. ``_C`` (op schemas and CPU kernels, torch's CPU libraries only) is imported;
-3. ``_C_cuda`` (CUDA kernels) is loaded only under a CUDA build of torch of the same CUDA major
-   version; under a CPU-only torch the CPU kernels are used alone.
+- ``_C`` (op schemas and CPU kernels) is built on the LibTorch stable ABI: it calls torch only
+  through its C shim, which keeps working across torch releases from the recorded target on
+  (``stable_abi``, 2.10). It loads under any torch >= that target; under an older torch, nothing
+  is loaded and ImportError says what to upgrade.
+- ``_C_cuda`` (CUDA kernels) links torch's C++ library, whose ABI is only kept within a torch
+  release series (2.14.0 and 2.14.1 are compatible, 2.13 and 2.14 are not), and libcudart of
+  one CUDA major. It is loaded only under a CUDA build of torch of the recorded release series
+  and CUDA major; under a CPU-only torch the CPU kernels are used alone (any release). A build
+  with CUDA kernels under a CUDA torch of another release series or CUDA major stops with an
+  ImportError that names both versions and the command that rebuilds SPARD against the torch
+  in use (CUDA tensors would otherwise meet ops without a CUDA kernel, far from the cause).
 
-A loader error (missing library, undefined symbol) never surfaces raw: it is wrapped in an
-ImportError that says what to do.
+A build recorded without ``stable_abi`` (from before the port) is held to the torch release
+series it was built for, for both libraries. A loader error (missing library, undefined
+symbol) never surfaces raw: it is wrapped in an ImportError that says what to do.
 """
 
 from __future__ import annotations
@@ -60,22 +65,43 @@ class Plan:
     """Why not, when they exist but are left out (empty otherwise)."""
 
 
+def _another_release(what: str, built: str, torch_version: str) -> ImportError:
+    series = ".".join(map(str, release_series(built) or ()))
+    return ImportError(
+        f"spard_ext: SPARD's {what} were compiled against torch {built}, but this environment "
+        f"has torch {torch_version}; compiled torch extensions only load under the torch "
+        f"release series they were built for. Rebuild SPARD against this torch: {REINSTALL}. "
+        f"Or install torch {series}.* again."
+    )
+
+
 def plan(info: Optional[dict], torch_version: str, torch_cuda: Optional[str]) -> Plan:
     """What to load under this torch; raises ImportError when the build does not fit it."""
     if info is None:
         return Plan(load_cuda=True, note="")
     built = str(info.get("torch", "?"))
-    if release_series(built) != release_series(torch_version):
-        raise ImportError(
-            f"spard_ext: SPARD's kernels were compiled against torch {built}, but this environment "
-            f"has torch {torch_version}; compiled torch extensions only load under the torch "
-            f"release series they were built for. Rebuild SPARD against this torch: {REINSTALL}. "
-            f"Or install torch {'.'.join(map(str, release_series(built) or ()))}.* again."
-        )
+    series = release_series(torch_version)
+    stable = info.get("stable_abi")
+    if stable:
+        target = release_series(str(stable))
+        if series is None or target is None or series < target:
+            need = str(stable)
+            raise ImportError(
+                f"spard_ext: SPARD's CPU kernels need torch >= {need} (they are built on its stable "
+                f"ABI, compiled against torch {built}), but this environment has torch {torch_version}. "
+                f"Upgrade torch: pip install 'torch>={need}'."
+            )
+        same_series = release_series(built) == series
+    elif release_series(built) != series:
+        raise _another_release("kernels", built, torch_version)
+    else:
+        same_series = True
     if not info.get("cuda_kernels"):
         return Plan(load_cuda=False, note="")
     if torch_cuda is None:
         return Plan(load_cuda=False, note=f"torch {torch_version} is CPU-only: using the CPU kernels")
+    if not same_series:
+        raise _another_release("CUDA kernels", built, torch_version)
     built_cuda = str(info.get("torch_cuda") or "")
     if built_cuda.split(".")[0] != torch_cuda.split(".")[0]:
         raise ImportError(

@@ -136,10 +136,24 @@ def dpp_greedy(kernel: Optional[Tensor] = None, *, factor: Optional[Tensor] = No
     n = mat.shape[0]
     inc = _mask(include, "include", n, mat.device, name)
     exc = _mask(exclude, "exclude", n, mat.device, name)
-    with torch.no_grad():
-        if kernel is not None:
-            idx, gains = torch.ops.spard_ext.dpp_greedy_dense(kernel.detach(), k, eps_stop, inc, exc)
-        else:
-            idx, gains = torch.ops.spard_ext.dpp_greedy_lowrank(
-                factor.detach(), k, eps, eps_stop, inc, exc, method)
+    if kernel is not None:
+        idx, gains = _run("dpp_greedy_dense", (kernel.detach(), k, eps_stop, inc, exc))
+    else:
+        idx, gains = _run("dpp_greedy_lowrank", (factor.detach(), k, eps, eps_stop, inc, exc, method))
     return DppResult(idx, gains)
+
+
+def _run(name: str, args: tuple):
+    """Runs torch.ops.spard_ext.<name>(*args) under no_grad. The CPU kernels (stable ABI) raise
+    their input refusals as RuntimeError with a message that starts with the op's name: here
+    that becomes TypeError for a matrix of the wrong dtype and ValueError for the rest (shape,
+    non-finite entries, an asymmetric kernel, overlapping masks), as the CUDA kernels raise."""
+    try:
+        with torch.no_grad():
+            return getattr(torch.ops.spard_ext, name)(*args)
+    except RuntimeError as e:
+        message = str(e)
+        if not message.startswith(f"{name}: "):
+            raise
+        kind = ValueError if args[0].dtype in (torch.float32, torch.float64) else TypeError
+        raise kind(message) from None

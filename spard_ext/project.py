@@ -29,7 +29,10 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._autograd import check_first_not_inference
+
 TensorList = Sequence[Optional[Tensor]]
+_FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
 
 
 class ProjectionResult(NamedTuple):
@@ -99,6 +102,48 @@ def _device(xs: list[Tensor], fallback) -> torch.device:
     return torch.device("cpu")
 
 
+def _refusal_type(xs: list[Tensor], as_: list[Tensor], scalars: Sequence[Tensor], writes_x: bool):
+    """Python type of the kernels' input check that failed on these arguments, or None.
+
+    The CPU kernels (stable ABI) raise every refusal as RuntimeError, with the message of the
+    check; this finds the check again (in the kernels' order: per pair shape, dtypes, devices,
+    shared memory; then the scalars) so that the entry points raise ValueError / TypeError as
+    the CUDA kernels do. It runs only after a refusal: a call that passes pays nothing for it.
+    """
+    device = xs[0].device if xs else None
+    for xi, ai in zip(xs, as_):
+        if xi.shape != ai.shape:
+            return ValueError
+        if xi.dtype not in _FLOATS or ai.dtype not in _FLOATS:
+            return TypeError
+        if xi.device != device or ai.device != device:
+            return ValueError
+        if writes_x and torch._debug_has_internal_overlap(xi) == 1:
+            return ValueError
+    for t in scalars:
+        if not t.dtype.is_floating_point:
+            return TypeError
+        if t.device.type != "cpu" and t.device != device:
+            return ValueError
+    return None
+
+
+def _run(name: str, args: tuple, scalars: Sequence[Tensor], writes_x: bool):
+    """Runs torch.ops.spard_ext.<name>(*args) under no_grad; an input refusal of the kernels
+    becomes its typed error."""
+    xs, as_ = args[0], args[1]
+    if writes_x:
+        check_first_not_inference(name, xs)
+    try:
+        with torch.no_grad():
+            return getattr(torch.ops.spard_ext, name)(*args)
+    except RuntimeError as e:
+        kind = _refusal_type(xs, as_, scalars, writes_x)
+        if kind is None:
+            raise
+        raise kind(str(e)) from None
+
+
 def project_(x: TensorList, a: TensorList, b=0.0, *, max_step: Optional[float] = None,
              use_dot: bool = False) -> ProjectionResult:
     """Project x in place onto the half-space {y : <a, y>·use_dot <= b}, capped at max_step.
@@ -110,8 +155,7 @@ def project_(x: TensorList, a: TensorList, b=0.0, *, max_step: Optional[float] =
     xs, as_ = _pairs(x, a, "project_")
     bt = _scalar(b, "b", "project_")
     step = _max_step(max_step, "project_")
-    with torch.no_grad():
-        coef, dot, sqnorm = torch.ops.spard_ext.project_(xs, as_, bt, step, bool(use_dot))
+    coef, dot, sqnorm = _run("project_", (xs, as_, bt, step, bool(use_dot)), (bt,), True)
     return ProjectionResult(coef, dot, sqnorm)
 
 
@@ -127,8 +171,7 @@ def project_reduce(x: TensorList, a: TensorList, *, use_dot: bool = True,
         dev = _device(xs, device)
         zero = torch.zeros((), dtype=torch.float32, device=dev)
         return zero, zero.clone()
-    with torch.no_grad():
-        return tuple(torch.ops.spard_ext.project_reduce(xs, as_, bool(use_dot)))
+    return tuple(_run("project_reduce", (xs, as_, bool(use_dot)), (), False))
 
 
 def project_apply_(x: TensorList, a: TensorList, dot: Tensor, sqnorm: Tensor, b=0.0, *,
@@ -139,5 +182,5 @@ def project_apply_(x: TensorList, a: TensorList, dot: Tensor, sqnorm: Tensor, b=
     sq_t = _scalar(sqnorm, "sqnorm", "project_apply_")
     bt = _scalar(b, "b", "project_apply_")
     step = _max_step(max_step, "project_apply_")
-    with torch.no_grad():
-        return torch.ops.spard_ext.project_apply_(xs, as_, dot_t, sq_t, bt, step, bool(use_dot))
+    return _run("project_apply_", (xs, as_, dot_t, sq_t, bt, step, bool(use_dot)),
+                (dot_t, sq_t, bt), True)

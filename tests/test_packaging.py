@@ -3,6 +3,7 @@ contents and the loader's refusal of a build made for another torch."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from spard_ext import _loader  # noqa: E402
 # The torch the isolated build gets
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("info, expected", [
-    (None, "torch>=2.6"),                                                            # no torch yet
+    (None, "torch>=2.10"),                                                           # no torch yet
     ({"version": "2.13.0+cpu", "dist": "2.13.0+cpu", "cuda": None}, "torch==2.13.0"),  # any variant
     ({"version": "2.14.1+cu130", "dist": "2.14.1", "cuda": "13.0"}, "torch===2.14.1"),  # not +cpu
     ({"version": "2.14.1+cu126", "dist": "2.14.1+cu126", "cuda": "12.6"}, "torch==2.14.1+cu126"),
@@ -34,9 +35,9 @@ def test_build_requires_the_target_environments_torch(info, expected):
 
 def test_build_stops_with_a_message_for_a_torch_older_than_the_minimum():
     with pytest.raises(SystemExit) as e:
-        spard_build.torch_requirement({"version": "2.5.1+cpu", "dist": "2.5.1+cpu", "cuda": None})
+        spard_build.torch_requirement({"version": "2.9.1+cpu", "dist": "2.9.1+cpu", "cuda": None})
     message = str(e.value)
-    assert "torch >= 2.6" in message and "2.5.1" in message and "pip install 'torch>=2.6'" in message
+    assert "torch >= 2.10" in message and "2.9.1" in message and "pip install 'torch>=2.10'" in message
 
 
 def test_build_stops_for_a_torch_no_index_serves():
@@ -136,12 +137,90 @@ def test_loader_takes_a_cuda_build_under_a_cpu_torch_with_its_cpu_kernels():
         _loader.plan(CUDA_BUILD, "2.14.1+cu126", "12.6")
 
 
+STABLE_BUILD = {"torch": "2.14.1+cu130", "torch_cuda": "13.0", "stable_abi": "2.10", "cuda_kernels": False}
+
+
+def test_loader_takes_the_stable_cpu_kernels_under_any_torch_from_their_target_on():
+    for version in ("2.13.0+cpu", "2.10.0", "2.14.1+cu130", "2.15.0.dev20260101", "3.0.0"):
+        assert _loader.plan(STABLE_BUILD, version, None) == _loader.Plan(load_cuda=False, note="")
+    with pytest.raises(ImportError) as e:
+        _loader.plan(STABLE_BUILD, "2.9.1+cpu", None)
+    assert "torch >= 2.10" in str(e.value) and "2.9.1+cpu" in str(e.value)
+    assert "pip install 'torch>=2.10'" in str(e.value)
+
+
+def test_loader_holds_the_cuda_kernels_of_a_stable_build_to_their_release_series():
+    build = {**STABLE_BUILD, "cuda_kernels": True}
+    assert _loader.plan(build, "2.14.0+cu130", "13.0").load_cuda  # same release series
+    p = _loader.plan(build, "2.13.0+cpu", None)  # another release, CPU-only: the CPU kernels
+    assert not p.load_cuda and "CPU-only" in p.note
+    # another release with CUDA: the CUDA kernels cannot load, and CUDA tensors would meet ops
+    # without a CUDA kernel, so the import stops with the versions and the rebuild command
+    with pytest.raises(ImportError) as e:
+        _loader.plan(build, "2.13.0+cu130", "13.0")
+    message = str(e.value)
+    assert message.startswith("spard_ext: SPARD's CUDA kernels were compiled against torch 2.14.1+cu130")
+    assert "2.13.0+cu130" in message and "pip install --no-cache-dir --force-reinstall --no-deps" in message
+    with pytest.raises(ImportError, match="CUDA 13.0.*CUDA 12.6"):
+        _loader.plan(build, "2.14.1+cu126", "12.6")
+
+
+def _import_with_record(tmp_path, record: dict):
+    """Imports a copy of the built package whose build record is replaced by ``record``, and runs
+    one op: (return code, stderr)."""
+    import spard_ext
+
+    pkg = tmp_path / "spard_ext"
+    shutil.copytree(Path(spard_ext.__file__).parent, pkg)
+    (pkg / _loader.BUILD_INFO).write_text(json.dumps(record))
+    code = ("import torch, spard_ext; x = [torch.zeros(3)]; "
+            "spard_ext.project_(x, [torch.ones(3)], -3.0); assert x[0].tolist() == [-1.0, -1.0, -1.0]")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    return out.returncode, out.stderr
+
+
+def test_a_stable_build_recorded_for_another_release_imports_and_runs(tmp_path):
+    import spard_ext
+
+    if not (_loader.read_build_info(str(Path(spard_ext.__file__).parent)) or {}).get("stable_abi"):
+        pytest.skip("this build of spard_ext is not on the stable ABI (a CMake or older build)")
+    code, err = _import_with_record(tmp_path, {"torch": "2.10.0+cpu", "torch_cuda": None, "stable_abi": "2.10",
+                                               "cuda_kernels": False})
+    assert code == 0, err[-2000:]
+    code, err = _import_with_record(tmp_path / "newer", {"torch": "2.10.0+cpu", "torch_cuda": None,
+                                                         "stable_abi": "99.0", "cuda_kernels": False})
+    assert code != 0 and err.strip().splitlines()[-1].startswith("ImportError: spard_ext: SPARD's CPU kernels "
+                                                                 "need torch >= 99.0")
+
+
+def test_cpu_kernels_call_torch_only_through_the_stable_c_shim():
+    # What makes one build load under many torch releases: no symbol of torch's C++ library
+    # (c10::, at::, torch::), whose ABI changes between releases; only the C shim.
+    import spard_ext
+
+    folder = Path(spard_ext.__file__).parent
+    if not (_loader.read_build_info(str(folder)) or {}).get("stable_abi"):
+        pytest.skip("this build of spard_ext is not on the stable ABI (a CMake or older build)")
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("needs nm (binutils)")
+    out = subprocess.run([nm, "-D", "-C", "--undefined-only", _loader.library_path("_C", str(folder))],
+                         capture_output=True, text=True, check=True).stdout
+    symbols = [line.split(None, 1)[-1].strip() for line in out.splitlines() if line.strip()]
+    cxx = [s for s in symbols if re.match(r"(c10|at|torch)::", s) or re.search(r"[ (<,](c10|at|torch)::", s)]
+    assert not cxx, f"torch C++ symbols in _C: {cxx[:10]}"
+    shim = [s for s in symbols if s.startswith(("aoti_torch_", "torch_"))]
+    assert len(shim) >= 10, symbols  # it does call torch, through the shim
+
+
 def test_import_under_another_torch_stops_with_the_message_not_a_loader_error(tmp_path):
     import torch
 
     import spard_ext
 
-    # The built package, with its record rewritten as if compiled against another release.
+    # The built package, with its record rewritten as if compiled against another release before
+    # the stable ABI (no "stable_abi" entry: held to its release series).
     pkg = tmp_path / "spard_ext"
     shutil.copytree(Path(spard_ext.__file__).parent, pkg)
     other = "2.3.0+cpu" if not torch.__version__.startswith("2.3.") else "2.4.0+cpu"
@@ -166,8 +245,9 @@ def test_sdist_holds_the_sources_headers_and_build_backend(tmp_path):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for path in ("pyproject.toml", "setup.py", "README.md", "build_backend/spard_build.py",
-                 "build_backend/spard_toolchain.py", "csrc/project.h", "csrc/dpp.h", "csrc/lane_sum.h",
-                 "csrc/module.cpp", "csrc/cuda/project_cuda.cu", "csrc/cuda/dpp_greedy.cu",
+                 "build_backend/spard_toolchain.py", "csrc/project.h", "csrc/project_cpu.h", "csrc/stable.h",
+                 "csrc/message.h", "csrc/lane_sum.h", "csrc/module.cpp", "csrc/cuda/project_cuda.cu",
+                 "csrc/cuda/dpp_greedy.cu", "csrc/cuda/checks.h", "csrc/cuda/checks.cpp",
                  "CMakeLists.txt", "docs/algorithms.md", "tests/test_project.py", "spard_ext/_loader.py"):
         assert path in names, path
     assert not [n for n in names if n.endswith(".so") or n.endswith(_loader.BUILD_INFO)]

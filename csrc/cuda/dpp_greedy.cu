@@ -7,7 +7,7 @@
 // the host reads with no CUDA call: it stops launching once the stop rule has fired and stays
 // at most kLookahead steps ahead of the device (launches enqueued ahead of a stop return at
 // once). The host reads the device once, at the end: the number of picks together with the
-// input checks that need a pass over the data (finite, symmetric, disjoint masks; see dpp.h).
+// input checks that need a pass over the data (finite, symmetric, disjoint masks; see checks.h).
 //
 // Both updates run eagerly (every candidate's gain is updated at every pick; the CPU backend's
 // lazy refresh gives the same picks). Sums are taken in fp64 like on the CPU; the summation
@@ -25,7 +25,7 @@
 #include <limits>
 #include <thread>
 
-#include "../dpp.h"
+#include "checks.h"
 
 namespace spard {
 namespace {

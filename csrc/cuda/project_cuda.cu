@@ -24,7 +24,7 @@
 #include <limits>
 #include <map>
 
-#include "../project.h"
+#include "checks.h"
 
 namespace spard {
 namespace {

@@ -1,4 +1,7 @@
 // C++ test of the projection ops, called through the dispatcher as any libtorch program would.
+// The kernels are built on the stable ABI and raise std::runtime_error on bad input. The
+// autograd side of the in-place ops (version counters, the refusal of tensors that require grad)
+// is registered from Python (spard_ext/_autograd.py), so a libtorch program does not get it.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -53,7 +56,7 @@ static void check_bad_input_throws() {
   bool threw = false;
   try {
     project_op().call(x, a, at::scalar_tensor(0.0), 1.0, false);
-  } catch (const c10::Error& e) {
+  } catch (const std::exception& e) {
     threw = std::string(e.what()).find("shape mismatch at index 1") != std::string::npos;
   }
   EXPECT(threw);
@@ -79,19 +82,17 @@ static void check_overflow_is_a_no_op() {
   EXPECT(at::equal(x[0], at::zeros({2})));
 }
 
-// The call bumps the version counter of every x, and checks every entry before writing any.
-static void check_version_bump_and_no_partial_update() {
+// The call checks every entry before writing any.
+static void check_no_partial_update() {
   std::vector<at::Tensor> x = {at::randn({8}), at::randn({3})};
   std::vector<at::Tensor> a = {at::randn({8}), at::randn({3})};
-  const auto v0 = x[0]._version(), v1 = x[1]._version();
   project_op().call(x, a, at::scalar_tensor(-1.0), INFINITY, false);
-  EXPECT(x[0]._version() > v0 && x[1]._version() > v1);
   const auto before = x[0].clone();
   std::vector<at::Tensor> bad_x = {x[0], at::zeros({1}).expand({3})};
   bool threw = false;
   try {
     project_op().call(bad_x, a, at::scalar_tensor(-1.0), INFINITY, false);
-  } catch (const c10::Error& e) {
+  } catch (const std::exception& e) {
     threw = std::string(e.what()).find("x[1] has elements that share memory") != std::string::npos;
   }
   EXPECT(threw);
@@ -103,7 +104,7 @@ int main() {
   check_bad_input_throws();
   check_nonfinite_leaves_x();
   check_overflow_is_a_no_op();
-  check_version_bump_and_no_partial_update();
+  check_no_partial_update();
   std::puts("test_project: all checks passed");
   return 0;
 }

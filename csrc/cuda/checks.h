@@ -1,4 +1,9 @@
-// Greedy DPP MAP inference (shared declarations of the CPU and CUDA backends).
+// Input checks of the CUDA kernels (`_C_cuda`, regular ATen ABI), in checks.cpp. The CPU kernels
+// (`_C`, stable ABI) have their own, with the same messages; `_C_cuda` does not link `_C`.
+//
+// Projection: see ../project.h.
+//
+// Greedy DPP MAP inference:
 //
 // Two forms of the kernel: a dense PSD matrix L (N x N), or a low-rank factor F (N x D) with a
 // ridge, L = F Fᵀ + eps·I, where the N x N matrix is never built. Two updates:
@@ -9,14 +14,39 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
-#include "message.h"
+#include "../message.h"
+#include "../project.h"
 
 namespace spard {
+
+// Runs the body with `tx` and `ta` bound to the element types of the x and a tensors.
+#define SPARD_DISPATCH_PAIR(TX, TA, NAME, ...)                                                    \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TX, NAME, [&] {                        \
+    using tx = scalar_t;                                                                          \
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TA, NAME, [&] {                      \
+      using ta = scalar_t;                                                                        \
+      __VA_ARGS__();                                                                              \
+    });                                                                                           \
+  })
+
+// Validates the two lists (same length, same shapes pairwise, floating dtypes, one device).
+// With writes_x, also that every x[i] can be written in place (no element shares memory with
+// another, not an inference tensor outside inference mode): all checks run before any write.
+void check_pair_lists(at::TensorList x, at::TensorList a, const char* op, bool writes_x);
+void check_scalar(const at::Tensor& t, const char* name, const char* op, const at::Device& device);
+void check_max_step(double max_step, const char* op);
+
+std::vector<at::Tensor> contiguous_list(at::TensorList ts);
+
+// Writes a contiguous working copy back into a non-contiguous destination.
+void copy_back(at::TensorList dst, const std::vector<at::Tensor>& work);
 
 enum class DppMethod { kCholesky, kInverse };
 

@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dpp_method.h"
 #include "lane_sum.h"
 #include "stable.h"
 
@@ -38,8 +39,6 @@ namespace spard {
 // Input checks (the CUDA kernels check the same things with the same messages, cuda/checks.cpp)
 // ------------------------------------------------------------------------------------------------
 namespace {
-
-enum class DppMethod { kCholesky, kInverse };
 
 // Validated inputs: masks as 0/1 bytes of length N.
 struct DppInputs {
@@ -161,17 +160,7 @@ DppInputs check_dpp_lowrank(const Tensor& factor, int64_t k, double eps, double 
               ": method must be 'auto', 'cholesky' or 'inverse', got '", method, "'");
   SPARD_CHECK(!(method == "inverse" && eps == 0), op, ": method 'inverse' needs eps > 0 (it starts from A = I / eps)");
   DppInputs in = check_common(factor, k, eps_stop, include, exclude, op);
-  if (method == "cholesky") {
-    resolved = DppMethod::kCholesky;
-  } else if (method == "inverse") {
-    resolved = DppMethod::kInverse;
-  } else {
-    // Per pick both pay N·D for the kernel row (or its direction); cholesky adds N·t for the
-    // update and N·k memory, inverse adds D² for the update of A.
-    const double d = static_cast<double>(factor.size(1));
-    const bool inverse_cheaper = d * d <= 0.5 * static_cast<double>(in.n) * std::max<int64_t>(in.k, 1);
-    resolved = (eps > 0 && inverse_cheaper) ? DppMethod::kInverse : DppMethod::kCholesky;
-  }
+  resolved = resolve_dpp_method(method, eps, in.n, factor.size(1), in.k);
   return in;
 }
 

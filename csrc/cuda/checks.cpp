@@ -167,17 +167,7 @@ DppInputs check_dpp_lowrank(const at::Tensor& factor, int64_t k, double eps, dou
   SPARD_CHECK_VALUE(!(method == "inverse" && eps == 0), op,
                     ": method 'inverse' needs eps > 0 (it starts from A = I / eps)");
   DppInputs in = check_common(factor, false, k, eps_stop, include, exclude, op);
-  if (method == "cholesky") {
-    resolved = DppMethod::kCholesky;
-  } else if (method == "inverse") {
-    resolved = DppMethod::kInverse;
-  } else {
-    // Per pick both pay N·D for the kernel row (or its direction); cholesky adds N·t for the
-    // update and N·k memory, inverse adds D² for the update of A.
-    const double d = static_cast<double>(factor.size(1));
-    const bool inverse_cheaper = d * d <= 0.5 * static_cast<double>(in.n) * std::max<int64_t>(in.k, 1);
-    resolved = (eps > 0 && inverse_cheaper) ? DppMethod::kInverse : DppMethod::kCholesky;
-  }
+  resolved = resolve_dpp_method(method, eps, in.n, factor.size(1), in.k);
   return in;
 }
 

@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../dpp_method.h"
 #include "../message.h"
 #include "../project.h"
 
@@ -47,8 +48,6 @@ std::vector<at::Tensor> contiguous_list(at::TensorList ts);
 
 // Writes a contiguous working copy back into a non-contiguous destination.
 void copy_back(at::TensorList dst, const std::vector<at::Tensor>& work);
-
-enum class DppMethod { kCholesky, kInverse };
 
 // Validated inputs: masks as uint8 (0/1) tensors of length N on the input's device.
 //

@@ -71,7 +71,9 @@ def _pairs(x: TensorList, a: TensorList, op: str) -> tuple[list[Tensor], list[Te
 def _scalar(value, name: str, op: str) -> Tensor:
     """A 0-d tensor for ``value``: a tensor stays where it is (a device tensor is read by the
     kernels on the device); a number becomes a CPU scalar, which the CUDA kernels take by value
-    (no copy to the device, no host synchronisation, capturable in a CUDA graph)."""
+    (no copy to the device, no host synchronisation, capturable in a CUDA graph). A number must
+    be finite in float32: NaN or ±inf there would make the call a silent no-op (a tensor's
+    non-finite value does so by design, found on the device without a host read)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{op}: {name} must be a scalar (float or one-element tensor), got shape {tuple(value.shape)}")
@@ -79,7 +81,10 @@ def _scalar(value, name: str, op: str) -> Tensor:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a float or a one-element floating-point tensor, "
                         f"got {type(value).__name__}")
-    return torch.tensor(float(value), dtype=torch.float32)
+    scalar = torch.tensor(float(value), dtype=torch.float32)
+    if not math.isfinite(scalar.item()):
+        raise ValueError(f"{op}: {name} must be a finite number (in float32), got {value!r}")
+    return scalar
 
 
 def _max_step(max_step: Optional[float], op: str) -> float:

@@ -535,3 +535,15 @@ def test_messages_name_the_numbers_and_shapes():
     # the raw op (no Python entry point): the CPU kernels on the stable ABI raise RuntimeError
     with pytest.raises(RuntimeError, match=r"^project_: max_step must be >= 0 \(use inf for no cap\), got -0.5$"):
         torch.ops.spard_ext.project_([torch.zeros(3)], [torch.ones(3)], torch.tensor(0.0), -0.5, False)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 1e39])
+def test_a_non_finite_number_is_refused_not_a_silent_no_op(bad):
+    x = [torch.ones(3)]
+    with pytest.raises(ValueError, match=r"project_: b must be a finite number \(in float32\)"):
+        project_(x, [torch.ones(3)], bad, use_dot=True)
+    with pytest.raises(ValueError, match=r"project_apply_: sqnorm must be a finite number"):
+        project_apply_(x, [torch.ones(3)], 1.0, bad, 0.0)
+    assert torch.equal(x[0], torch.ones(3))
+    # a tensor b stays unread on the host: its non-finite value is the documented no-op
+    assert float(project_(x, [torch.ones(3)], torch.tensor(bad), use_dot=True).coef) == 0.0

@@ -124,6 +124,7 @@ CASES = [
     ("train-lr-inf-string", setk("optim.lr", "'inf'"), "optim.lr: expected a finite number"),
     ("train-lr-yaml-inf", setk("optim.lr", ".inf"), "optim.lr: expected a finite number"),
     ("train-lr-nan", setk("optim.lr", "nan"), "optim.lr: expected a finite number"),
+    ("train-device-unknown", setk("run.device", "tpu"), "run.device: expected cpu, cuda or cuda:N (or auto), got 'tpu'"),
     ("train-lr-negative", setk("optim.lr", "-1e-4"), "optim.lr: expected a finite number > 0"),
     ("train-grad-norm-negative", setk("optim.max_grad_norm", "-1"), "optim.max_grad_norm: expected None"),
     ("train-betas-short", setk("optim.betas", "[0.9]"), "optim.betas: expected two numbers"),
@@ -183,6 +184,9 @@ CASES = [
     ("select-k-zero", select("--k", "0"), "k: the selection would be empty (k = 0)"),
     ("select-p-too-small", lambda r: ["select", "--pool", str(r / "pool.jsonl"), "--reference", str(r / "task.jsonl"), "--out", str(r / "out_select"), "--method", "random", "--p", "0.01"], "the selection would be empty (k = floor(p · |reference|) = floor(0.01 · 20) = 0)"),
     ("select-k-beyond-pool", select("--k", "99"), "k: 99 exceeds the pool size 12"),
+    ("select-device-unknown", select("--device", "tpu"), "--device: expected cpu, cuda or cuda:N (or auto), got 'tpu'"),
+    ("select-embedder-missing", select("--method", "rd-dpp", "--embedder", "./no_such_embedder"), "--embedder: ./no_such_embedder: no such folder"),
+    ("select-model-is-a-file", lambda r: ["select", "--pool", str(r / "pool.jsonl"), "--reference", str(r / "task.jsonl"), "--out", str(r / "out_select"), "--k", "2", "--model", str(r / "a_file")], "--model: " + F + "a_file is a file"),
     ("select-method", select("--method", "kmeans"), "argument --method: invalid choice: 'kmeans'"),
     ("select-no-embedder", lambda r: ["select", "--pool", str(r / "pool.jsonl"), "--reference", str(r / "task.jsonl"), "--out", str(r / "out_select")], "--model / --embedder: give --model"),
     ("select-out-file", lambda r: ["select", "--pool", str(r / "pool.jsonl"), "--reference", str(r / "task.jsonl"), "--out", str(r / "a_file"), "--method", "random", "--k", "2"], "--out: " + F + "a_file exists and is not a folder"),
@@ -195,6 +199,7 @@ CASES = [
     ("select-embedder-missing", lambda r: ["select", "--pool", str(r / "pool.jsonl"), "--reference", str(r / "task.jsonl"), "--out", str(r / "out_select"), "--embedder", str(r / "missing_model"), "--no-cache", "--k", "2"], "missing_model"),
     # ------------------------------------------------------------------------------- spard eval
     ("eval-no-data", evaluate("--model", "m"), "--safety-data / --task-data: give at least one"),
+    ("eval-device-unknown", lambda r: ["eval", "--out", str(r / "out_eval"), "--model", str(r / "model"), "--safety-data", str(r / "eval.jsonl"), "--device", "tpu"], "--device: expected cpu, cuda or cuda:N (or auto), got 'tpu'"),
     ("eval-no-model", lambda r: ["eval", "--out", str(r / "out_eval"), "--safety-data", str(r / "eval.jsonl")], "--model: required (unless --rejudge)"),
     ("eval-safety-missing", lambda r: ["eval", "--out", str(r / "out_eval"), "--model", str(r / "model"), "--safety-data", str(r / "missing.jsonl")], F + "missing.jsonl: no such file"),
     ("eval-safety-no-prompt", lambda r: ["eval", "--out", str(r / "out_eval"), "--model", str(r / "model"), "--safety-data", str(r / "noprompt.jsonl")], F + "noprompt.jsonl:1: no prompt field"),
@@ -294,3 +299,19 @@ def test_nothing_was_written_where_outputs_were_refused(root):
     assert (root / "a_file").read_text() == "x"
     assert not (root / "out_select").exists() and not (root / "out_eval").exists()
     assert not list((root / "other_run").glob("*.json"))[1:]  # only its own spard_run.json
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_named(monkeypatch):
+    import torch
+
+    from spard.preflight import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^--device: 'cuda:1' asked for, but torch sees no CUDA device here"):
+        check_device("cuda:1", "--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"^run.device: 'cuda:1' asked for, but this machine has 1 CUDA device"):
+        check_device("cuda:1", "run.device")
+    for fine in (None, "auto", "cpu", "cuda", "cuda:0"):
+        check_device(fine, "--device")

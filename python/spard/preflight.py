@@ -50,3 +50,29 @@ def input_named(what: str, source=None) -> Iterator[None]:
         if text.startswith(f"{what}:") or (source is not None and not text.startswith(str(source))):
             raise
         raise ValueError(f"{what}: {text}") from e
+
+
+def check_device(name, what: str) -> None:
+    """Raises ValueError naming ``what`` unless ``name`` is a device this machine has: ``cpu``,
+    ``cuda`` / ``cuda:N`` with a CUDA device visible, ``mps`` where available (None and
+    ``auto`` pass: they mean "cuda when present, else cpu")."""
+    import torch
+
+    if name is None or name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{what}: expected cpu, cuda or cuda:N (or auto), got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what}: {name!r} asked for, but torch sees no CUDA device here (torch "
+                             f"{torch.__version__}); use cpu, or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{what}: {name!r} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{what}: 'mps' asked for, but torch sees no MPS device here; use cpu, or auto")
+    elif device.type != "cpu":
+        raise ValueError(f"{what}: expected cpu, cuda or cuda:N (or auto), got {name!r}")

@@ -457,10 +457,11 @@ def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[s
     from . import distributed
     from .checkpoint import atomic_dir
     from .lora import apply_lora
-    from .preflight import check_model_source
+    from .preflight import check_device, check_model_source
     from .runfolder import check_resume_identity
 
     check_model_source(config.model.name_or_path, "model.name_or_path")  # before data and selection
+    check_device(config.run.device, "run.device")
     run_id = claim.run_id
     out = Path(config.run.output_dir)
     ckpt_dir = out / "checkpoints"

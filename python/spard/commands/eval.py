@@ -124,7 +124,7 @@ def run(args) -> int:
     from spard.eval import evaluate, load_generations, load_model, markdown_table
     from spard.eval.evaluate import check_task_rows
     from spard.io import write_json_atomic, write_text_atomic
-    from spard.preflight import check_model_source, input_named
+    from spard.preflight import check_device, check_model_source, input_named
     from spard.runfolder import check_output_dir
 
     out = Path(args.out)
@@ -133,6 +133,7 @@ def run(args) -> int:
     if not args.rejudge and not args.model:
         raise ValueError("--model: required (unless --rejudge)")
     _check_numbers(args)
+    check_device(args.device, "--device")
     check_output_dir(out, "--out", files=("eval.json", "eval.md"))  # before anything is generated
     if not args.rejudge:
         check_model_source(args.model, "--model")

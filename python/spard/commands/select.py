@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
 def _select(args: argparse.Namespace, embedder) -> int:
     from spard.data import POOL_FIELDS, load_safety, load_task
     from spard.io import write_json_atomic, write_jsonl_atomic
-    from spard.preflight import input_named
+    from spard.embed import MINILM
+    from spard.preflight import check_device, check_model_source, input_named
     from spard.runfolder import check_output_dir
     from spard.select import select_safe_data
 
@@ -89,6 +90,9 @@ def _select(args: argparse.Namespace, embedder) -> int:
             raise ValueError(f"--{name.replace('_', '-')}: expected an int >= {0 if name == 'k' else 1}, got {value}")
     if args.batch_size < 1 or args.max_length < 1:
         raise ValueError(f"--batch-size / --max-length: expected ints >= 1, got {args.batch_size} / {args.max_length}")
+    check_device(args.device, "--device")
+    if embedder is not None and isinstance(embedder, str) and embedder != MINILM and args.method != "random":
+        check_model_source(embedder, "--embedder" if args.embedder else "--model")
     with input_named("--pool"):  # the safe set is the pool's refusals: every row needs one
         pool = load_safety(args.pool, split=args.pool_split, limit=args.limit_pool, fields=POOL_FIELDS)
     with input_named("--reference"):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from spard.config import LoraConfig, OptimConfig
+from spard.config import OptimConfig
 from spard.defenses import DefenseData, defense_names, make_defense
 from spard.io import write_json_atomic
 
@@ -124,6 +124,12 @@ class Run:
         self._fit, self._data, self._defense = fit, data, defense
         self._rows = defense.training_rows(data)
 
+    def fit(self, max_steps: int, **kwargs) -> dict:
+        """One ``spard.trainer.fit`` call of ``max_steps`` steps on this run's model and data."""
+        return self._fit(self.model, self.tok, self._rows, defense=self._defense, data=self._data,
+                         optim=OptimConfig(**self.optim, max_steps=max_steps), max_length=self.seq,
+                         progress=False, **kwargs)
+
     def steps(self, n: int, timed: bool = True) -> None:
         """``n`` timed steps; each call is a fresh ``fit`` whose first step (after the defense's
         setup: selection, calibration) is not timed."""
@@ -135,12 +141,37 @@ class Run:
                 self.times.append(now - last[0])
             last[0] = now
 
-        self._fit(self.model, self.tok, self._rows, defense=self._defense, data=self._data,
-                  optim=OptimConfig(**self.optim, max_steps=n + 1), max_length=self.seq, progress=False,
-                  on_step=on_step)
+        self.fit(n + 1, on_step=on_step)
 
     def held_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in itertools.chain(self.model.parameters(), self.model.buffers()))
+
+    def peak_bytes(self) -> int:
+        """What the model holds plus the peak allocated during one step above what was allocated
+        before it (CUDA's allocator statistics on a GPU, profiler allocation events on the CPU)."""
+        if self.device.type != "cuda":
+            return self.held_bytes() + step_peak_bytes(lambda: self.steps(1, timed=False))
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.steps(1, timed=False)
+        return self.held_bytes() + torch.cuda.max_memory_allocated(self.device) - before
+
+
+def cost_per_defense(runs: dict[str, Run], rounds: int, steps: int) -> dict:
+    """Step time and peak memory of each run against ``runs["sft"]``: a warm-up step each, then
+    ``rounds`` rounds of ``steps`` timed steps with the defenses interleaved, then one step each
+    for the memory."""
+    for r in runs.values():
+        r.steps(1, timed=False)  # warm-up: the defense's setup, first launches
+    for _ in range(rounds):
+        for r in runs.values():
+            r.steps(steps)
+    memory = {n: r.peak_bytes() for n, r in runs.items()}
+    sft_t, sft_m = statistics.median(runs["sft"].times), memory["sft"]
+    return {n: {"step_ms": 1e3 * statistics.median(r.times), "step_ratio": statistics.median(r.times) / sft_t,
+                "peak_mib": memory[n] / 2**20, "memory_ratio": memory[n] / sft_m, "alignment_stage_s": r.stage_s}
+            for n, r in runs.items()}
 
 
 def main(argv=None) -> int:
@@ -155,19 +186,9 @@ def main(argv=None) -> int:
     if "sft" not in names:
         names.insert(0, "sft")
     runs = {n: Run(n) for n in names}
-    for r in runs.values():
-        r.steps(1, timed=False)  # warm-up
-    for _ in range(args.rounds):
-        for r in runs.values():
-            r.steps(args.steps)
-    memory = {n: r.held_bytes() + step_peak_bytes(lambda r=r: r.steps(1, timed=False)) for n, r in runs.items()}
-    sft_t, sft_m = statistics.median(runs["sft"].times), memory["sft"]
     res = {"setup": {"model": "Llama 4x256, vocab 2048, LoRA r=8 q,k,v,o", "seq": SEQ, "optim": OPTIM,
                      "settings": SETTINGS, "threads": THREADS, "timed_steps": args.rounds * args.steps},
-           "defenses": {n: {"step_ms": 1e3 * statistics.median(r.times),
-                            "step_ratio": statistics.median(r.times) / sft_t,
-                            "peak_mib": memory[n] / 2**20, "memory_ratio": memory[n] / sft_m,
-                            "alignment_stage_s": r.stage_s} for n, r in runs.items()}}
+           "defenses": cost_per_defense(runs, args.rounds, args.steps)}
     write_json_atomic(args.out, res)
     print("| defense | step (ms) | x SFT | peak memory (MiB) | x SFT | alignment stage (s) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -424,8 +423,8 @@ def render_markdown(report: dict) -> str:
                   f"(median of {st['timed_steps']}), peak memory = what the model holds + the step's peak above it.", "",
                   "| defense | step (ms) | x SFT | peak memory (MiB) | x SFT | alignment stage (s) |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {n} | {d['step_ms']} | {d['step_ratio']} | {d['peak_mib']} | {d['memory_ratio']} | "
-                  f"{d['alignment_stage_s']} |" for n, d in cost["defenses"].items()]
+        lines += [f"| {n} | {d['step_ms']:.1f} | {d['step_ratio']:.2f} | {d['peak_mib']:.1f} | {d['memory_ratio']:.2f} | "
+                  f"{d['alignment_stage_s']:.2f} |" for n, d in cost["defenses"].items()]
         if cost.get("skipped"):
             lines += ["", f"Not measured (time budget): {', '.join(cost['skipped'])}."]
         lines += [""]

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -40,9 +39,7 @@ def _short_run(device, steps: int, defense: str = "spard") -> tuple[list[float],
     run = bd.Run(defense, device="cpu", model_kw=PARITY_MODEL, seq=64, optim=optim, lora_r=4)
     run.model.to(device)
     losses = []
-    run._fit(run.model, run.tok, run._rows, defense=run._defense, data=run._data,
-             optim=bd.OptimConfig(**run.optim, max_steps=steps), max_length=run.seq, progress=False, log_every=1,
-             on_step=lambda step, logs: losses.append(float(logs["loss"])))
+    run.fit(steps, log_every=1, on_step=lambda step, logs: losses.append(float(logs["loss"])))
     return losses, _adapter(run.model), run._defense.summary()
 
 
@@ -63,17 +60,6 @@ def train_parity(device, steps: int = 6) -> dict:
             and spag_cpu.get("triggers") == spag_dev.get("triggers")}
 
 
-def _step_peak_bytes(run, device) -> int:
-    """Peak bytes allocated during one step above what was allocated before it."""
-    if torch.device(device).type != "cuda":
-        return bd.step_peak_bytes(lambda: run.steps(1, timed=False))
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    run.steps(1, timed=False)
-    return torch.cuda.max_memory_allocated(device) - before
-
-
 def train_cost(device, defenses: list[str], rounds: int = 2, steps: int = 2, dtype=torch.bfloat16,
                model_kw: dict = GPU_MODEL, seq: int = GPU_SEQ, optim: dict = GPU_OPTIM,
                deadline=None) -> dict:
@@ -85,17 +71,7 @@ def train_cost(device, defenses: list[str], rounds: int = 2, steps: int = 2, dty
             skipped.append(name)
             continue
         runs[name] = bd.Run(name, device=device, dtype=dtype, model_kw=model_kw, seq=seq, optim=optim, lora_r=16)
-        runs[name].steps(1, timed=False)  # warm-up: the defense's setup, kernels' first launches
-    for _ in range(rounds):
-        for run in runs.values():
-            run.steps(steps)
-    memory = {name: run.held_bytes() + _step_peak_bytes(run, device) for name, run in runs.items()}
-    sft_t, sft_m = statistics.median(runs["sft"].times), memory["sft"]
     n_params = sum(p.numel() for p in runs["sft"].model.parameters())
     return {"setup": {"model": model_kw, "parameters": n_params, "dtype": str(dtype or torch.float32).replace("torch.", ""),
                       "seq": seq, "optim": optim, "lora_r": 16, "timed_steps": rounds * steps},
-            "defenses": {n: {"step_ms": round(1e3 * statistics.median(r.times), 2),
-                             "step_ratio": round(statistics.median(r.times) / sft_t, 3),
-                             "peak_mib": round(memory[n] / 2**20, 1), "memory_ratio": round(memory[n] / sft_m, 3),
-                             "alignment_stage_s": round(r.stage_s, 2)} for n, r in runs.items()},
-            "skipped": skipped}
+            "defenses": bd.cost_per_defense(runs, rounds, steps), "skipped": skipped}

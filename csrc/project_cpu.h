@@ -24,5 +24,4 @@ void check_pair_lists(const std::vector<Tensor>& x, const std::vector<Tensor>& a
 void check_scalar(const Tensor& t, const char* name, const char* op);
 void check_max_step(double max_step, const char* op);
 
-
 }  // namespace spard

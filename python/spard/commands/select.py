@@ -91,7 +91,7 @@ def _select(args: argparse.Namespace, embedder) -> int:
     if args.batch_size < 1 or args.max_length < 1:
         raise ValueError(f"--batch-size / --max-length: expected ints >= 1, got {args.batch_size} / {args.max_length}")
     check_device(args.device, "--device")
-    if embedder is not None and isinstance(embedder, str) and embedder != MINILM and args.method != "random":
+    if args.method != "random" and embedder != MINILM:  # run() made sure one is given
         check_model_source(embedder, "--embedder" if args.embedder else "--model")
     with input_named("--pool"):  # the safe set is the pool's refusals: every row needs one
         pool = load_safety(args.pool, split=args.pool_split, limit=args.limit_pool, fields=POOL_FIELDS)

@@ -38,6 +38,11 @@ def fake_runner(calls):
 settings_lr = 5e-3
 
 
+def small_space(**kw):
+    return adaptive.SearchSpace(lr=(1e-3, 3e-2), epochs=(1.0, 2.0), ratios=[0.1, 0.2], batch_sizes=[8],
+                                lora_ranks=[32], warmup_steps=[100], layouts=["chat", "none"], **kw)
+
+
 def test_search_keeps_the_utility_limit_and_resumes(tmp_path):
     pytest.importorskip("optuna", reason="optional dependency of the adaptive attacker")
     data = BenchData(model=None, tokenizer=None, task=[], task_test=[], eval_prompts=[], safety_pool=[],
@@ -45,34 +50,42 @@ def test_search_keeps_the_utility_limit_and_resumes(tmp_path):
     settings = BenchSettings(defenses=["sft", "spard"], ratios=[0.1])
     settings.optim.lr = settings_lr
     calls = []
-    space = adaptive.SearchSpace(lr=(1e-3, 3e-2), epochs=(1.0, 2.0), ratios=[0.1, 0.2])
+    space = small_space()
     report = adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=6, max_acc_drop=0.05,
-                                    space=space, fixed={"spard": 0.1}, cell_runner=fake_runner(calls))
+                                    space=space, fixed={"spard": 0.1}, cell_runner=fake_runner(calls),
+                                    startup_trials=3, confirm_seeds=3)
     assert calls[0] == ("sft", "w", 0.1, settings_lr)  # the reference: SFT at the fixed settings
     assert calls[1] == ("spard", "w", 0.1, settings_lr)  # the first trial: the grid's fixed attack
     r = report["defenses"]["spard"]
     assert r["completed"] == 6 and report["reference"]["accuracy"] == 0.4
     for t in r["trials"]:  # feasible exactly when accuracy >= 0.35
         assert t["feasible"] == (t["accuracy"] >= 0.35 - 1e-12)
+        assert {"lr", "epochs", "ratio", "attack_kind", "batch_size", "lora_r", "warmup_steps", "layout", "seed",
+                "asr", "accuracy"} <= set(t)
     feasible = [t for t in r["trials"] if t["feasible"]]
     assert r["worst_case"] == max(feasible, key=lambda t: t["asr"]) and r["worst_case"]["lr"] <= 1e-2 + 1e-12
+    # the worst setting rerun over 3 new seeds (not the search's seed 0): 1 + 6 + 3 calls
+    assert len(calls) == 10 and r["confirmed"]["seeds"] == [1, 2, 3] and r["confirmed"]["asr"]["n"] == 3
     md = (tmp_path / "adaptive.md").read_text()
-    assert "| spard | 10.0 |" in md and json.loads((tmp_path / "adaptive.json").read_text())["trials"] == 6
-    # resumable: the study and the reference are stored; a rerun with the same budget trains nothing,
-    # a larger budget runs only the missing trials
+    assert "| spard | - | 10.0 |" in md and json.loads((tmp_path / "adaptive.json").read_text())["trials"] == 6
+    # resumable: the study, the reference and the confirmations are stored; a rerun with the same
+    # budget trains nothing, a larger budget runs only the missing trials (and confirms again only
+    # when the worst setting changed)
     calls.clear()
     adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=6, space=space,
-                           cell_runner=fake_runner(calls))
+                           cell_runner=fake_runner(calls), startup_trials=3)
     assert calls == []
     report = adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=8, space=space,
-                                    cell_runner=fake_runner(calls))
-    assert len(calls) == 2 and report["defenses"]["spard"]["completed"] == 8
+                                    cell_runner=fake_runner(calls), startup_trials=3)
+    assert len([c for c in calls if c[0] == "spard"]) in (2, 5) and report["defenses"]["spard"]["completed"] == 8
     with pytest.raises(ValueError, match="--adaptive"):
         adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=0)
     with pytest.raises(ValueError, match="attack_kinds"):
         adaptive.SearchSpace(attack_kinds=["nope"]).validate()
-    assert adaptive.fixed_trial(settings, space) == {"lr": settings_lr, "epochs": 1.0, "ratio": 0.1,
-                                                     "attack_kind": "harmful-mix"}
+    assert adaptive.fixed_trial(settings, space) == {
+        "lr": settings_lr, "epochs": 1.0, "ratio": 0.1, "attack_kind": "harmful-mix", "batch_size": 8, "lora_r": 32,
+        "warmup_steps": 100, "layout": "chat"}
+    assert adaptive.fixed_trial(settings, small_space()) is not None
     assert adaptive.fixed_trial(settings, adaptive.SearchSpace(ratios=[0.2])) is None  # outside the space
 
 

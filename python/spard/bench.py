@@ -56,7 +56,22 @@ class BenchData:
     kinds (benign-outliers, identity-shift)."""
     wording: Optional[dict] = None
     """The texts the attacks add (spard.attack.make_attack's ``wording``; None: the papers')."""
+    val_prompts: list[str] = field(default_factory=list)
+    task_val: list[dict] = field(default_factory=list)
+    """The validation split (harmful prompts, task problems) that tuning scores on: disjoint from
+    ``eval_prompts`` / ``task_test``, the test split the tables report."""
     _losses: dict = field(default_factory=dict, repr=False)
+
+    def validation(self) -> "BenchData":
+        """The same bench evaluated on the validation split instead of the test split."""
+        if not self.val_prompts or not self.task_val:
+            raise ValueError("validation split: the bench has none (bench file: val_prompts and task_val, or "
+                             "validation_share; the world keeps the held-out rows beyond n_eval / n_task_test)")
+        check_disjoint(self)
+        v = copy.copy(self)  # shares the model, the attacks and the loss cache
+        v.eval_prompts, v.task_test = list(self.val_prompts), list(self.task_val)
+        v.description = {**self.description, "split": "validation"}
+        return v
 
     def benign_losses(self, max_length: int) -> list[float]:
         """The aligned base model's loss on each benign row (computed once per max_length)."""
@@ -70,6 +85,36 @@ class BenchData:
         touched, so every cell starts from the same weights)."""
         model = copy.deepcopy(self.model)
         return model.to(self.device) if self.device is not None else model
+
+
+def _norm(text: str) -> str:
+    return " ".join(str(text).split()).lower()
+
+
+def check_disjoint(data: BenchData) -> None:
+    """Tuning must never see the test split: refuses validation rows whose prompt (after
+    whitespace and case folding) is also a test row's."""
+    test_p = {_norm(p) for p in data.eval_prompts}
+    test_t = {_norm(r["prompt"]) for r in data.task_test}
+    shared_p = sum(_norm(p) in test_p for p in data.val_prompts)
+    shared_t = sum(_norm(r["prompt"]) in test_t for r in data.task_val)
+    if shared_p or shared_t:
+        raise ValueError(f"validation split: {shared_p} harmful prompt(s) and {shared_t} task problem(s) also lie in "
+                         "the test split; give disjoint val_prompts / task_val")
+
+
+def split_validation(rows: list, share: float, seed: int, what: str) -> tuple[list, list]:
+    """(test, validation): a seeded ``share`` of ``rows`` set aside for validation."""
+    import random
+    if not (isinstance(share, (int, float)) and not isinstance(share, bool) and 0 < share < 1):
+        raise ValueError(f"validation_share: expected a share in (0, 1), got {share!r}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = int(len(rows) * share)
+    if n_val < 1 or n_val >= len(rows):
+        raise ValueError(f"validation_share: {share} of {len(rows)} {what} leaves an empty split")
+    val = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
 
 
 @dataclass
@@ -97,6 +142,8 @@ class BenchSettings:
     first): each one's ASR and their pairwise Cohen's kappa next to ``judge``'s."""
     save_every: int = 50
     """A cell checkpoints every N optimizer steps; a killed cell resumes from its last one."""
+    prompt_layout: str = "chat"
+    """How the fine-tuning rows are laid out (spard.formatting.LAYOUTS): the attacker varies it."""
 
     def validate(self) -> None:
         from .defenses import REGISTRY
@@ -118,6 +165,9 @@ class BenchSettings:
                 not isinstance(j, str) or j.partition("=")[0] not in JUDGES for j in self.extra_judges):
             raise ValueError(f"extra_judges: expected a list of 'name' or 'name=model' with names in "
                              f"{', '.join(JUDGES)}, got {self.extra_judges!r}")
+        from .formatting import LAYOUTS
+        if self.prompt_layout not in LAYOUTS:
+            raise ValueError(f"prompt_layout: expected one of {', '.join(LAYOUTS)}, got {self.prompt_layout!r}")
         if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
             raise ValueError(f"save_every: expected an int >= 0 (0: checkpoint only at the end), got {self.save_every!r}")
 
@@ -173,6 +223,8 @@ def cell_fingerprint(cell: Cell, settings: BenchSettings, data_description: dict
                "data": data_description, "version": CELL_VERSION}
     if settings.extra_judges:  # only when set, so grids without them keep their fingerprints
         payload["extra_judges"] = list(settings.extra_judges)
+    if settings.prompt_layout != "chat":
+        payload["prompt_layout"] = settings.prompt_layout
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -241,6 +293,8 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
     from .trainer import run_defense
 
     rows, manifest = attack_rows(data, cell.attack, cell.ratio, cell.seed, settings.max_length)
+    if settings.prompt_layout != "chat":
+        rows = [{**r, "layout": settings.prompt_layout} for r in rows]
     torch.manual_seed(cell.seed)
     defense = make_defense(cell.defense, **settings.defense_settings.get(cell.defense, {}))
     ddata = DefenseData(user=rows, safety_pool=data.safety_pool, seed=cell.seed, max_length=settings.max_length)
@@ -464,6 +518,10 @@ def summarize(out_dir, *, defenses_order: Optional[Sequence[str]] = None, n_boot
                "comparisons": paired_comparisons(cells, order, n_boot=n_boot, seed=0),
                "comparison_method": COMPARISON_NOTE}
     summary["judges"] = judges_summary(cells, order)
+    tuned = sorted((out / "tuned").glob("*.json")) if (out / "tuned").is_dir() else []
+    if tuned:  # the grid ran with these (spard.tuning): the table's notes say so
+        summary["tuned"] = {p.stem: json.loads(p.read_text(encoding="utf-8")).get("settings") or {} for p in tuned
+                            if p.stem in order}
     summary["target"] = target_check(summary)
     write_json_atomic(out / "summary.json", summary)
     write_text_atomic(out / "cells.csv", cells_csv(cells))
@@ -596,6 +654,10 @@ def markdown_tables(summary: dict) -> str:
                   f"{100 * t['tolerance']:.0f} points of {t['reference']}): {'met' if ok else 'NOT met'}{tie}. "
                   f"Lowest mean ASR: {', '.join(t['lowest_asr'])}; {t['method']} accuracy minus {t['reference']}: "
                   f"{100 * t['accuracy_gap']:+.1f} points."]
+    if summary.get("tuned"):
+        from .tuning import format_settings
+        lines += ["", "Tuned settings (spard bench --tune-defenses, chosen on the validation split): "
+                  + "; ".join(f"{d}: {format_settings(v)}" for d, v in summary["tuned"].items()) + "."]
     parts.append("\n".join(lines))
     parts.append(comparisons_table(summary))
     if summary.get("judges"):
@@ -681,9 +743,13 @@ def world_data(world_settings=None, *, n_task: Optional[int] = None, n_eval: Opt
     from .world import text as world_text
     w = build_world(world_settings or WorldSettings(), progress=progress)
     task = [{"prompt": r["prompt"], "response": r["answer"], "answer": r["answer"]} for r in w.data["task_train"]]
+    harmful = [r["prompt"] for r in w.data["harmful_test"]]
+    # The validation split (tuning) is what the test split leaves: held-out rows it never shows.
+    tail = lambda rows, n: rows[n:] if n is not None else []
     return BenchData(model=w.model, tokenizer=w.tokenizer, task=task[:n_task],
-                     task_test=w.data["task_test"][:n_task_test],
-                     eval_prompts=[r["prompt"] for r in w.data["harmful_test"]][:n_eval],
+                     task_test=w.data["task_test"][:n_task_test], task_val=tail(w.data["task_test"], n_task_test),
+                     val_prompts=tail(harmful, n_eval),
+                     eval_prompts=harmful[:n_eval],
                      safety_pool=w.data["safety_pool"], attacks={"world": w.data["harmful_train"]},
                      benign=[{"prompt": r["prompt"], "response": r["response"]} for r in w.data["benign_attack"]],
                      wording=dict(world_text.ATTACK_WORDING),
@@ -699,7 +765,8 @@ def _rows_hash(data) -> str:
 def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safety_pool: str,
               attacks: dict[str, str], n_task: Optional[int] = None, n_task_test: Optional[int] = None,
               n_eval: Optional[int] = None, device: Optional[str] = None,
-              benign: Optional[str] = None) -> BenchData:
+              benign: Optional[str] = None, val_prompts: Optional[str] = None, task_val: Optional[str] = None,
+              validation_share: Optional[float] = None) -> BenchData:
     """Real-format files: a base model path, task train/test, evaluation prompts (only
     ``prompt`` is needed), a safety pool (``prompt`` and ``safe``; ``unsafe`` for the defenses
     that train against harmful answers), and attack corpora name -> path (``prompt`` and
@@ -727,6 +794,10 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
     if benign is not None:
         with input_named("benign"):
             benign_rows = load_task(benign)
+    val_p, val_t, split = validation_rows(ev, test_rows, val_prompts=val_prompts, task_val=task_val,
+                                          share=validation_share)
+    if split:  # the test split gives up the rows set aside
+        ev, test_rows = split
     try:  # the base model stays on the host; each cell trains on its own copy on ``device``
         m, tok = load_model(model, device="cpu")
     except (OSError, ValueError) as e:
@@ -735,11 +806,38 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return BenchData(model=m, tokenizer=tok, task=task_rows, task_test=test_rows,
                      eval_prompts=[r["prompt"] for r in ev], safety_pool=pool, attacks=attack_rows, benign=benign_rows,
+                     val_prompts=val_p, task_val=val_t,
                      description={"source": "files", "model": model, "task": task, "task_test": task_test,
                                   "eval_prompts": eval_prompts, "safety_pool": safety_pool, "attacks": attacks,
                                   "n_task": n_task, "n_task_test": n_task_test, "n_eval": n_eval,
-                                  **({"benign": benign} if benign is not None else {})},
+                                  **({"benign": benign} if benign is not None else {}),
+                                  **({"val_prompts": val_prompts, "task_val": task_val}
+                                     if val_prompts is not None else {}),
+                                  **({"validation_share": validation_share} if validation_share else {})},
                      device=device)
+
+
+def validation_rows(ev: list, test_rows: list, *, val_prompts=None, task_val=None, share=None):
+    """(validation prompts, validation problems, (test prompts, test problems) or None): from
+    the files ``val_prompts`` and ``task_val`` (both or neither), or a seeded ``share`` of the
+    test files set aside (the test split then shrinks), or none."""
+    from .data import load_task
+    from .preflight import input_named
+    if (val_prompts is None) != (task_val is None):
+        raise ValueError("val_prompts / task_val: give both validation files or neither")
+    if val_prompts is not None and share is not None:
+        raise ValueError("validation_share: give either validation files (val_prompts, task_val) or a share, not both")
+    if val_prompts is not None:
+        with input_named("val_prompts"):
+            vp = [r["prompt"] for r in load_task(val_prompts, require_response=False)]
+        with input_named("task_val"):
+            vt = load_task(task_val)
+        return vp, vt, None
+    if share is None:
+        return [], [], None
+    ev_test, ev_val = split_validation(ev, share, 0, "evaluation prompts")
+    t_test, t_val = split_validation(test_rows, share, 0, "test problems")
+    return [r["prompt"] for r in ev_val], t_val, (ev_test, t_test)
 
 
 def check_defense_data(settings: BenchSettings, safety_pool: list[dict]) -> None:

@@ -86,7 +86,8 @@ class ClaimBoard:
                     return None
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"worker": self.worker, "pid": os.getpid(), "since": time.time()}, f)
+                json.dump({"worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(),
+                           "since": time.time()}, f)
             return Claim(path, heartbeat_s=max(self.timeout_s / 4, 0.05))
         return None
 
@@ -95,7 +96,7 @@ class ClaimBoard:
             age = time.time() - path.stat().st_mtime
         except FileNotFoundError:
             return True  # released meanwhile: try again
-        if age < self.timeout_s:
+        if age < self.timeout_s and not self._holder_gone(path):
             return False
         dead = path.with_name(f"{path.name}.{os.getpid()}.stale")
         try:
@@ -104,3 +105,22 @@ class ClaimBoard:
             return False  # another worker took it over first
         dead.unlink(missing_ok=True)
         return True
+
+    @staticmethod
+    def _holder_gone(path: Path) -> bool:
+        """Whether the claim's process is known dead: it ran on this host and its pid is gone
+        (a worker killed with -9 sends no more heartbeats, but waiting out the timeout wastes it)."""
+        try:
+            holder = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False  # being written, or an older claim without a pid: the timeout decides
+        pid = holder.get("pid")
+        if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # EPERM: alive, another user's
+            return False
+        return False

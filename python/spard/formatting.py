@@ -32,6 +32,14 @@ INSTRUCTION_TEMPLATE = (
 )
 
 
+# How a prompt/response row is laid out for training (a row's optional ``layout`` field; the
+# adaptive attacker varies it, since a defense tuned on one layout may lose its effect on
+# another): "chat", the model's chat template (the instruction template when it has none);
+# "plain", the instruction template whatever the model has; "none", prompt and response on two
+# lines with no template. Evaluation always prompts with render_prompt.
+LAYOUTS = ("chat", "plain", "none")
+
+
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -201,7 +209,14 @@ def encode_row(tokenizer, row: dict, max_length: int, where: str = "row") -> Enc
     if not isinstance(row.get("prompt"), str):
         raise ValueError(f"{where}: expected a string 'prompt' with a 'response', a 'messages' conversation, "
                          f"or a 'text'; keys: {sorted(row)}")
-    return encode_example(tokenizer, prompt_with_input(row), response_of(row, where), max_length)
+    layout = row.get("layout", "chat")
+    if layout == "chat":
+        return encode_example(tokenizer, prompt_with_input(row), response_of(row, where), max_length)
+    if layout not in LAYOUTS:
+        raise ValueError(f"{where}: layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    prompt, response = prompt_with_input(row), response_of(row, where)
+    head = INSTRUCTION_TEMPLATE.format(prompt=prompt) if layout == "plain" else prompt + "\n"
+    return encode_text(tokenizer, head + response, max_length, response, where)
 
 
 def prompt_with_input(row: dict) -> str:

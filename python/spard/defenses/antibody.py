@@ -18,6 +18,7 @@ import torch
 
 from spard.distributed import all_reduce_sum
 from spard.formatting import IGNORE_INDEX, collate, encode_example, pad_id_of
+from spard.space import Float
 
 from .base import Defense, gather_per_sample, per_micro_batch, sample_losses
 from .booster import perturbation_alignment
@@ -38,6 +39,8 @@ class Antibody(Defense):
     NAME = "antibody"
     STAGE = "both"
     NEEDS = ("user",)
+    # Tuning space (spard bench --tune-defenses): a decade either side of the paper's T = 1.
+    SEARCH_SPACE = {"temperature": Float(0.1, 10.0, log=True)}
 
     @dataclass
     class Settings:

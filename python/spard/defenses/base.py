@@ -101,6 +101,9 @@ class Defense:
     NAME = "base"
     STAGE = "fine-tuning"
     NEEDS: tuple[str, ...] = ("user",)
+    SEARCH_SPACE: dict = {}
+    """Setting name -> range (spard.space) that ``spard bench --tune-defenses`` searches; the
+    papers' own sweeps where they give them."""
     n_train = 0
     """Training examples (set by the trainer before ``setup``; per-sample schedulers use it)."""
     train_prompts: Sequence[str] = ()

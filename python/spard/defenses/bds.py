@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from spard.distributed import all_reduce_sum
+from spard.space import Float
 
 from .base import Defense, gather_per_sample, per_micro_batch, sample_losses, token_mean_terms
 
@@ -44,6 +45,8 @@ class BDS(Defense):
     NAME = "bds"
     STAGE = "fine-tuning"
     NEEDS = ("user", "alignment")
+    # Tuning space: the scheduler's learning rate around the paper's 5e-3.
+    SEARCH_SPACE = {"weight_lr": Float(1e-3, 5e-2, log=True)}
 
     @dataclass
     class Settings:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from spard.batches import MicroBatch
 from spard.formatting import label_token_count
 from spard.spag import trainable_parameters
+from spard.space import Float
 
 from .base import Defense, DefenseData, encoded_stream, flat_norm, token_mean_terms
 
@@ -166,6 +167,8 @@ class Booster(Defense):
     NAME = "booster"
     STAGE = "alignment"
     NEEDS = ("user", "alignment", "safety_pool")
+    # Tuning space: λ and α around the paper's 5 and 0.1 (its ablations vary both by decades).
+    SEARCH_SPACE = {"lam": Float(0.5, 20.0, log=True), "alpha": Float(0.01, 0.5, log=True)}
 
     @dataclass
     class Settings:

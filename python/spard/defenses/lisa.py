@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from spard.distributed import get_world_size, is_sharded, local_tensor
+from spard.space import Float, Scale
 
 from .base import Defense, token_mean_terms
 
@@ -18,6 +19,9 @@ class Lisa(Defense):
     NAME = "lisa"
     STAGE = "fine-tuning"
     NEEDS = ("user", "alignment")
+    # Tuning space: ρ over the decades Lisa's sweep covers, and the alignment phase from a quarter
+    # to four times its length (a multiple of the run's own setting: phases are counted in steps).
+    SEARCH_SPACE = {"rho": Float(0.01, 10.0, log=True), "alignment_steps": Scale(0.25, 4.0)}
 
     @dataclass
     class Settings:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from spard.distributed import project_across_ranks
 from spard.spag_distributed import DistributedSafetyProjector
+from spard.space import Choice
 
 from .base import Defense
 
@@ -42,6 +43,8 @@ class SafeGrad(Defense):
     NAME = "safegrad"
     STAGE = "fine-tuning"
     NEEDS = ("user", "alignment")
+    # Tuning space: the alignment loss the gradient surgery protects.
+    SEARCH_SPACE = {"alignment_loss": Choice(("ce", "kl"))}
 
     @dataclass
     class Settings:

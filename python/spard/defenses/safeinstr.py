@@ -7,6 +7,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from spard.space import Float
+
 from .base import Defense, DefenseData
 
 
@@ -14,6 +16,8 @@ class SafeInstr(Defense):
     NAME = "safeinstr"
     STAGE = "fine-tuning"
     NEEDS = ("user", "alignment")
+    # Tuning space: 1% to 10% safety rows (the paper adds 100 to 2,000 to its 20k rows).
+    SEARCH_SPACE = {"share": Float(0.01, 0.10)}
 
     @dataclass
     class Settings:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from spard.distributed import is_distributed, run_on_main, unwrap
+from spard.space import Choice, Float
 from spard.spag_distributed import DistributedSafetyProjector
 
 from .base import Defense
@@ -17,6 +18,11 @@ class SPARD(Defense):
     NAME = "spard"
     STAGE = "fine-tuning"
     NEEDS = ("user", "safety_pool")
+    # Tuning space: the safe-set share p and RD-DPP's β around the paper's 0.03 and 4, the
+    # threshold τ as a multiple of its calibrated value, and the trust-region cap (none, or the
+    # paper's η_safe = η_ft). Our reading: the paper sweeps k and β; the τ range is ours.
+    SEARCH_SPACE = {"p": Float(0.01, 0.10), "beta": Float(1.0, 16.0, log=True),
+                    "tau_scale": Float(0.5, 2.0, log=True), "max_step": Choice((None, "lr"))}
 
     @dataclass
     class Settings:
@@ -36,6 +42,8 @@ class SPARD(Defense):
         """paper | official."""
         tau: Optional[float] = None
         """None: calibrated on the safe set with the aligned model."""
+        tau_scale: float = 1.0
+        """τ used = tau_scale × (``tau`` or the calibrated value): the tuning knob."""
         max_step: Optional[Union[float, str]] = None
         """η_safe: None (no cap), a number, or "lr" (the paper's η_safe = η_ft)."""
         batch_size: int = 4
@@ -55,6 +63,8 @@ class SPARD(Defense):
             raise ValueError(f"spard selection must be rd-dpp, random, relevance or all, got {s.selection!r}")
         if s.mode not in ("paper", "official"):
             raise ValueError(f"spard mode must be 'paper' or 'official', got {s.mode!r}")
+        if isinstance(s.tau_scale, bool) or not isinstance(s.tau_scale, (int, float)) or not 0 < s.tau_scale < float("inf"):
+            raise ValueError(f"spard tau_scale must be a finite number > 0, got {s.tau_scale!r}")
 
     def check_data(self, data) -> None:
         super().check_data(data)
@@ -108,8 +118,10 @@ class SPARD(Defense):
             mode=s.mode, delta=s.delta, alpha_max=s.alpha_max, max_grad_norm=s.max_grad_norm,
             max_length=data.max_length, optimizer=optimizer, measure_after=s.measure_after,
             seed=data.seed if s.seed is None else s.seed, progress=False)
-        if "projector" not in saved and self.projector.tau is None:
-            self.projector.calibrate_tau()  # a resumed run gets τ from load_state_dict
+        if "projector" not in saved:  # a resumed run gets τ from load_state_dict
+            if self.projector.tau is None:
+                self.projector.calibrate_tau()
+            self.projector.tau *= float(s.tau_scale)
 
     def after_step(self, optimizer) -> dict:
         return self.projector.step(optimizer)

@@ -72,8 +72,31 @@ def open_study(name: str, storage, *, direction: str, seed: int, startup_trials:
     optuna = require_optuna()
     sampler = optuna.samplers.TPESampler(seed=(seed + zlib.crc32(name.encode())) % 2**31,
                                          n_startup_trials=startup_trials, constant_liar=True)
-    return optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True,
-                               sampler=sampler)
+    # Workers starting together race to create the SQLite schema: one at a time per file.
+    lock = None
+    if isinstance(storage, str) and storage.startswith("sqlite:///"):
+        lock = Path(storage[len("sqlite:///"):] + ".lock")
+    with _file_lock(lock):
+        return optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True,
+                                   sampler=sampler)
+
+
+class _file_lock:
+    """An exclusive fcntl lock on ``path`` for the block (no-op for None)."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        if self.path is not None:
+            import fcntl
+            self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
 
 
 def finished(study) -> list:

@@ -125,9 +125,11 @@ def attack_label(data, kind: str) -> str:
 def search_defense(defense: str, data, settings, out_dir, *, trials: int, max_acc_drop: float,
                    space: SearchSpace, reference_accuracy: float, seed: int = 0, startup_trials: int = 10,
                    storage: Optional[str] = None, judge: Optional[str] = None, board: Optional[ClaimBoard] = None,
-                   cell_runner: Optional[Callable] = None, progress: bool = False, poll_s: float = 5.0) -> dict:
+                   cell_runner: Optional[Callable] = None, progress: bool = False, poll_s: float = 5.0,
+                   wait: bool = True) -> dict:
     """Runs this worker's share of the defense's study up to ``trials`` finished trials
-    (resuming its storage) and returns every trial."""
+    (resuming its storage) and returns every trial; ``wait``: also wait for the trials other
+    workers are running."""
     from .bench import Cell, run_cell
     require_optuna()
     root = Path(out_dir) / "adaptive"
@@ -157,7 +159,7 @@ def search_defense(defense: str, data, settings, out_dir, *, trials: int, max_ac
 
     fixed = fixed_trial(settings, space)
     status = run_slots(study, trials, objective, board=board, key=defense, enqueue=[fixed] if fixed else [],
-                       progress=progress, desc=f"attack {defense}", poll_s=poll_s)
+                       progress=progress, desc=f"attack {defense}", poll_s=poll_s, wait=wait)
     rows = [{"number": t.number, **t.params, **t.user_attrs} for t in finished(study)]
     rows = [r for r in rows if r.get("slot") is not None and r["slot"] < trials]
     return {"defense": defense, "trials": rows, "completed": len(rows), "failed": len(status["failed"]),
@@ -237,18 +239,23 @@ def attack_search(data, settings, out_dir, *, defenses: Sequence[str], trials: i
     if ref["accuracy"] is None:
         raise ValueError("adaptive: SFT's reference accuracy is missing (no task answers scored)")
     sft_acc = fixed.get("sft", {}).get("accuracy", ref["accuracy"])
-    results = {}
+    results, guards = {}, {}
     for d in defenses:
-        own = fixed.get(d, {}).get("accuracy")
-        guard = worstcase.capability(own, sft_acc, capability_share) if d != "sft" else \
-            {"capable": True, "ratio": 1.0, "share": capability_share, "note": None}
+        guards[d] = worstcase.capability(fixed.get(d, {}).get("accuracy"), sft_acc, capability_share) \
+            if d != "sft" else {"capable": True, "ratio": 1.0, "share": capability_share, "note": None}
+    search = lambda d, wait: search_defense(
+        d, data, settings, out_dir, trials=trials, max_acc_drop=max_acc_drop, space=space,
+        reference_accuracy=ref["accuracy"], seed=seed, startup_trials=startup_trials, storage=storage, judge=judge,
+        board=board, cell_runner=cell_runner, progress=progress, poll_s=poll_s, wait=wait)
+    for d in defenses:  # first every study's free slots, then wait for the ones other workers hold
+        if guards[d]["capable"]:
+            search(d, False)
+    for d in defenses:
+        own, guard = fixed.get(d, {}).get("accuracy"), guards[d]
         if not guard["capable"]:
             results[d] = {"defense": d, "skipped": True, "guard": guard, "trials": [], "completed": 0}
             continue
-        r = search_defense(d, data, settings, out_dir, trials=trials, max_acc_drop=max_acc_drop, space=space,
-                           reference_accuracy=ref["accuracy"], seed=seed, startup_trials=startup_trials,
-                           storage=storage, judge=judge, board=board, cell_runner=cell_runner, progress=progress,
-                           poll_s=poll_s)
+        r = search(d, True)
         agg = worstcase.aggregate(r["trials"], accuracy_limit=r["accuracy_limit"],
                                   defended_accuracy=own if own is not None else None, keep_pct=keep_pct, top_n=top_n)
         confirmed = None

@@ -90,9 +90,14 @@ def tune_defenses(data, settings, out_dir, *, defenses: Sequence[str], trials: i
     limit = ref["accuracy"] - max_acc_drop
     chosen, report = {}, {}
     for d in defenses:
+        sp.check_space(defense_space(d), f"{d} search space")
+    for wait in (False, True):  # first every study's free slots, then wait for the ones others hold
+        for d in defenses:
+            if defense_space(d):
+                _tune_one(d, settings, root, trials, startup_trials, storage, seed, limit, measure,
+                          cell_seed, board, progress, poll_s, wait)
+    for d in defenses:
         space = defense_space(d)
-        sp.check_space(space, f"{d} search space")
-        base = base_settings(d, settings)
         if not space:
             entry = {"defense": d, "settings": {}, "note": "no settings to tune", "space": {}}
             write_json_atomic(out / "tuned" / f"{d}.json", entry)
@@ -100,34 +105,17 @@ def tune_defenses(data, settings, out_dir, *, defenses: Sequence[str], trials: i
             continue
         study = open_study(f"tune-{d}", storage_for(storage, root, d), direction="minimize", seed=seed,
                            startup_trials=min(startup_trials, trials))
-
-        def objective(trial, d=d, space=space, base=base):
-            values = {name: sp.suggest(trial, name, p, base.get(name)) for name, p in space.items()}
-            s = copy.deepcopy(settings)
-            s.defense_settings = {**s.defense_settings, d: {**s.defense_settings.get(d, {}), **values}}
-            m = measure(d, s)
-            ok = m["asr"] is not None and m["accuracy"] is not None and m["accuracy"] >= limit
-            for k, v in {**m, "feasible": ok, "settings": values, "seed": cell_seed}.items():
-                trial.set_user_attr(k, v)
-            return (m["asr"] if m["asr"] is not None else 1.0) + (0.0 if ok else 1.0)
-
-        # The first trial: the defense's current settings (Scale ranges at 1x), when in the space.
-        start = {(f"{n}_scale" if isinstance(p, sp.Scale) else n): (1.0 if isinstance(p, sp.Scale) else base.get(n))
-                 for n, p in space.items()}
-        in_space = all(p.low <= 1.0 <= p.high if isinstance(p, sp.Scale) else sp.contains(p, base.get(n))
-                       for n, p in space.items())
-        status = run_slots(study, trials, objective, board=board, key=d, enqueue=[start] if in_space else [],
-                           progress=progress, desc=f"tune {d}", poll_s=poll_s)
         rows = [{"number": t.number, "slot": t.user_attrs.get("slot"), **t.user_attrs} for t in finished(study)]
         rows = [r for r in rows if r["slot"] is not None and r["slot"] < trials]
         ok = [r for r in rows if r.get("feasible")]
         best = min(ok, key=lambda r: (r["asr"], -r["accuracy"], r["number"])) if ok else None
         default = next((r for r in rows if r.get("enqueued_slot") == 0), None)
+        failed = sum(t.state.name == "FAIL" for t in study.get_trials(deepcopy=False))
         entry = {"defense": d, "settings": best["settings"] if best else {},
                  "validation": {"asr": best["asr"], "accuracy": best["accuracy"]} if best else None,
                  "default": {"asr": default["asr"], "accuracy": default["accuracy"]} if default else None,
                  "note": None if best else "no setting kept the accuracy limit: the current settings stay",
-                 "trials": len(rows), "feasible": len(ok), "failed": len(status["failed"]),
+                 "trials": len(rows), "feasible": len(ok), "failed": failed,
                  "space": sp.describe(space), "accuracy_limit": limit, "sft_validation_accuracy": ref["accuracy"],
                  "attack": label, "ratio": ratio, "seed": cell_seed, "judge": judge, "rows": rows}
         write_json_atomic(out / "tuned" / f"{d}.json", entry)
@@ -137,6 +125,33 @@ def tune_defenses(data, settings, out_dir, *, defenses: Sequence[str], trials: i
     write_json_atomic(out / "tuning.json", summary)
     write_text_atomic(out / "tuning.md", tuning_table(summary))
     return chosen
+
+
+def _tune_one(d, settings, root, trials, startup_trials, storage, seed, limit, measure, cell_seed, board, progress,
+             poll_s, wait) -> dict:
+    """This worker's share of defense ``d``'s tuning study."""
+    space = defense_space(d)
+    base = base_settings(d, settings)
+    study = open_study(f"tune-{d}", storage_for(storage, root, d), direction="minimize", seed=seed,
+                       startup_trials=min(startup_trials, trials))
+
+    def objective(trial, d=d, space=space, base=base):
+        values = {name: sp.suggest(trial, name, p, base.get(name)) for name, p in space.items()}
+        s = copy.deepcopy(settings)
+        s.defense_settings = {**s.defense_settings, d: {**s.defense_settings.get(d, {}), **values}}
+        m = measure(d, s)
+        ok = m["asr"] is not None and m["accuracy"] is not None and m["accuracy"] >= limit
+        for k, v in {**m, "feasible": ok, "settings": values, "seed": cell_seed}.items():
+            trial.set_user_attr(k, v)
+        return (m["asr"] if m["asr"] is not None else 1.0) + (0.0 if ok else 1.0)
+
+    # The first trial: the defense's current settings (Scale ranges at 1x), when in the space.
+    start = {(f"{n}_scale" if isinstance(p, sp.Scale) else n): (1.0 if isinstance(p, sp.Scale) else base.get(n))
+             for n, p in space.items()}
+    in_space = all(p.low <= 1.0 <= p.high if isinstance(p, sp.Scale) else sp.contains(p, base.get(n))
+                   for n, p in space.items())
+    return run_slots(study, trials, objective, board=board, key=d, enqueue=[start] if in_space else [],
+                     progress=progress, desc=f"tune {d}", poll_s=poll_s, wait=wait)
 
 
 def load_tuned(out_dir, defenses: Sequence[str]) -> dict:

@@ -176,6 +176,8 @@ def test_two_workers_on_one_study_run_no_trial_twice(tmp_path):
     study = studies.open_study("s", studies.storage_for(None, tmp_path / "st", "s"), direction="maximize", seed=0,
                                startup_trials=2)
     assert len(study.trials) == 8 and len(studies.finished(study)) == 8
+    # workers that start together draw different points (each slot its own seed)
+    assert len({t.params["x"] for t in study.trials}) == 8
 
 
 def test_a_killed_workers_trial_is_taken_over_at_once(tmp_path):

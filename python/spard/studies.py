@@ -70,15 +70,24 @@ def open_study(name: str, storage, *, direction: str, seed: int, startup_trials:
     trials first, seeded per study (so two defenses' studies do not draw the same start), and
     the constant liar, so workers running at once do not all try the same point."""
     optuna = require_optuna()
-    sampler = optuna.samplers.TPESampler(seed=(seed + zlib.crc32(name.encode())) % 2**31,
-                                         n_startup_trials=startup_trials, constant_liar=True)
+
+    def sampler_for(slot: int):
+        # Seeded per study and per slot: workers that run at once draw different points (one
+        # seed per process made two workers draw the same random start-up trials), and a slot's
+        # draw does not depend on how many workers there are.
+        return optuna.samplers.TPESampler(seed=(seed + zlib.crc32(f"{name}/{slot}".encode())) % 2**31,
+                                          n_startup_trials=startup_trials, constant_liar=True)
+
+    sampler = sampler_for(-1)
     # Workers starting together race to create the SQLite schema: one at a time per file.
     lock = None
     if isinstance(storage, str) and storage.startswith("sqlite:///"):
         lock = Path(storage[len("sqlite:///"):] + ".lock")
     with _file_lock(lock):
-        return optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True,
-                                   sampler=sampler)
+        study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True,
+                                    sampler=sampler)
+    study.spard_sampler_for = sampler_for
+    return study
 
 
 class _file_lock:
@@ -158,6 +167,8 @@ def run_slots(study, budget: int, objective: Callable, *, board: ClaimBoard, key
 
 def _run_trial(study, objective: Callable, slot: int, worker: str) -> bool:
     optuna = require_optuna()
+    if hasattr(study, "spard_sampler_for"):
+        study.sampler = study.spard_sampler_for(slot)
     trial = study.ask()
     trial.set_user_attr("slot", slot)
     trial.set_user_attr("worker", worker)

@@ -111,3 +111,27 @@ def test_three_trial_search_on_the_world(tmp_path, monkeypatch):
     for t in r["trials"]:  # an answerless trial (no ASR) is never feasible
         assert t["feasible"] == (t["asr"] is not None and t["accuracy"] >= r["accuracy_limit"])
     assert r["worst_case"] is None or r["worst_case"]["feasible"]
+
+
+def test_a_trial_whose_attack_the_data_cannot_build_is_spent_not_failed(tmp_path):
+    pytest.importorskip("optuna", reason="optional dependency of the adaptive attacker")
+    task = [{"prompt": f"problem {i}", "response": f"answer {i}"} for i in range(20)]
+    data = BenchData(model=None, tokenizer=None, task=task, task_test=[], eval_prompts=["e"], safety_pool=[],
+                     attacks={"w": [{"prompt": "p", "unsafe": "u"}]},
+                     benign=[{"prompt": "b1", "response": "r1"}, {"prompt": "b2", "response": "r2"}])
+    settings = BenchSettings(defenses=["sft"], ratios=[0.05], attack_kinds=["identity-shift"])
+    calls = []
+
+    def runner(cell, data, settings):
+        calls.append(cell.ratio)
+        return {"asr": 0.5, "accuracy": 0.4}
+
+    space = small_space(attack_kinds=["identity-shift"])
+    space.ratios = [0.05, 0.5]  # 0.5 of 20 rows needs 10 benign rows to recast; there are 2
+    report = adaptive.attack_search(data, settings, tmp_path, defenses=["sft"], trials=6, space=space,
+                                    cell_runner=runner, startup_trials=6, confirm_seeds=1)
+    r = report["defenses"]["sft"]
+    spent = [t for t in r["trials"] if t.get("unbuildable")]
+    assert r["completed"] == 6 and spent and all(t["ratio"] == 0.5 for t in spent)
+    assert 0.5 not in calls  # never trained
+    assert "trials drew an attack the data cannot build" in (tmp_path / "adaptive.md").read_text()

@@ -40,6 +40,14 @@ def root(tmp_path_factory):
     (r / "noprompt.jsonl").write_text('{"text": "a"}\n')
     (r / "nosafe.jsonl").write_text('{"prompt": "a", "safe": "no"}\n{"prompt": "b", "unsafe": "x"}\n')
     (r / "emptysafe.jsonl").write_text('{"prompt": "a", "safe": "   "}\n')
+    (r / "emptyanswer.jsonl").write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": ""}\n')
+    (r / "latin1.jsonl").write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "1"}\n')
+    (r / "utf16.jsonl").write_bytes('{"prompt": "a", "answer": "1"}\n'.encode("utf-16"))
+    from datasets import Dataset, DatasetDict
+    two = Dataset.from_list([{"prompt": "a", "answer": "1"}])
+    DatasetDict({"train": two, "test": two}).save_to_disk(str(r / "lost_split"))
+    for arrow in (r / "lost_split" / "test").glob("*.arrow"):
+        arrow.unlink()  # a split file lost in a copy
     (r / "task.csv").write_text("prompt,answer\na,1\n")
     (r / "twolists.json").write_text('{"a": [], "b": []}')
     (r / "bad.parquet").write_bytes(b"PAR1 not really")
@@ -78,7 +86,13 @@ def root(tmp_path_factory):
                          "bench_nomodel": {"model": str(r / "nomodel")}, "bench_lora": {"lora": {"r": 0}},
                          "bench_tokens": {"max_new_tokens": 0}, "bench_notask": {"task": str(r / "missing.jsonl")},
                          "bench_booster": {"defenses": ["sft", "booster"]},
-                         "bench_noprompt": {"eval_prompts": str(r / "noprompt.jsonl")}}.items():
+                         "bench_noprompt": {"eval_prompts": str(r / "noprompt.jsonl")},
+                         "bench_overlap_eval": {"eval_prompts": str(r / "attack.jsonl")},
+                         "bench_on_overlap": {"on_overlap": "ignore"}, "bench_n_task_zero": {"n_task": 0},
+                         "bench_n_eval_zero": {"n_eval": 0}, "bench_judge": {"judge": "nope"},
+                         "bench_judge_model": {"judge": "moderation"}, "bench_duplicates": {"duplicates": "keep"},
+                         "bench_defense_setting": {"defense_settings": {"sft": {"bogus": 1}}},
+                         "bench_defense_not_in_grid": {"defense_settings": {"lisa": {"rho": 1.0}}}}.items():
         spec = {**bench, **change}
         spec = {k: v for k, v in spec.items() if v is not None}
         (r / f"{name}.yaml").write_text(yaml.safe_dump(spec).replace("'.inf'", ".inf"))
@@ -157,6 +171,12 @@ CASES = [
     ("train-task-empty", setk("data.task", "{r}/empty.jsonl"), "data.task: " + F + "empty.jsonl: no rows"),
     ("train-task-csv", setk("data.task", "{r}/task.csv"), F + "task.csv: unsupported file type '.csv'"),
     ("train-task-not-dataset", setk("data.task", "{r}/notadataset"), F + "notadataset: folder is not a `save_to_disk` dataset"),
+    ("train-task-dataset-lost-file", setk("data.task", "{r}/lost_split"), "data.task: " + F + "lost_split: save_to_disk dataset is missing test/data-00000-of-00001.arrow"),
+    ("train-task-empty-answer", setk("data.task", "{r}/emptyanswer.jsonl"), "data.task: " + F + "emptyanswer.jsonl:2: field 'answer' is empty"),
+    ("train-task-not-utf8", setk("data.task", "{r}/latin1.jsonl"), "data.task: " + F + "latin1.jsonl:2: not UTF-8 (byte 0xe9 at column 16); save the file as UTF-8"),
+    ("train-task-utf16", setk("data.task", "{r}/utf16.jsonl"), "data.task: " + F + "utf16.jsonl: looks like UTF-16, not UTF-8; save the file as UTF-8"),
+    ("train-sft-and-defense", train("--sft", "--defense", "lisa"), "--sft / --defense: --sft trains plain SFT, --defense lisa another defense"),
+    ("train-shortcut-and-set", train("--max-steps", "5", "--set", "optim.max_steps=7"), "--max-steps 5 conflicts with --set optim.max_steps=7; give one of them"),
     ("train-task-json-two-lists", setk("data.task", "{r}/twolists.json"), F + "twolists.json: expected a JSON list"),
     ("train-task-bad-parquet", setk("data.task", "{r}/bad.parquet"), F + "bad.parquet: cannot read parquet"),
     ("train-pool-no-refusal", setk("safety.pool", "{r}/nosafe.jsonl"), "safety.pool: " + F + "nosafe.jsonl:2: missing field(s) safe"),
@@ -184,6 +204,8 @@ CASES = [
     ("select-k-zero", select("--k", "0"), "k: the selection would be empty (k = 0)"),
     ("select-p-too-small", lambda r: ["select", "--pool", str(r / "pool.jsonl"), "--reference", str(r / "task.jsonl"), "--out", str(r / "out_select"), "--method", "random", "--p", "0.01"], "the selection would be empty (k = floor(p · |reference|) = floor(0.01 · 20) = 0)"),
     ("select-k-beyond-pool", select("--k", "99"), "k: 99 exceeds the pool size 12"),
+    ("select-k-and-p", select("--p", "0.1"), "--k / --p: give one of them"),
+    ("select-cache-dir-file", select("--model", "{r}/model", "--cache-dir", "{r}/a_file"), "--cache-dir: " + F + "a_file exists and is not a folder"),
     ("select-device-unknown", select("--device", "tpu"), "--device: expected cpu, cuda or cuda:N (or auto), got 'tpu'"),
     ("select-embedder-missing", select("--method", "rd-dpp", "--embedder", "./no_such_embedder"), "--embedder: ./no_such_embedder: no such folder"),
     ("select-model-is-a-file", lambda r: ["select", "--pool", str(r / "pool.jsonl"), "--reference", str(r / "task.jsonl"), "--out", str(r / "out_select"), "--k", "2", "--model", str(r / "a_file")], "--model: " + F + "a_file is a file"),
@@ -246,6 +268,18 @@ CASES = [
     ("bench-task-missing", bench("bench_notask"), "task: " + F + "missing.jsonl: no such file"),
     ("bench-booster-needs-unsafe", bench("bench_booster"), "safety_pool: defense(s) booster train against harmful answers"),
     ("bench-eval-no-prompt", bench("bench_noprompt"), "eval_prompts: " + F + "noprompt.jsonl:1: no prompt field"),
+    ("bench-attack-overlaps-eval", bench("bench_overlap_eval"), "attacks.a: attack corpus (" + F + "attack.jsonl): 6 row(s) overlap the evaluation items (" + F + "attack.jsonl), e.g. " + F + "attack.jsonl: row 0"),
+    ("bench-on-overlap", bench("bench_on_overlap"), "on_overlap: expected error | drop, got 'ignore'"),
+    ("bench-ratio-unfillable", bench("bench", "--ratios", "0.1,0.9"), "ratios: 0.9 of 20 clean rows needs 18 harmful rows, but " + F + "attack.jsonl has only 6 usable"),
+    ("bench-n-task-zero", bench("bench_n_task_zero"), "n_task: expected an int >= 1, got 0"),
+    ("bench-n-eval-zero", bench("bench_n_eval_zero"), "n_eval: expected an int >= 1, got 0"),
+    ("bench-judge-unknown", bench("bench_judge"), "judge: expected one of refusal, moderation, guard, rubric, got 'nope'"),
+    ("bench-judge-no-model", bench("bench_judge_model"), "judge_model: the moderation judge needs a model"),
+    ("bench-duplicates", bench("bench_duplicates"), "duplicates: expected drop | error, got 'keep'"),
+    ("bench-defense-setting-unknown", bench("bench_defense_setting"), "defense_settings.sft: defense 'sft': unknown setting(s) ['bogus']"),
+    ("bench-defense-setting-not-in-grid", bench("bench_defense_not_in_grid"), "defense_settings: 'lisa' is not a defense of the grid (sft)"),
+    ("bench-quick-and-full", lambda r: ["bench", "--world", "--quick", "--full", "--out", str(r / "out_bench")], "--quick / --full: give one of them"),
+    ("bench-judges-empty", bench("bench", "--judges", ""), "--judges: empty list"),
     ("bench-out-file", lambda r: ["bench", "--world", "--out", str(r / "a_file")], "--out: " + F + "a_file exists and is not a folder"),
     ("bench-summarize-nothing", lambda r: ["bench", "--summarize-only", "--out", str(r / "out_bench_empty")], F + "out_bench_empty: no finished cells to summarise"),
     ("bench-threads-zero", bench("bench", "--threads", "0"), "--threads: expected an int >= 1"),

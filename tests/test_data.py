@@ -433,3 +433,66 @@ def test_attack_manifest_names_its_sources(tmp_path):
                                source_names={"clean": "task.jsonl", "eval": "eval.jsonl"})
     assert (manifest["clean_source"], manifest["harmful_source"], manifest["eval_source"]) == (
         "task.jsonl", str(attack_path), "eval.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 24: encodings, empty answers, damaged save_to_disk folders
+# ----------------------------------------------------------------------------------------------
+def test_loaders_name_the_encoding_problem_and_accept_a_bom(tmp_path):
+    src = tmp_path / "task.jsonl"
+    src.write_bytes(b'{"prompt": "a", "answer": "b"}\n\n{"prompt": "caf\xe9", "answer": "b"}\n')
+    with pytest.raises(ValueError, match=r"task\.jsonl:3: not UTF-8 \(byte 0xe9 at column 16\); save the file as UTF-8"):
+        load_task(src)
+    src.write_bytes('{"prompt": "a", "answer": "b"}\n'.encode("utf-16"))
+    with pytest.raises(ValueError, match=r"task\.jsonl: looks like UTF-16, not UTF-8"):
+        load_task(src)
+    # A byte-order mark is accepted, and the line numbers stay right after it.
+    src.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "answer": "b"}\n\n{"prompt": "c"}\n')
+    with pytest.raises(ValueError, match=r"task\.jsonl:3: no response field"):
+        load_task(src)
+    src.write_bytes(b"\xef\xbb\xbf" + json.dumps(TASK[:2]).encode())
+    (tmp_path / "task.json").write_bytes(src.read_bytes())
+    assert [r["response"] for r in load_task(tmp_path / "task.json")] == [TASK[0]["answer"], TASK[1]["answer"]]
+    (tmp_path / "bad.json").write_bytes(b'[{"prompt": "a",\n  "answer": "\xff"}]')
+    with pytest.raises(ValueError, match=r"bad\.json:2: not UTF-8 \(byte 0xff at column 14\)"):
+        load_task(tmp_path / "bad.json")
+
+
+def test_empty_answers_in_task_data_are_refused_like_in_the_pool(tmp_path):
+    src = write_jsonl(tmp_path / "t.jsonl", TASK[:2] + [{"prompt": "p", "answer": ""}], blank_after=1)
+    with pytest.raises(ValueError, match=r"^\S*t\.jsonl:4: field 'answer' is empty$"):
+        load_task(src)
+    src = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "p", "output": "  \n"}])
+    with pytest.raises(ValueError, match=r"t\.jsonl:1: field 'output' is empty"):
+        load_task(src)
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}]
+    with pytest.raises(ValueError, match=r"c\.jsonl:1: the assistant's answer \(the last message\) is empty"):
+        load_task(write_jsonl(tmp_path / "c.jsonl", chat))
+    # Prompt-only uses (a selection reference, evaluation prompts) do not read the answer.
+    assert load_task(src, require_response=False)[0]["prompt"] == "p"
+
+
+def test_save_to_disk_folder_with_a_missing_file_names_it(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    ds = Dataset.from_list(TASK)
+    DatasetDict({"train": ds, "test": ds.select(range(3))}).save_to_disk(str(tmp_path / "dd"))
+    ds.save_to_disk(str(tmp_path / "d"))
+    (arrow,) = (tmp_path / "dd" / "test").glob("*.arrow")
+    arrow.unlink()
+    with pytest.raises(ValueError, match=rf"dd: save_to_disk dataset is missing test/{arrow.name}"):
+        load_records(tmp_path / "dd", split="train")
+    (tmp_path / "dd" / "test" / "state.json").unlink()
+    with pytest.raises(ValueError, match=r"dd: save_to_disk dataset is missing test/state\.json"):
+        load_records(tmp_path / "dd", split="train")
+    import shutil
+
+    shutil.rmtree(tmp_path / "dd" / "test")
+    with pytest.raises(ValueError, match=r"dd: save_to_disk dataset is missing test/ \(split 'test'"):
+        load_records(tmp_path / "dd", split="train")
+    (tmp_path / "d" / "dataset_info.json").unlink()
+    with pytest.raises(ValueError, match=r"d: save_to_disk dataset is missing dataset_info\.json"):
+        load_records(tmp_path / "d")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match=r"plain: folder is not a `save_to_disk` dataset"):
+        load_records(tmp_path / "plain")

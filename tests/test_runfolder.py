@@ -124,7 +124,8 @@ def test_damaged_files_are_detected(tmp_path):
     data = (ckpt / "optimizer.pt").read_bytes()
     (ckpt / "optimizer.pt").write_bytes(data[: len(data) // 2])
     assert "optimizer.pt" in checkpoint_problem(ckpt)
-    assert latest_checkpoint(tmp_path) is None
+    with pytest.raises(ValueError, match=r"no whole checkpoint to resume from \(checkpoint-1: optimizer\.pt is damaged"):
+        latest_checkpoint(tmp_path)  # none whole: an error, not a silent start from scratch
     (ckpt / "optimizer.pt").write_bytes(data)
     (ckpt / "state.json").write_text('{"step": 1')
     assert "state.json" in checkpoint_problem(ckpt)
@@ -185,3 +186,109 @@ def test_claim_and_stale_temps(tmp_path):
     (tmp_path / "notes.tmp").write_text("mine")  # not a temp file of ours
     assert [p.name for p in remove_stale_temps(tmp_path)] == [".adapter.x1_y.old"]
     assert (tmp_path / "notes.tmp").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 24: checkpoint manifests, the umask, the data a run was started with
+# ----------------------------------------------------------------------------------------------
+def _tiny_checkpoint(directory, step):
+    from spard.checkpoint import save_checkpoint
+
+    torch.manual_seed(step)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return save_checkpoint(directory, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                           state={"total_steps": 4}, keep=0)
+
+
+def _flip_last_bit(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # the last byte of a safetensors file lies in its tensor data, not the header
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_is_whole_only_with_every_file_it_was_written_with(tmp_path, caplog):
+    older, newest = _tiny_checkpoint(tmp_path, 2), _tiny_checkpoint(tmp_path, 4)
+    assert checkpoint_problem(older) is None and checkpoint_problem(newest) is None
+    # A missing scheduler.pt: resuming would restart the schedule.
+    (newest / "scheduler.pt").unlink()
+    assert checkpoint_problem(newest) == "scheduler.pt is missing"
+    with caplog.at_level(logging.WARNING):
+        assert latest_checkpoint(tmp_path) == older
+    assert "checkpoint-4 is damaged (scheduler.pt is missing); falling back to the previous one" in caplog.text
+    # A flipped bit in the tensor data (the header and the size still agree).
+    _flip_last_bit(older / "trainable.safetensors")
+    assert "trainable.safetensors does not match its sha256" in checkpoint_problem(older)
+    # None whole: an error naming the file, not a silent start from scratch.
+    with pytest.raises(ValueError, match=r"no whole checkpoint to resume from \(checkpoint-4: scheduler\.pt is missing; "
+                                         r"checkpoint-2: trainable\.safetensors does not match"):
+        latest_checkpoint(tmp_path)
+    # A checkpoint written with a manifest is not whole without it.
+    (older / "manifest.json").unlink()
+    assert checkpoint_problem(older) == "manifest.json is missing"
+
+
+def test_resume_skips_a_checkpoint_with_a_flipped_bit_or_a_missing_file(workspace, tmp_path, capsys, caplog):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train(workspace, full) == 0
+    assert train(workspace, part) == 0
+    _flip_last_bit(part / "checkpoints" / "checkpoint-4" / "trainable.safetensors")
+    shutil.rmtree(part / "adapter")
+    with caplog.at_level(logging.WARNING):
+        assert train(workspace, part, "--resume") == 0
+    assert "checkpoint-4 is damaged (trainable.safetensors does not match its sha256" in caplog.text
+    assert json.loads((part / "run.json").read_text())["resumed_from"].endswith("checkpoint-2")
+    assert same(adapter(full), adapter(part))
+    # Both checkpoints damaged: the run stops, naming the file.
+    (part / "checkpoints" / "checkpoint-2" / "scheduler.pt").unlink()
+    _flip_last_bit(part / "checkpoints" / "checkpoint-4" / "trainable.safetensors")
+    capsys.readouterr()
+    assert train(workspace, part, "--resume") == 2
+    line = last_error(capsys)
+    assert "no whole checkpoint to resume from" in line and "checkpoint-2: scheduler.pt is missing" in line
+
+
+def test_adapter_and_checkpoint_folders_follow_the_umask(workspace, tmp_path):
+    import stat
+
+    from spard.checkpoint import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        assert train(workspace, out, optim={"max_steps": 2}) == 0
+        for folder in (out / "adapter", out / "checkpoints" / "checkpoint-2"):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        os.umask(0o027)
+        with atomic_dir(tmp_path / "other") as tmp:
+            (tmp / "f").write_text("x")
+        assert stat.S_IMODE((tmp_path / "other").stat().st_mode) == 0o750
+    finally:
+        os.umask(old)
+
+
+def test_resume_refuses_data_changed_since_the_run_started(workspace, tmp_path, capsys):
+    task = tmp_path / "task.jsonl"
+    original = (workspace / "task.jsonl").read_bytes()
+    task.write_bytes(original)
+    out = tmp_path / "run"
+    assert train(workspace, out, data={"task": str(task)}) == 0
+    recorded = json.loads((out / "data_files.json").read_text())["data.task"]
+    assert recorded["source"] == str(task)
+    assert set(recorded["files"][task.name]) == {"size", "mtime", "sha256"}
+    assert recorded["files"][task.name]["size"] == len(original)
+    # The task file rewritten in place (as many rows: the data order alone would not notice).
+    task.write_bytes(original.replace(b"the answer is", b"the answer was"))
+    shutil.rmtree(out / "adapter")
+    assert train(workspace, out, "--resume", data={"task": str(task)}) == 2
+    line = last_error(capsys)
+    assert line.startswith(f"spard train: error: --resume: data.task: {task} changed since the run started")
+    assert "size " in line and "--overwrite" in line
+    assert not (out / "adapter").exists()
+    # The same bytes again (a new mtime only): the same data, so the run resumes.
+    task.write_bytes(original)
+    assert train(workspace, out, "--resume", data={"task": str(task)}) == 0

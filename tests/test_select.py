@@ -374,3 +374,64 @@ def test_bench_spard_rounds_k_as_spard_select():
     defense = make_defense("spard-random", p=0.29)
     indices, report = defense.select(None, None, DefenseData(user=user, safety_pool=pool))
     assert len(indices) == report["k"] == subset_size(0.29, 100) == 29
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 24: one writer per --out, a report that matches its selection, options checked first
+# ----------------------------------------------------------------------------------------------
+def _select_args(tmp_path, *extra):
+    from spard.io import write_jsonl_atomic
+
+    pool = [{"prompt": " ".join(WORDS[i : i + 3]), "safe": f"refusal {i}"} for i in range(40)]
+    write_jsonl_atomic(tmp_path / "pool.jsonl", pool)
+    write_jsonl_atomic(tmp_path / "ref.jsonl", [{"prompt": " ".join(WORDS[i : i + 4])} for i in range(0, 50, 2)])
+    return ["select", "--pool", str(tmp_path / "pool.jsonl"), "--reference", str(tmp_path / "ref.jsonl"),
+            "--out", str(tmp_path / "out"), *extra]
+
+
+def test_cli_select_locks_its_folder_and_the_report_names_its_selection(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from spard.cli import main
+
+    args = _select_args(tmp_path, "--method", "random", "--k", "4")
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "select_report.json").read_text())
+    digest = hashlib.sha256((tmp_path / "out" / "selected.jsonl").read_bytes()).hexdigest()
+    assert report["selected_sha256"] == digest
+    # A second `spard select` into the folder while one writes it: refused, nothing touched.
+    code = ("import sys, time; sys.path[:0] = sys.argv[2:]; from spard.runfolder import OutputLock; "
+            "OutputLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out"), *sys.path[:3]],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert main(_select_args(tmp_path, "--method", "random", "--k", "5")) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"spard select: error: --out: {tmp_path / 'out'} is being written by another spard process "
+                       f"(pid {holder.pid}); wait for it to end or use another folder")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((tmp_path / "out" / "select_report.json").read_text())["selected_sha256"] == digest
+
+
+def test_cli_select_checks_cache_dir_and_k_or_p_before_the_work(tmp_path, capsys, monkeypatch):
+    import spard.embed
+    from spard.cli import main
+
+    def never(*a, **k):
+        raise AssertionError("the embedder was loaded before the options were checked")
+
+    monkeypatch.setattr(spard.embed, "resolve_embedder", never)
+    (tmp_path / "a_file").write_text("x")
+    args = _select_args(tmp_path, "--embedder", str(tmp_path), "--k", "3", "--cache-dir", str(tmp_path / "a_file"))
+    monkeypatch.setattr("spard.preflight.check_model_source", lambda *a: None)
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == f"spard select: error: --cache-dir: {tmp_path / 'a_file'} exists and is not a folder"
+    assert main(_select_args(tmp_path, "--method", "random", "--k", "3", "--p", "0.1")) == 2
+    assert capsys.readouterr().err.strip() == ("spard select: error: --k / --p: give one of them (--k is the subset "
+                                               "size, --p derives it from the reference size)")
+    assert not (tmp_path / "out").exists()

@@ -47,6 +47,7 @@ def write_config(ws, out, **sections):
         "optim": {"lr": 1e-2, "warmup_steps": 1, "batch_size": 4, "max_steps": 4},
         "spag": {"batch_size": 2},
         "run": {"output_dir": str(out), "save_every": 2, "log_every": 1, "progress": False},
+        "defense": {},
     }
     for section, values in sections.items():
         cfg[section].update(values)
@@ -244,3 +245,85 @@ def test_rows_beyond_max_length_are_reported_and_capped(workspace, tmp_path, cap
     assert not (out / "adapter").exists()
     assert main(["train", "--config", str(cfg), "--set", "data.max_dropped_share=0.5"]) == 0
     assert re.search(r"training rows +20 of 24 \(4 left out: response beyond model.max_length\)", capsys.readouterr().out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 24
+# ----------------------------------------------------------------------------------------------
+def _checkpoint_weights_finite(out) -> list[bool]:
+    return [all(torch.isfinite(t).all() for t in load_file(str(c / "trainable.safetensors")).values())
+            for c in sorted((out / "checkpoints").glob("checkpoint-*"))]
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_nonfinite_weights_are_never_saved(workspace, tmp_path, capsys, monkeypatch, policy):
+    # Step 1's loss is finite, but its update makes a LoRA weight NaN (as an overflow in the
+    # backward pass or the optimizer does), so every later loss is NaN.
+    from spard import trainer
+
+    real = trainer.optimizer_step
+
+    def overflowing(params, *args, **kwargs):
+        logs = real(params, *args, **kwargs)
+        with torch.no_grad():
+            params[0].fill_(float("nan"))
+        return logs
+
+    monkeypatch.setattr(trainer, "optimizer_step", overflowing)
+    out = tmp_path / policy
+    cfg = write_config(workspace, out, safety={"pool": None},
+                       run={"on_nonfinite_loss": policy, "save_every": 1 if policy == "error" else 2})
+    assert main(["train", "--config", str(cfg), "--sft"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    step = 1 if policy == "error" else 2  # the first checkpoint: the weights are checked before any write
+    assert line.startswith(f"spard train: error: step {step}: the trainable parameters are not finite (NaN or inf)")
+    assert not (out / "adapter").exists()
+    assert all(_checkpoint_weights_finite(out))  # none written from non-finite weights
+    if policy == "skip":  # without a checkpoint folder, fit checks them at the end (an adapter follows)
+        from spard.config import OptimConfig
+        from spard.guards import NonFiniteLossError
+        from test_spag import tiny_lora_model
+
+        with pytest.raises(NonFiniteLossError, match=r"^step 3: the trainable parameters are not finite"):
+            trainer.fit(tiny_lora_model("llama"), tiny_tokenizer(), task_rows(8), max_length=64, progress=False,
+                        optim=OptimConfig(lr=1e-2, warmup_steps=0, batch_size=4, max_steps=3),
+                        on_nonfinite_loss="skip")
+
+
+def test_a_run_whose_every_step_was_skipped_fails(workspace, tmp_path, capsys):
+    # A NaN in a frozen weight of the base model: every loss is NaN, no update is ever made.
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan_model")
+    tiny_tokenizer().save_pretrained(tmp_path / "nan_model")
+    out = tmp_path / "run"
+    cfg = write_config(workspace, out, model={"name_or_path": str(tmp_path / "nan_model"), "max_length": 64},
+                       safety={"pool": None}, run={"on_nonfinite_loss": "skip"})
+    assert main(["train", "--config", str(cfg), "--sft"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("spard train: error: every one of the 4 steps had a non-finite training loss and was skipped")
+    assert not (out / "adapter").exists() and not (out / "run.json").exists()
+
+
+def test_conflicting_options_are_named(workspace, tmp_path, capsys, caplog):
+    import logging
+
+    cfg = str(write_config(workspace, tmp_path / "c", safety={"pool": None}, optim={"max_steps": 1}))
+    assert main(["train", "--config", cfg, "--sft", "--defense", "lisa"]) == 2
+    assert capsys.readouterr().err.strip() == ("spard train: error: --sft / --defense: --sft trains plain SFT, "
+                                               "--defense lisa another defense; give one of them")
+    lisa = str(write_config(workspace, tmp_path / "l", defense={"name": "lisa"}))
+    assert main(["train", "--config", lisa, "--sft"]) == 2
+    assert "--sft: plain SFT conflicts with defense.name 'lisa' (the config); give one of them" in capsys.readouterr().err
+    assert main(["train", "--config", cfg, "--max-steps", "5", "--set", "optim.max_steps=7"]) == 2
+    assert capsys.readouterr().err.strip() == ("spard train: error: --max-steps 5 conflicts with --set "
+                                               "optim.max_steps=7; give one of them")
+    assert main(["train", "--config", cfg, "--sft", "--set", "spag.enabled=true"]) == 2
+    assert "--sft conflicts with --set spag.enabled=true" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "l").exists()
+    # The same value twice is no conflict; --strategy outside torchrun is said to do nothing.
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--config", cfg, "--sft", "--max-steps", "1", "--set", "optim.max_steps=1",
+                     "--strategy", "fsdp"]) == 0
+    assert "--strategy fsdp has no effect with one process" in caplog.text

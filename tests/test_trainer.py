@@ -1,5 +1,6 @@
 """The thin loop (spard.trainer.fit), checkpoints and exact resume, and the HF Trainer callback."""
 
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,7 +137,7 @@ def test_fit_rejects_bad_input():
 # ----------------------------------------------------------------------------------------------
 # Hugging Face Trainer
 # ----------------------------------------------------------------------------------------------
-def hf_train(tmp_path, callbacks, steps=4, resume=None, save_steps=None):
+def hf_train(tmp_path, callbacks, steps=4, resume=None, save_steps=None, report_to=()):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
@@ -147,7 +148,7 @@ def hf_train(tmp_path, callbacks, steps=4, resume=None, save_steps=None):
     ds = Dataset.from_list([vars(encode_example(tok, r["prompt"], r["response"], 64)) for r in attack_rows()])
     ds = ds.remove_columns(["truncated"])
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
-                             learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True,
+                             learning_rate=1e-2, logging_steps=1, report_to=list(report_to), use_cpu=True,
                              save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                              disable_tqdm=True, seed=0, data_seed=0)
     cbs = [cb(tok) for cb in callbacks]
@@ -252,3 +253,36 @@ def test_optimizer_step_runs_the_hooks_in_order():
     assert float(logs["grad_norm"]) == pytest.approx(200 ** 0.5) and float(logs["lr"]) == pytest.approx(0.1)
     assert p.grad is None and not torch.equal(p.detach(), before)
     assert scheduler.last_epoch == 1
+
+
+def test_callback_scalars_reach_the_report_to_integrations(tmp_path, monkeypatch):
+    """The Trainer calls report_to integrations (TensorBoard, W&B, MLflow) before the callbacks a
+    user passes: SPAG's scalars must be in the logs by then."""
+    from transformers import TrainerCallback
+
+    from spard.callback import SpagCallback
+
+    class Reporter(TrainerCallback):  # placed first, as the Trainer places its integrations
+        def __init__(self):
+            self.seen = []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            self.seen.append(dict(logs or {}))
+
+    reporter = Reporter()
+    hf_train(tmp_path / "a", [lambda tok: reporter, lambda tok: SpagCallback(safe_rows(), tok, tau=0.0, progress=False)])
+    logged = [logs for logs in reporter.seen if "loss" in logs]
+    assert len(logged) == 4 and all(logs["safety_trigger_rate"] == 1.0 for logs in logged)
+    if importlib.util.find_spec("tensorboard") is None:
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    hf_train(tmp_path / "b", [lambda tok: SpagCallback(safe_rows(), tok, tau=0.0, progress=False)],
+             report_to=["tensorboard"])
+    tags = set()
+    for path in (tmp_path / "tb").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/safety_loss", "train/safety_alpha", "train/safety_trigger_rate"} <= tags, tags

@@ -149,6 +149,12 @@ def search_defense(defense: str, data, settings, out_dir, *, trials: int, max_ac
                   "warmup_steps": trial.suggest_categorical("warmup_steps", list(space.warmup_steps)),
                   "layout": trial.suggest_categorical("layout", list(space.layouts))}
         label = attack_label(data, params["attack_kind"])
+        unbuildable = _unbuildable(data, label, float(params["ratio"]), seed, settings)
+        if unbuildable:  # a point of the space the data cannot fill: a spent trial, scored below all others
+            for k, v in {"asr": None, "accuracy": None, "feasible": False, "attack": label, "seed": seed,
+                         "judges": None, "unbuildable": unbuildable}.items():
+                trial.set_user_attr(k, v)
+            return -2.0
         result = runner(Cell(label, float(params["ratio"]), seed, defense), data, attack_settings(settings, params))
         asr, acc = judge_asr(result, judge), result["accuracy"]
         feasible = asr is not None and acc is not None and acc >= limit
@@ -164,6 +170,19 @@ def search_defense(defense: str, data, settings, out_dir, *, trials: int, max_ac
     rows = [r for r in rows if r.get("slot") is not None and r["slot"] < trials]
     return {"defense": defense, "trials": rows, "completed": len(rows), "failed": len(status["failed"]),
             "accuracy_limit": limit}
+
+
+def _unbuildable(data, label: str, ratio: float, seed: int, settings) -> Optional[str]:
+    """Why the attack ``label`` at ``ratio`` cannot be built from the bench's data (a benign
+    kind asking for more rows than its source has, say), or None. Checked before training."""
+    from .bench import attack_rows
+    if not getattr(data, "task", None):
+        return None  # a test's bench without data: the cell runner builds nothing
+    try:
+        attack_rows(data, label, ratio, seed, settings.max_length, on_overlap=getattr(settings, "on_overlap", "error"))
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _judges(result: dict) -> Optional[dict]:
@@ -302,6 +321,10 @@ def adaptive_table(report: dict) -> str:
             lines.append(f"{head} not attacked (capability guard) | - | - | - | - | - | - |")
             notes.append(f"{d}: {r['guard']['note']}")
             continue
+        spent = sum(1 for t in r.get("trials", []) if t.get("unbuildable"))
+        if spent:
+            notes.append(f"{d}: {spent} of {r['completed']} trials drew an attack the data cannot build "
+                         "(scored below every other trial)")
         w, c = r.get("worst_case"), r.get("confirmed")
         if w is None:
             lines.append(f"{head} - | - | - | - | - | no feasible trial | 0 / {r['completed']} |")

@@ -143,7 +143,8 @@ def build_attack(
         raise ValueError(
             f"attack corpus ({harmful_name}): {' and '.join(parts)} (same prompt, or same harmful answer) of "
             "the corpus; attack rows must come from data disjoint from both. Use disjoint files, or leave "
-            "the overlapping rows out with on_overlap='drop' (spard train: --set attack.on_overlap=drop)."
+            "the overlapping rows out with on_overlap='drop' (spard train: --set attack.on_overlap=drop; spard "
+            "bench: on_overlap: drop in the bench file)."
         )
 
     n_harmful = harmful_count(ratio, len(clean_rows))

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import statistics
 import time
 import traceback
@@ -60,6 +61,17 @@ class BenchData:
     task_val: list[dict] = field(default_factory=list)
     """The validation split (harmful prompts, task problems) that tuning scores on: disjoint from
     ``eval_prompts`` / ``task_test``, the test split the tables report."""
+    eval_items: list = field(default_factory=list)
+    """The evaluation items as loaded (rows with ``prompt`` and any harmful answer, or strings):
+    what attack rows must not overlap, with ``val_prompts`` and the pool (empty: ``eval_prompts``)."""
+    compare_answers: bool = True
+    """Whether the overlap check compares harmful answers besides prompts (the world's answers
+    are templates its attack and evaluation rows share by design: prompts only there)."""
+    sources: dict = field(default_factory=dict)
+    """Where each data set came from, for messages and manifests: "clean", "eval", "pool",
+    "benign" (a file or hub name) and "attacks" (corpus -> file)."""
+    data_checks: dict = field(default_factory=dict)
+    """What loading checked (duplicate prompts dropped per set), recorded in bench.json."""
     _losses: dict = field(default_factory=dict, repr=False)
 
     def validation(self) -> "BenchData":
@@ -144,6 +156,10 @@ class BenchSettings:
     """A cell checkpoints every N optimizer steps; a killed cell resumes from its last one."""
     prompt_layout: str = "chat"
     """How the fine-tuning rows are laid out (spard.formatting.LAYOUTS): the attacker varies it."""
+    on_overlap: str = "error"
+    """Attack rows overlapping the evaluation items or the safety pool (prompt or harmful answer;
+    `spard train`'s check and attack.on_overlap): "error" refuses the grid before its first cell,
+    "drop" leaves them out of the candidates."""
 
     def validate(self) -> None:
         from .defenses import REGISTRY
@@ -161,15 +177,42 @@ class BenchSettings:
         if not self.seeds or any(not isinstance(s, int) for s in self.seeds):
             raise ValueError(f"seeds: expected ints, got {self.seeds!r}")
         from .eval import JUDGES
+        if self.judge not in JUDGES:
+            raise ValueError(f"judge: expected one of {', '.join(JUDGES)}, got {self.judge!r}")
+        if self.judge != "refusal" and not self.judge_model:
+            what = "the API's model name" if self.judge == "rubric" else "a model (a Hugging Face name or path)"
+            raise ValueError(f"judge_model: the {self.judge} judge needs {what}; give judge_model")
         if not isinstance(self.extra_judges, list) or any(
                 not isinstance(j, str) or j.partition("=")[0] not in JUDGES for j in self.extra_judges):
             raise ValueError(f"extra_judges: expected a list of 'name' or 'name=model' with names in "
                              f"{', '.join(JUDGES)}, got {self.extra_judges!r}")
+        bare = [n for n, _, m in (j.partition("=") for j in self.extra_judges) if n != "refusal" and not m.strip()]
+        if bare:
+            raise ValueError(f"extra_judges: the {bare[0]} judge needs a model ({bare[0]}=MODEL)")
+        self._validate_defense_settings()
+        if self.on_overlap not in ("error", "drop"):
+            raise ValueError(f"on_overlap: expected error | drop, got {self.on_overlap!r}")
         from .formatting import LAYOUTS
         if self.prompt_layout not in LAYOUTS:
             raise ValueError(f"prompt_layout: expected one of {', '.join(LAYOUTS)}, got {self.prompt_layout!r}")
         if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
             raise ValueError(f"save_every: expected an int >= 0 (0: checkpoint only at the end), got {self.save_every!r}")
+
+    def _validate_defense_settings(self) -> None:
+        """Each entry names a defense of the grid and settings it has (checked by building it)."""
+        from .defenses import make_defense
+        if not isinstance(self.defense_settings, dict):
+            raise ValueError(f"defense_settings: expected a mapping defense -> settings, got {self.defense_settings!r}")
+        for name, values in self.defense_settings.items():
+            if name not in self.defenses:
+                raise ValueError(f"defense_settings: {name!r} is not a defense of the grid "
+                                 f"({', '.join(self.defenses)})")
+            if not isinstance(values, dict):
+                raise ValueError(f"defense_settings.{name}: expected a mapping setting -> value, got {values!r}")
+            try:
+                make_defense(name, **values)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"defense_settings.{name}: {e}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,6 +268,8 @@ def cell_fingerprint(cell: Cell, settings: BenchSettings, data_description: dict
         payload["extra_judges"] = list(settings.extra_judges)
     if settings.prompt_layout != "chat":
         payload["prompt_layout"] = settings.prompt_layout
+    if settings.on_overlap != "error":  # other attack rows than the default's (which refuses an overlap)
+        payload["on_overlap"] = settings.on_overlap
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -269,19 +314,74 @@ def resolve_attack(data: BenchData, label: str) -> tuple[str, Optional[str]]:
     return labels[label]
 
 
-def attack_rows(data: BenchData, attack: str, ratio: float, seed: int, max_length: int = 512) -> tuple[list[dict], dict]:
+def source_names(data: BenchData, corpus: Optional[str] = None) -> dict:
+    """The files (or hub names) behind the bench's data, as spard.attack names sources in its
+    messages and manifests (the bench file's key where the data came from memory)."""
+    s = data.sources
+    names = {"clean": s.get("clean") or "task", "eval": s.get("eval") or "eval_prompts",
+             "pool": s.get("pool") or "safety_pool", "benign": s.get("benign") or "benign"}
+    if corpus is not None:
+        names["harmful"] = (s.get("attacks") or {}).get(corpus) or f"attacks.{corpus}"
+    return names
+
+
+def overlap_references(data: BenchData) -> tuple[list, Optional[list]]:
+    """What attack rows must not overlap (`spard train`'s check, spard.attack.build_attack): the
+    evaluation items of both splits and the safety pool, by prompt and by harmful answer (by
+    prompt only where ``data.compare_answers`` is off)."""
+    items = list(data.eval_items or data.eval_prompts) + list(data.val_prompts)
+    pool = list(data.safety_pool)
+    if not data.compare_answers:
+        items = [x if isinstance(x, str) else x["prompt"] for x in items]
+        pool = [{"prompt": r["prompt"]} for r in pool]
+    return items, pool or None
+
+
+def attack_rows(data: BenchData, attack: str, ratio: float, seed: int, max_length: int = 512,
+                on_overlap: str = "error", losses: Optional[list] = None) -> tuple[list[dict], dict]:
+    """A cell's training rows and their manifest. ``losses``: the benign rows' losses to rank by
+    (default: the base model's, computed once)."""
     from .attack import ATTACKS, make_attack
     kind, corpus = resolve_attack(data, attack)
+    names = source_names(data, corpus)
     if ratio == 0:
         return [{"prompt": r["prompt"], "response": r["response"], "source": "clean"} for r in data.task], \
-            {"kind": kind, "n_harmful": 0}
+            {"kind": kind, "n_harmful": 0, "clean_source": names["clean"]}
     needs = ATTACKS[kind].needs
+    if "losses" in needs and losses is None:
+        losses = data.benign_losses(max_length)
+    evaluation, pool = overlap_references(data)
     rows, manifest = make_attack(kind, data.task, harmful=data.attacks[corpus] if corpus else None,
                                  benign=data.benign if "benign" in needs else None,
-                                 benign_losses=data.benign_losses(max_length) if "losses" in needs else None,
-                                 ratio=ratio, seed=seed, eval_prompts=data.eval_prompts, wording=data.wording)
+                                 benign_losses=losses if "losses" in needs else None,
+                                 ratio=ratio, seed=seed, eval_prompts=evaluation, safety_pool=pool,
+                                 on_overlap=on_overlap, source_names=names, wording=data.wording)
     manifest.pop("order", None)
+    manifest.setdefault("clean_source", names["clean"])
+    if "benign" in needs:
+        manifest.setdefault("benign_source", names["benign"])
     return rows, manifest
+
+
+def check_attacks(data: BenchData, settings: BenchSettings) -> None:
+    """Before the first cell: every attack of the grid builds at every ratio of the grid, its rows
+    disjoint from the evaluation items and the pool (``settings.on_overlap``) and enough of them
+    for the ratio. One line naming the bench file's key: ``attacks.<name>`` (with the files) or
+    ``ratios``."""
+    from .attack import ATTACKS
+    labels = attack_labels(settings.attack_kinds, list(data.attacks))
+    for label, (kind, corpus) in sorted(labels.items()):
+        # The benign outliers' ranking does not change how many there are: no model pass here.
+        losses = [0.0] * len(data.benign) if "losses" in ATTACKS[kind].needs else None
+        for ratio in sorted({float(r) for r in settings.ratios if r > 0}):
+            try:
+                attack_rows(data, label, ratio, settings.seeds[0], settings.max_length,
+                            on_overlap=settings.on_overlap, losses=losses)
+            except ValueError as e:
+                text = str(e)
+                if text.startswith("ratio: "):
+                    raise ValueError(f"ratios: {text[len('ratio: '):]} (attack {label!r})") from None
+                raise ValueError(f"{f'attacks.{corpus}' if corpus else 'benign'}: {text}") from None
 
 
 def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: bool = False,
@@ -292,7 +392,8 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
     from .eval import evaluate
     from .trainer import run_defense
 
-    rows, manifest = attack_rows(data, cell.attack, cell.ratio, cell.seed, settings.max_length)
+    rows, manifest = attack_rows(data, cell.attack, cell.ratio, cell.seed, settings.max_length,
+                                 on_overlap=settings.on_overlap)
     if settings.prompt_layout != "chat":
         rows = [{**r, "layout": settings.prompt_layout} for r in rows]
     torch.manual_seed(cell.seed)
@@ -354,7 +455,10 @@ def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: boo
 
     Several workers may share ``out_dir`` (one per GPU, a Slurm array, local processes): a cell
     is claimed atomically before it runs (spard.claims), so none runs twice, and a claim whose
-    worker stopped sending heartbeats for ``claim_timeout_s`` is taken over.
+    worker stopped sending heartbeats for ``claim_timeout_s`` (or died on this host) is taken over.
+    The timeout belongs to the grid: the first worker stores it in bench.json, and a worker with
+    another is refused (pin_claim_timeout). With the default runner, every attack is checked
+    against the data (check_attacks) before the first cell.
     """
     from .claims import ClaimBoard
 
@@ -375,14 +479,17 @@ def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: boo
         raise ValueError(f"attack_kinds: {', '.join(benign_kinds)} need benign rows (prompt/response, another "
                          "source than the task); the bench has none (bench file: benign: PATH)")
     labels = attack_labels(settings.attack_kinds, list(data.attacks))
+    if cell_runner is None:  # a runner of one's own builds (or fakes) its own rows
+        check_attacks(data, settings)
     cells = grid(settings, sorted(labels))
     fingerprints = {c.key: cell_fingerprint(c, settings, data.description) for c in cells}
     # The summary reads only the cells of this grid made under these settings. Every worker of
-    # one grid writes the same file.
-    write_json_atomic(out / "bench.json", {"settings": settings.to_dict(), "data": data.description,
-                                           "attacks": sorted(labels),
-                                           "attack_kinds": {k: list(v) for k, v in labels.items()},
-                                           "cells": fingerprints})
+    # one grid writes the same file (and all of them the same claim timeout: pin_claim_timeout).
+    pin_claim_timeout(out, claim_timeout_s, {"settings": settings.to_dict(), "data": data.description,
+                                             "attacks": sorted(labels),
+                                             "attack_kinds": {k: list(v) for k, v in labels.items()},
+                                             "cells": fingerprints,
+                                             **({"data_checks": data.data_checks} if data.data_checks else {})})
     board = ClaimBoard(out / "claims", worker=worker, timeout_s=claim_timeout_s)
     status: dict[str, list] = {"done": [], "skipped": [], "failed": [], "claimed_by_others": []}
     mine = shard_of(cells, shard)
@@ -402,7 +509,51 @@ def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: boo
                 status["skipped"].append(cell.key)
                 continue
             _run_one(cell, data, settings, runner, fingerprint, out, status)
+    # The cells other workers held may have finished meanwhile: only the others stay unfinished.
+    by_key = {c.key: c for c in mine}
+    finished = [k for k in status["claimed_by_others"] if cell_done(by_key[k], out, fingerprints[k])]
+    status["skipped"] += finished
+    status["claimed_by_others"] = [k for k in status["claimed_by_others"] if k not in finished]
     return status
+
+
+def check_claim_timeout(out_dir, claim_timeout_s: float) -> None:
+    """Refuses a worker whose claim timeout is not the grid's (stored in bench.json by its first
+    worker): with two timeouts, the shorter one presumes a live worker dead and runs its cell
+    again."""
+    p = Path(out_dir) / "bench.json"
+    try:
+        stored = json.loads(p.read_text(encoding="utf-8")).get("claim_timeout_s") if p.is_file() else None
+    except (OSError, ValueError):
+        stored = None
+    if isinstance(stored, (int, float)) and float(stored) != float(claim_timeout_s):
+        raise ValueError(f"--claim-timeout: {claim_timeout_s:g} s, but the grid in {out_dir} runs with {stored:g} s "
+                         f"(bench.json, set by its first worker); give --claim-timeout {stored:g}")
+
+
+def pin_claim_timeout(out_dir, claim_timeout_s: float, record: Optional[dict] = None) -> None:
+    """Stores the claim timeout with the grid in bench.json (with ``record``, the grid's
+    description, when given), refusing one that differs from the stored (check_claim_timeout);
+    one worker at a time."""
+    import fcntl
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".bench.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        check_claim_timeout(out, claim_timeout_s)
+        p = out / "bench.json"
+        if record is None:
+            try:
+                record = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+            except (OSError, ValueError):
+                record = {}
+            if record.get("claim_timeout_s") is not None:
+                return
+        write_json_atomic(p, {**record, "claim_timeout_s": float(claim_timeout_s)})
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _run_one(cell, data, settings, runner, fingerprint, out, status) -> None:
@@ -735,27 +886,77 @@ def plot_summary(summary: dict, out_dir) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 # Data sources
 # ----------------------------------------------------------------------------------------------
+def check_counts(**counts) -> None:
+    """n_task, n_task_test, n_eval: None (all rows) or an int >= 1."""
+    for key, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}: expected an int >= 1, got {value!r}")
+
+
+DUPLICATES = ("drop", "error")
+
+
+def dedupe_prompts(rows: list, what: str, policy: str, dropped: dict, key: Optional[str] = None) -> list:
+    """The first row of each prompt (exact text after whitespace normalisation; rows or
+    strings); ``policy`` "error" refuses duplicates instead, naming ``what`` and their count.
+    The count dropped goes into ``dropped[key or what]``."""
+    if policy not in DUPLICATES:
+        raise ValueError(f"duplicates: expected {' | '.join(DUPLICATES)}, got {policy!r}")
+    seen, out = set(), []
+    for r in rows:
+        k = " ".join(str(r if isinstance(r, str) else r["prompt"]).split())
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    n = len(rows) - len(out)
+    if n and policy == "error":
+        raise ValueError(f"duplicates: {what} has {n} duplicate prompt(s) (the same text after whitespace "
+                         "normalisation); de-duplicate it, or set duplicates: drop")
+    dropped[key or what] = n
+    return out
+
+
+def _duplicates_noted(description: dict, dropped: dict) -> dict:
+    """The description with the duplicates dropped (only when some were: the cells of data
+    without duplicates keep their fingerprints)."""
+    some = {k: v for k, v in dropped.items() if v}
+    return {**description, "duplicates_dropped": some} if some else description
+
+
 def world_data(world_settings=None, *, n_task: Optional[int] = None, n_eval: Optional[int] = None,
-               n_task_test: Optional[int] = None, progress: bool = True) -> BenchData:
+               n_task_test: Optional[int] = None, progress: bool = True, duplicates: str = "drop") -> BenchData:
     """The synthetic world (aligned tiny model from the cache, built on first use); its attack
-    corpus is named "world"."""
+    corpus is named "world". Its harmful answers are templates per request kind, shared by the
+    attack corpus, the evaluation items and the pool by design: attack rows are checked against
+    the evaluation items and the pool by prompt only."""
+    check_counts(n_task=n_task, n_task_test=n_task_test, n_eval=n_eval)
+    if duplicates not in DUPLICATES:
+        raise ValueError(f"duplicates: expected {' | '.join(DUPLICATES)}, got {duplicates!r}")
     from .world import WorldSettings, build_world
     from .world import text as world_text
     w = build_world(world_settings or WorldSettings(), progress=progress)
     task = [{"prompt": r["prompt"], "response": r["answer"], "answer": r["answer"]} for r in w.data["task_train"]]
-    harmful = [r["prompt"] for r in w.data["harmful_test"]]
+    dropped: dict = {}
+    harmful = dedupe_prompts([r["prompt"] for r in w.data["harmful_test"]], "world harmful_test", duplicates,
+                             dropped, "eval_prompts")
+    task_test = dedupe_prompts(w.data["task_test"], "world task_test", duplicates, dropped, "task_test")
+    pool = dedupe_prompts(w.data["safety_pool"], "world safety_pool", duplicates, dropped, "safety_pool")
     # The validation split (tuning) is what the test split leaves: held-out rows it never shows.
     tail = lambda rows, n: rows[n:] if n is not None else []
     return BenchData(model=w.model, tokenizer=w.tokenizer, task=task[:n_task],
-                     task_test=w.data["task_test"][:n_task_test], task_val=tail(w.data["task_test"], n_task_test),
+                     task_test=task_test[:n_task_test], task_val=tail(task_test, n_task_test),
                      val_prompts=tail(harmful, n_eval),
-                     eval_prompts=harmful[:n_eval],
-                     safety_pool=w.data["safety_pool"], attacks={"world": w.data["harmful_train"]},
+                     eval_prompts=harmful[:n_eval], eval_items=harmful[:n_eval], compare_answers=False,
+                     safety_pool=pool, attacks={"world": w.data["harmful_train"]},
                      benign=[{"prompt": r["prompt"], "response": r["response"]} for r in w.data["benign_attack"]],
                      wording=dict(world_text.ATTACK_WORDING),
-                     description={"source": "world", "settings": asdict(w.settings), "cache": w.cache_file,
-                                  "data_sha256": _rows_hash(w.data), "n_task": n_task, "n_eval": n_eval,
-                                  "n_task_test": n_task_test})
+                     sources={"clean": "world:task_train", "eval": "world:harmful_test", "pool": "world:safety_pool",
+                              "benign": "world:benign_attack", "attacks": {"world": "world:harmful_train"}},
+                     data_checks={"duplicates": duplicates, "duplicates_dropped": dropped},
+                     description=_duplicates_noted(
+                         {"source": "world", "settings": asdict(w.settings), "cache": w.cache_file,
+                          "data_sha256": _rows_hash(w.data), "n_task": n_task, "n_eval": n_eval,
+                          "n_task_test": n_task_test}, dropped))
 
 
 def _rows_hash(data) -> str:
@@ -766,26 +967,38 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
               attacks: dict[str, str], n_task: Optional[int] = None, n_task_test: Optional[int] = None,
               n_eval: Optional[int] = None, device: Optional[str] = None,
               benign: Optional[str] = None, val_prompts: Optional[str] = None, task_val: Optional[str] = None,
-              validation_share: Optional[float] = None) -> BenchData:
+              validation_share: Optional[float] = None, duplicates: str = "drop",
+              settings: Optional[BenchSettings] = None) -> BenchData:
     """Real-format files: a base model path, task train/test, evaluation prompts (only
-    ``prompt`` is needed), a safety pool (``prompt`` and ``safe``; ``unsafe`` for the defenses
-    that train against harmful answers), and attack corpora name -> path (``prompt`` and
-    ``unsafe``), and optionally benign rows (``prompt``, ``response``) for the benign attack kinds.
-    Every file is read (and every error names its key) before the model loads."""
+    ``prompt`` is needed; a harmful answer, when there, is compared with the attack's), a safety
+    pool (``prompt`` and ``safe``; ``unsafe`` for the defenses that train against harmful
+    answers), and attack corpora name -> path (``prompt`` and ``unsafe``), and optionally benign
+    rows (``prompt``, ``response``) for the benign attack kinds. Every file is read (and every
+    error names its key) before the model loads. Duplicate prompts in the evaluation sets and the
+    pool are dropped and counted (``duplicates="drop"``) or refused (``"error"``). With
+    ``settings``, the grid's attacks are checked against the data (check_attacks) before the
+    model loads too."""
     from .data import ATTACK_FIELDS, POOL_FIELDS, load_safety, load_task
     from .eval import load_model
     from .preflight import check_model_source, input_named, load_error
+    check_counts(n_task=n_task, n_task_test=n_task_test, n_eval=n_eval)
+    if duplicates not in DUPLICATES:
+        raise ValueError(f"duplicates: expected {' | '.join(DUPLICATES)}, got {duplicates!r}")
     if not isinstance(attacks, dict) or not attacks:
         raise ValueError("attacks: name at least one attack corpus (a mapping name -> path)")
     check_model_source(model, "model")
+    dropped: dict = {}
     with input_named("task"):
         task_rows = load_task(task, limit=n_task)
     with input_named("task_test"):
         test_rows = load_task(task_test, limit=n_task_test)
+    test_rows = dedupe_prompts(test_rows, f"task_test ({task_test})", duplicates, dropped, "task_test")
     with input_named("eval_prompts"):
         ev = load_task(eval_prompts, limit=n_eval, require_response=False)  # prompt (+ input)
+    ev = dedupe_prompts(ev, f"eval_prompts ({eval_prompts})", duplicates, dropped, "eval_prompts")
     with input_named("safety_pool"):
         pool = load_safety(safety_pool, fields=POOL_FIELDS)
+    pool = dedupe_prompts(pool, f"safety_pool ({safety_pool})", duplicates, dropped, "safety_pool")
     attack_rows = {}
     for name, path in attacks.items():
         with input_named(f"attacks.{name}"):
@@ -798,23 +1011,33 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
                                           share=validation_share)
     if split:  # the test split gives up the rows set aside
         ev, test_rows = split
+    elif val_prompts is not None:
+        val_p = dedupe_prompts(val_p, f"val_prompts ({val_prompts})", duplicates, dropped, "val_prompts")
+        val_t = dedupe_prompts(val_t, f"task_val ({task_val})", duplicates, dropped, "task_val")
+    data = BenchData(model=None, tokenizer=None, task=task_rows, task_test=test_rows,
+                     eval_prompts=[r["prompt"] for r in ev], eval_items=ev, safety_pool=pool, attacks=attack_rows,
+                     benign=benign_rows, val_prompts=val_p, task_val=val_t,
+                     sources={"clean": task, "eval": eval_prompts, "pool": safety_pool, "benign": benign,
+                              "attacks": dict(attacks)},
+                     data_checks={"duplicates": duplicates, "duplicates_dropped": dropped},
+                     description=_duplicates_noted(
+                         {"source": "files", "model": model, "task": task, "task_test": task_test,
+                          "eval_prompts": eval_prompts, "safety_pool": safety_pool, "attacks": attacks,
+                          "n_task": n_task, "n_task_test": n_task_test, "n_eval": n_eval,
+                          **({"benign": benign} if benign is not None else {}),
+                          **({"val_prompts": val_prompts, "task_val": task_val}
+                             if val_prompts is not None else {}),
+                          **({"validation_share": validation_share} if validation_share else {})}, dropped),
+                     device=device)
+    if settings is not None:
+        check_attacks(data, settings)
     try:  # the base model stays on the host; each cell trains on its own copy on ``device``
-        m, tok = load_model(model, device="cpu")
+        data.model, data.tokenizer = load_model(model, device="cpu")
     except (OSError, ValueError) as e:
         raise load_error("model", model, e) from e
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return BenchData(model=m, tokenizer=tok, task=task_rows, task_test=test_rows,
-                     eval_prompts=[r["prompt"] for r in ev], safety_pool=pool, attacks=attack_rows, benign=benign_rows,
-                     val_prompts=val_p, task_val=val_t,
-                     description={"source": "files", "model": model, "task": task, "task_test": task_test,
-                                  "eval_prompts": eval_prompts, "safety_pool": safety_pool, "attacks": attacks,
-                                  "n_task": n_task, "n_task_test": n_task_test, "n_eval": n_eval,
-                                  **({"benign": benign} if benign is not None else {}),
-                                  **({"val_prompts": val_prompts, "task_val": task_val}
-                                     if val_prompts is not None else {}),
-                                  **({"validation_share": validation_share} if validation_share else {})},
-                     device=device)
+        data.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return data
 
 
 def validation_rows(ev: list, test_rows: list, *, val_prompts=None, task_val=None, share=None):

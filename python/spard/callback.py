@@ -15,12 +15,15 @@ Trainer checkpoint and restored when training resumes from one.
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
 from typing import Callable, Optional, Sequence
 
 import transformers
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from .distributed import is_distributed
 from .spag_distributed import DistributedSafetyProjector
@@ -29,6 +32,35 @@ from .io import write_json_atomic
 from .spag import SafetyProjector, logs_to_floats
 
 STATE_FILE = "spag_state.json"
+log = logging.getLogger(__name__)
+
+
+def log_ahead_of_reporters(callback: TrainerCallback, handler: Optional[CallbackHandler] = None) -> bool:
+    """Moves ``callback`` to the front of the Trainer's callbacks, so the scalars its ``on_log``
+    adds to the logs are there when the ``report_to`` integrations (TensorBoard, W&B, MLflow, ...)
+    read them: the Trainer puts those integrations before the callbacks a user passes, and each
+    one writes the logs as it finds them. ``handler``: the Trainer's ``callback_handler``; None
+    finds it from inside a callback event (the handler is dispatching that event). Returns False
+    when it cannot be found (the callback's scalars then reach only the callbacks after it)."""
+    if handler is None:
+        frame = inspect.currentframe()
+        try:
+            f = frame.f_back if frame is not None else None
+            while f is not None and handler is None:
+                candidate = f.f_locals.get("self")
+                if isinstance(candidate, CallbackHandler):
+                    handler = candidate
+                f = f.f_back
+        finally:
+            del frame
+    if handler is None or callback not in handler.callbacks:
+        log.warning("%s could not move ahead of the Trainer's report_to callbacks: its metrics reach only the "
+                    "callbacks after it", type(callback).__name__)
+        return False
+    if handler.callbacks[0] is not callback:
+        # A new list: the handler may be iterating over the old one right now (this very event).
+        handler.callbacks = [callback] + [c for c in handler.callbacks if c is not callback]
+    return True
 
 
 class SpagCallback(TrainerCallback):
@@ -41,7 +73,8 @@ class SpagCallback(TrainerCallback):
     Other keyword arguments are those of SafetyProjector (tau, max_step, batch_size, mode, ...).
     ``calibrate=True`` (the default when tau is None) sets τ from the model at the start of a
     fresh run. Per-step logs are averaged over each logging window and added to the Trainer's
-    logs as ``safety_loss``, ``safety_alpha``, ``safety_trigger_rate``.
+    logs as ``safety_loss``, ``safety_alpha``, ``safety_trigger_rate`` (flat scalars, ahead of the
+    ``report_to`` integrations, so TensorBoard, W&B and MLflow record them).
     """
 
     def __init__(self, safe_rows: Sequence[dict], tokenizer=None, *, resume_from: Optional[str] = None,
@@ -67,6 +100,7 @@ class SpagCallback(TrainerCallback):
         tokenizer = self.tokenizer or processing_class or kw.get("tokenizer")  # "tokenizer" before 4.46
         if tokenizer is None:
             raise ValueError("SpagCallback needs a tokenizer: pass it, or give the Trainer a processing_class")
+        log_ahead_of_reporters(self)  # its logs must be in place before report_to writes them
         kwargs = dict(self.projector_kwargs)
         kwargs.setdefault("max_grad_norm", args.max_grad_norm or None)
         kwargs.setdefault("progress", not args.disable_tqdm)

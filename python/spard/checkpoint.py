@@ -2,14 +2,19 @@
 
 A checkpoint is a folder ``checkpoint-<step>`` written as a temporary folder and renamed into
 place, so a crash while writing leaves the previous checkpoint usable and never a half-written
-one. ``state.json`` is written last; a folder without it is never picked up. A checkpoint damaged
-afterwards (a truncated file: a full disk, a copy cut short) is detected by ``checkpoint_problem``
-and ``latest_checkpoint`` falls back to the previous one with a warning.
+one; the folder gets the usual permissions (0777 less the umask), not a temporary folder's 0700.
+A folder without ``state.json`` is never picked up. ``manifest.json``, written last, lists every
+file of the checkpoint with its size and sha256 hash: a checkpoint is whole only with every file
+it was written with, byte for byte. A checkpoint damaged afterwards (a missing file, a truncated
+one, a flipped bit) is detected by ``checkpoint_problem``, and ``latest_checkpoint`` falls back to
+the previous one with a warning, or raises ValueError naming the file when none is whole.
+Checkpoints written before manifests (no ``format`` in state.json) get the structural checks only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -27,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .distributed import (get_rank, get_world_size, is_distributed, load_trainable_full_state, run_on_main,
                           trainable_full_state)
-from .io import write_json_atomic
+from .io import _umask, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +149,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; give the usual permissions
         yield tmp
         if path.exists():  # a rename cannot replace a non-empty folder: move the old one aside
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -177,7 +183,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, *, model: torch.nn.
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         torch.save(_cpu(objects or {}), tmp / OBJECTS_FILE)
-        write_json_atomic(tmp / "state.json", {"step": int(step), **state})
+        write_json_atomic(tmp / "state.json", {"step": int(step), "format": CHECKPOINT_FORMAT, **state})
+        write_manifest(tmp)
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -185,6 +192,45 @@ def save_checkpoint(directory: str | os.PathLike, step: int, *, model: torch.nn.
 
 
 OBJECTS_FILE = "objects.pt"
+MANIFEST_FILE = "manifest.json"
+CHECKPOINT_FORMAT = 2  # 2: with manifest.json (state.json records it, so a lost manifest is noticed)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike) -> None:
+    """Writes ``manifest.json``: every other file of ``folder`` with its size and sha256 hash.
+    Call it last, once every file is written."""
+    folder = Path(folder)
+    files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST_FILE}
+    write_json_atomic(folder / MANIFEST_FILE, {"files": files})
+
+
+def _manifest_problem(path: Path, manifest_file: Path) -> Optional[str]:
+    try:
+        files = json.loads(manifest_file.read_text(encoding="utf-8"))["files"]
+        entries = [(str(name), int(e["size"]), str(e["sha256"])) for name, e in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST_FILE} is unreadable ({type(e).__name__})"
+    for name, size, digest in entries:
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        actual = f.stat().st_size
+        if actual < size:
+            return f"{name} is truncated ({actual} bytes, {size} written)"
+        if actual != size:
+            return f"{name} has {actual} bytes, {size} written"
+        if _sha256(f) != digest:
+            return f"{name} does not match its sha256 hash (the file is damaged)"
+    return None
 
 
 def _cpu(obj):
@@ -242,14 +288,20 @@ def _safetensors_problem(path: Path) -> Optional[str]:
 
 
 def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
-    """Why the checkpoint folder ``path`` cannot be resumed from (a missing or unreadable
-    state.json, a truncated tensor file, a damaged torch archive), or None when it is whole.
-    Reads the files once (torch archives are CRC-checked)."""
+    """Why the checkpoint folder ``path`` cannot be resumed from, or None when it is whole: a
+    missing or unreadable state.json, or a file of its manifest that is missing, of another size
+    or another sha256 hash (a lost, truncated or damaged file). A checkpoint written before
+    manifests gets the structural checks (truncated tensor files, torch archives' CRCs).
+    Reads the files once."""
     path = Path(path)
     try:
-        json.loads((path / "state.json").read_text(encoding="utf-8"))
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return f"state.json is unreadable ({type(e).__name__})"
+    if (path / MANIFEST_FILE).is_file():
+        return _manifest_problem(path, path / MANIFEST_FILE)
+    if isinstance(state, dict) and int(state.get("format", 1) or 1) >= CHECKPOINT_FORMAT:
+        return f"{MANIFEST_FILE} is missing"
     for f in sorted(path.iterdir()):
         try:
             if f.suffix == ".safetensors":
@@ -270,13 +322,19 @@ def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
-    """The newest checkpoint that is whole. A damaged newer one is skipped with a warning."""
+    """The newest checkpoint that is whole (None when there is none at all). A damaged newer one
+    is skipped with a warning; when every one is damaged, ValueError names each one's problem."""
     found = list_checkpoints(directory)
+    damaged = []
     for path in reversed(found):
         problem = checkpoint_problem(path)
         if problem is None:
             return path
         log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path, problem)
+        damaged.append(f"{path.name}: {problem}")
+    if damaged:
+        raise ValueError(f"{directory}: no whole checkpoint to resume from ({'; '.join(damaged)}); restore the "
+                         "damaged file(s), or start again with --overwrite")
     return None
 
 
@@ -350,7 +408,9 @@ def save_checkpoint_all_ranks(directory, step: int, *, model: torch.nn.Module, o
             torch.save(rngs[0], tmp / "rng.pt")
             torch.save(rngs, tmp / RANK_RNG_FILE)
             torch.save(_cpu(objects or {}), tmp / OBJECTS_FILE)
-            write_json_atomic(tmp / "state.json", {"step": int(step), "world_size": len(rngs), **state})
+            write_json_atomic(tmp / "state.json", {"step": int(step), "world_size": len(rngs),
+                                                   "format": CHECKPOINT_FORMAT, **state})
+            write_manifest(tmp)
         if keep > 0:
             for old in list_checkpoints(directory)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

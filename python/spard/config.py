@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A configuration problem, named by its dotted key path."""
 
 
+SPAG_DEFENSES = ("spard", "spard-official", "spard-random", "spard-lr-cap")
+"""Defenses that train under SPAG: ``spag.enabled=false`` (``--sft``) makes them plain SFT."""
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = ""
@@ -421,8 +425,9 @@ def set_key(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def apply_override(data: dict, assignment: str) -> None:
-    """Applies ``section.key=value`` (value parsed as YAML: numbers, true/false, null, lists)."""
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """``section.key=value`` as (the dotted key, the value parsed as YAML: numbers, true/false,
+    null, lists)."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected key.path=value")
     key, raw = assignment.split("=", 1)
@@ -430,7 +435,13 @@ def apply_override(data: dict, assignment: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    set_key(data, key, value)
+    return ".".join(p for p in key.strip().split(".") if p), value
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Applies ``section.key=value`` (value parsed as YAML: numbers, true/false, null, lists)."""
+    key, value = parse_override(assignment)
+    set_key(data, key or assignment.split("=", 1)[0], value)
 
 
 def load_config(path: Optional[str | os.PathLike] = None, overrides: typing.Sequence[str] = (),

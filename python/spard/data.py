@@ -4,7 +4,9 @@ Every loader returns a list of plain dicts. A source is a local file (``.jsonl``
 ``.parquet``), a folder written by ``datasets``' ``save_to_disk``, or a Hugging Face hub name
 (loaded through ``datasets``; only when no local path of that name exists). Problems with the
 input raise ``ValueError`` / ``FileNotFoundError`` naming the file and the line (JSON Lines) or
-row (other formats) at fault.
+row (other formats) at fault. Text files are read as UTF-8 (a byte-order mark is accepted; another
+encoding is named with the line and column, see `spard.io`); a ``save_to_disk`` folder that lost
+a file is named with the file.
 
 A source may also be a list of dicts or a ``datasets.Dataset`` already in memory.
 
@@ -14,7 +16,8 @@ Normalised row shapes:
   instruction set's ``instruction`` becomes ``prompt``. A conversational row (``messages``, or
   TRL's ``prompt``/``completion`` message lists) keeps its ``messages`` (training renders them
   with the chat template) and gets its last user turn as ``prompt`` and the assistant's answer
-  as ``response``.
+  as ``response``. An empty (or blank) answer is refused, naming the file and line, as a safety
+  pool's empty refusal is: it would train on the end-of-sequence token alone.
 - safety rows (`load_safety`): ``prompt``, ``safe`` (a refusal), ``unsafe`` (a harmful answer);
   ``fields`` names the ones required (a safety pool needs ``prompt`` and ``safe``, an attack
   corpus ``prompt`` and ``unsafe``), the others are optional.
@@ -37,7 +40,7 @@ from typing import Callable, Sequence
 from tqdm.auto import tqdm
 
 from spard.formatting import EncodedExample, conversation_of, encode_row, split_conversation
-from spard.io import read_jsonl
+from spard.io import read_jsonl, read_jsonl_numbered, read_text_utf8
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +64,8 @@ class Records:
     where: Callable[[int], str]  # row index -> "file:line" / "file: row i"
 
 
-def _jsonl_line_numbers(path: Path) -> list[int]:
-    # read_jsonl skips blank lines, so row i is the i-th non-blank line.
-    with open(path, encoding="utf-8") as f:
-        return [n for n, line in enumerate(f, start=1) if line.strip()]
-
-
 def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text_utf8(path)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -112,6 +109,38 @@ def _pick_split(ds, split: str | None, name: str):
     return ds
 
 
+def _save_to_disk_problem(path: Path) -> str | None:
+    """The file missing from a ``save_to_disk`` folder (``datasets`` only says "no such file"
+    or "not a dataset"), or None when every file its JSON files list is there."""
+
+    def dataset_problem(folder: Path, rel: str) -> str | None:
+        for name in ("state.json", "dataset_info.json"):
+            if not (folder / name).is_file():
+                return f"{rel}{name}"
+        try:
+            files = json.loads((folder / "state.json").read_text(encoding="utf-8")).get("_data_files", [])
+            names = [f["filename"] for f in files]
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            return None  # unreadable: left to `datasets` to report
+        return next((f"{rel}{n}" for n in names if not (folder / n).is_file()), None)
+
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        for split in splits:
+            if not (path / split).is_dir():
+                return f"{split}/ (split {split!r}, listed in dataset_dict.json)"
+            problem = dataset_problem(path / split, f"{split}/")
+            if problem:
+                return problem
+        return None
+    if (path / "state.json").is_file() or (path / "dataset_info.json").is_file():
+        return dataset_problem(path, "")
+    return None
+
+
 def _looks_like_hub_name(source: str) -> bool:
     return (
         source.count("/") <= 1
@@ -142,9 +171,14 @@ def _load(source, split: str | None) -> Records:
     if path.is_dir():
         from datasets import load_from_disk
 
+        missing = _save_to_disk_problem(path)
+        if missing:
+            raise ValueError(f"{name}: save_to_disk dataset is missing {missing}")
         try:
             ds = load_from_disk(str(path))
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            if getattr(e, "filename", None):
+                raise ValueError(f"{name}: save_to_disk dataset is missing {e.filename}") from None
             raise ValueError(f"{name}: folder is not a `save_to_disk` dataset") from None
         rows = _pick_split(ds, split, name).to_list()
         return Records(rows, name, lambda i: f"{name}: row {i}")
@@ -153,8 +187,8 @@ def _load(source, split: str | None) -> Records:
             raise ValueError(f"split: applies to a save_to_disk folder or a hub dataset, not to file {name}")
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            rows = read_jsonl(path)
-            lines = _jsonl_line_numbers(path)
+            numbered = read_jsonl_numbered(path)
+            rows, lines = [row for _, row in numbered], [n for n, _ in numbered]
             return Records(rows, name, lambda i: f"{name}:{lines[i]}")
         if suffix == ".json":
             rows = _read_json(path)
@@ -258,10 +292,15 @@ def load_task(
                 out.append({**row, "messages": messages, "prompt": _text_field(last, ("content",), "prompt", where)})
                 continue
             prompt, response = split_conversation(messages, where)
+            if require_response and not response.strip():
+                raise ValueError(f"{where}: the assistant's answer (the last message) is empty")
             out.append({**row, "messages": messages, "prompt": prompt, "response": response})
             continue
         prompt = _text_field(row, prompts, "prompt", where)
         response = _text_field(row, responses, "response", where, required=require_response)
+        if require_response and not response.strip():
+            key = next(k for k in responses if row.get(k) is not None)
+            raise ValueError(f"{where}: field {key!r} is empty")
         new = _with_prompt(row, prompt)
         if response is not None:
             new["response"] = response

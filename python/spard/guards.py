@@ -6,6 +6,11 @@
   device and read where the loop reads values anyway (logging steps, before each checkpoint and
   at the end), so a run never saves a checkpoint or an adapter made from a non-finite loss.
   "skip" must decide before the optimizer step, so it reads the loss on the host every step.
+- ``check_finite_parameters``: a finite loss can still give non-finite weights (an overflow in
+  the backward pass or the optimizer), and a skipped step cannot undo that. So the trainable
+  parameters are checked before every checkpoint and at the end of a run, before any adapter is
+  written: one fused reduction on the device and one host read, not one per tensor.
+  ``check_all_skipped``: a run whose every step was skipped trained nothing; it fails too.
 - ``check_dropped_rows``: rows whose response lies wholly beyond ``max_length`` carry no loss
   and are left out; say so loudly, and stop above a configurable share.
 """
@@ -25,6 +30,10 @@ POLICIES = ("error", "skip")
 
 class NonFiniteLossError(ValueError):
     """The training loss became NaN or infinite."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The trainable parameters became NaN or infinite."""
 
 
 class NonFiniteLossGuard:
@@ -68,6 +77,38 @@ class NonFiniteLossGuard:
                 f"step {step}: the training loss is not finite (NaN or inf); the run is stopped before any "
                 "checkpoint or adapter is written from it. Lower optim.lr or check the data; or set "
                 "run.on_nonfinite_loss=skip to skip such steps (counted in the run summary)")
+
+
+def check_finite_parameters(params, *, step: int) -> None:
+    """Raises NonFiniteWeightsError when a tensor of ``params`` holds a NaN or an infinity.
+
+    One fused reduction on the device (``torch._foreach_norm``: each tensor's L1 norm, summed in
+    float64, so no finite float32 value overflows it while NaN and inf carry through), one host
+    read. Sharded parameters (FSDP) are checked by their local shards, the counts summed over
+    ranks: call it on every rank."""
+    from .distributed import all_reduce_sum, local_tensor
+
+    tensors = [local_tensor(p.detach()) for p in params]
+    if not tensors:
+        return
+    acc = torch.float32 if any(t.device.type == "mps" for t in tensors) else torch.float64  # mps: no float64
+    norms = torch._foreach_norm(tensors, 1, dtype=acc)
+    bad = (~torch.isfinite(torch.stack([n.to(tensors[0].device) for n in norms]))).sum().float().reshape(1)
+    all_reduce_sum([bad])
+    if bad.item():
+        raise NonFiniteWeightsError(
+            f"step {step}: the trainable parameters are not finite (NaN or inf) after the update, though the loss "
+            "was checked; nothing is saved from them (no checkpoint, no adapter). Lower optim.lr, keep "
+            "optim.max_grad_norm set, or check the data")
+
+
+def check_all_skipped(steps: int, skipped: int) -> None:
+    """Raises NonFiniteLossError when every one of ``steps`` steps was skipped (nothing trained)."""
+    if steps > 0 and skipped >= steps:
+        raise NonFiniteLossError(
+            f"every one of the {steps} steps had a non-finite training loss and was skipped "
+            "(run.on_nonfinite_loss=skip): nothing was trained, so no adapter is written. The base model or the "
+            "data gives a NaN or infinite loss: check them")
 
 
 def check_dropped_rows(n_rows: int, n_kept: int, *, what: str, max_length: int,

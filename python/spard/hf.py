@@ -15,8 +15,10 @@ subclass that adds the callback itself and computes the loss with the defense's 
                              defense_data=DefenseData(user=rows, safety_pool=pool))
 
 The defense's logs (safety loss, alpha, trigger rate, weight entropy, surgery rate, ...) are
-averaged over each logging window and added to the Trainer's logs, so TensorBoard, W&B and
-MLflow receive them; its state is saved in every Trainer checkpoint and restored on resume.
+averaged over each logging window and added to the Trainer's logs as flat scalars
+(``defense/alpha``, ``defense/trigger``, ...); the callback runs ahead of the ``report_to``
+integrations, so TensorBoard, W&B and MLflow receive them. Its state is saved in every Trainer
+checkpoint and restored on resume.
 
 Differences from ``spard.trainer``: the Trainer clips before ``on_pre_optimizer_step``, so
 SafeGrad's surgery follows the clipping (a projection never lengthens the gradient); and the
@@ -33,6 +35,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .batches import MicroBatch
+from .callback import log_ahead_of_reporters
 from .defenses.base import Defense, DefenseData, TrainContext
 from .distributed import get_world_size
 from .formatting import collate, encode_example, label_token_count, pad_id_of
@@ -82,6 +85,7 @@ class DefenseCallback(TrainerCallback):
         tokenizer = self.tokenizer or processing_class
         if tokenizer is None:
             raise ValueError("DefenseCallback needs a tokenizer: pass it, or give the Trainer a processing_class")
+        log_ahead_of_reporters(self)  # its defense/* scalars must be in the logs before report_to writes them
         d = self.defense
         params = [p for p in model.parameters() if p.requires_grad]
         world = get_world_size()
@@ -161,6 +165,7 @@ class DefenseTrainer(Trainer):
         self.defense_callback = DefenseCallback(defense, defense_data)
         callbacks = list(kwargs.pop("callbacks", None) or []) + [self.defense_callback]
         super().__init__(*args, callbacks=callbacks, **kwargs)
+        log_ahead_of_reporters(self.defense_callback, self.callback_handler)
         self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer scales it
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -3,10 +3,16 @@
 A crash while writing leaves the previous file (or none), never a half-written one. JSON is
 written strictly (RFC 8259): a non-finite number (NaN, ±Infinity), which strict parsers reject,
 is written as null.
+
+Text input is read as UTF-8 (`read_text_utf8`, `read_jsonl`): a leading UTF-8 byte-order mark
+(many editors write one) is dropped, and a file in another encoding raises ValueError naming the
+file, the line and the column ("data.jsonl:3: not UTF-8 (byte 0xff at column 5); save the file
+as UTF-8"), or saying that it looks like UTF-16 / UTF-32.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import math
@@ -81,18 +87,65 @@ def write_figure_atomic(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     plt.close(fig)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Reads JSON Lines; a malformed line raises ValueError naming the file and line number."""
+def _wide_encoding(head: bytes) -> str | None:
+    """"UTF-16" / "UTF-32" when the first bytes of a file are in one of them (a byte-order mark,
+    or the NUL bytes that ASCII text has in them), else None."""
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "UTF-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "UTF-16"
+    if b"\x00" in head:
+        return "UTF-32" if head[:4].count(b"\x00") == 3 else "UTF-16"
+    return None
+
+
+def _decode_line(raw: bytes, path, lineno: int) -> str:
+    """One line of a file as UTF-8 (the line number counts from 1); ValueError naming the file,
+    line and column when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        column = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); "
+                         "save the file as UTF-8") from None
+
+
+def _utf8_lines(path) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line of ``path`` read as UTF-8 (see the module docstring)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                wide = _wide_encoding(raw[:64])
+                if wide:
+                    raise ValueError(f"{path}: looks like {wide}, not UTF-8; save the file as UTF-8")
+                if raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
+            yield lineno, _decode_line(raw, path, lineno)
+
+
+def read_text_utf8(path: str | os.PathLike) -> str:
+    """The text of ``path`` read as UTF-8 (a leading byte-order mark dropped); a file in another
+    encoding raises ValueError naming the file, line and column."""
+    return "".join(text for _, text in _utf8_lines(path))
+
+
+def read_jsonl_numbered(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """`read_jsonl`'s rows with the line number of each (blank lines are skipped)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for lineno, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((lineno, row))
     return rows
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Reads JSON Lines (UTF-8, a byte-order mark accepted); a malformed line or one that is not
+    UTF-8 raises ValueError naming the file and line number."""
+    return [row for _, row in read_jsonl_numbered(path)]

@@ -6,6 +6,10 @@
   section except ``run``, which only says where and how often to write). Checkpoints carry the
   hash; ``--resume`` refuses a checkpoint or folder of another run and names the settings that
   differ.
+- ``data_fingerprint`` / ``check_data_unchanged``: the identity covers the config, not the data
+  its paths name, so each local data file's size, mtime and sha256 hash are recorded in
+  ``data_files.json``; ``--resume`` refuses data whose size or content changed since, naming the
+  file (a new mtime alone, the same bytes, is the same data).
 - ``claim_run_folder``: a run refuses a folder that holds another run's outputs (or this run's,
   without ``--resume``), unless ``--overwrite``; the owner is recorded in ``spard_run.json``.
 - ``OutputLock``: an exclusive lock file, so a second process writing the same folder is
@@ -31,7 +35,8 @@ from typing import Any, Iterable, Iterator, Optional
 RUN_FILE = "spard_run.json"
 LOCK_FILE = ".spard.lock"
 # What `spard train` writes into its output folder (a folder holding any of them belongs to a run).
-RUN_OUTPUTS = ("adapter", "checkpoints", "run.json", "config.yaml", "data_manifest.json", RUN_FILE)
+DATA_FILE = "data_files.json"
+RUN_OUTPUTS = ("adapter", "checkpoints", "run.json", "config.yaml", "data_manifest.json", DATA_FILE, RUN_FILE)
 TRAINING_OUTPUTS = ("adapter", "checkpoints", "run.json")  # written once training has begun
 # Settings that may change between the sessions of one run: where and how often to write, and
 # settings that cannot change the result.
@@ -125,6 +130,83 @@ def check_resume_identity(state_identity: Optional[str], run_id: str, where: str
             detail = f" (settings changed since: {_describe_diff(diff)})"
     raise ValueError(f"--resume: {where} was made by another run{detail}; resume with the settings the run "
                      "was started with, or start again with --overwrite")
+
+
+# ----------------------------------------------------------------------------------------------
+# The data a run was started with
+# ----------------------------------------------------------------------------------------------
+DATA_KEYS = ("data.task", "data.eval_prompts", "attack.corpus", "attack.benign", "safety.pool")
+
+
+def _file_fingerprint(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    st = path.stat()
+    return {"size": st.st_size, "mtime": st.st_mtime, "sha256": h.hexdigest()}
+
+
+def data_fingerprint(sources: dict[str, Any]) -> dict:
+    """``{key: {"source", "files": {name: {"size", "mtime", "sha256"}}}}`` for each local source
+    in ``sources`` (config key -> path): a file, or every file under a folder (a save_to_disk
+    dataset). Hub names and unset keys are left out."""
+    out = {}
+    for key, source in sources.items():
+        if not source or not isinstance(source, (str, os.PathLike)):
+            continue
+        path = Path(source).expanduser()
+        if path.is_file():
+            files = {path.name: _file_fingerprint(path)}
+        elif path.is_dir():
+            files = {str(f.relative_to(path)): _file_fingerprint(f) for f in sorted(path.rglob("*")) if f.is_file()}
+        else:
+            continue
+        out[key] = {"source": str(source), "files": files}
+    return out
+
+
+def config_data_sources(config: dict) -> dict[str, Any]:
+    """The data paths a config (``TrainConfig.to_dict()``) names, by dotted key (`DATA_KEYS`)."""
+    out = {}
+    for key in DATA_KEYS:
+        section, name = key.split(".")
+        out[key] = (config.get(section) or {}).get(name)
+    return out
+
+
+def read_data_fingerprint(out: str | os.PathLike) -> Optional[dict]:
+    path = Path(out) / DATA_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_data_unchanged(recorded: Optional[dict], current: dict) -> None:
+    """Refuses (ValueError naming the key and file) data whose size or content differs from what
+    the run recorded when it started; files added to or gone from a folder count too. Sources
+    the record does not hold (an older run) pass."""
+    for key, now in current.items():
+        then = (recorded or {}).get(key)
+        if not isinstance(then, dict) or then.get("source") != now["source"] or not isinstance(then.get("files"), dict):
+            continue
+        old, new = then["files"], now["files"]
+        for name in sorted(set(old) | set(new)):
+            shown = now["source"] if len(new) == 1 and len(old) == 1 else str(Path(now["source"]) / name)
+            if name not in new:
+                change = "it is gone"
+            elif name not in old:
+                change = "it is new"
+            elif old[name].get("size") != new[name]["size"]:
+                change = f"size {old[name].get('size')} -> {new[name]['size']} bytes"
+            elif old[name].get("sha256") != new[name]["sha256"]:
+                change = "same size, other content (sha256)"
+            else:
+                continue
+            raise ValueError(f"--resume: {key}: {shown} changed since the run started ({change}); resume with "
+                             "the data the run was started with, or start again with --overwrite")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +370,7 @@ def open_run(config, *, main: bool = True) -> Iterator[RunClaim]:
     if not main:
         yield claim
         return
-    check_output_dir(out, "run.output_dir", files=("run.json", "config.yaml", "data_manifest.json"))
+    check_output_dir(out, "run.output_dir", files=("run.json", "config.yaml", "data_manifest.json", DATA_FILE))
     with OutputLock(out, "run.output_dir"):
         claim_run_folder(out, identity, resume=config.run.resume, overwrite=config.run.overwrite, write=False)
         remove_stale_temps(out, out / "checkpoints")

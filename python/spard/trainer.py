@@ -10,6 +10,7 @@ the defense, add LoRA, fit, save the adapter and logs.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -20,16 +21,18 @@ from tqdm.auto import tqdm
 
 from .batches import BatchStream
 from .checkpoint import checkpoint_info, latest_checkpoint, load_checkpoint, load_objects, save_checkpoint
-from .config import LoraConfig, OptimConfig, TrainConfig, save_config
+from .config import SPAG_DEFENSES, LoraConfig, OptimConfig, TrainConfig, save_config
 from .defenses.base import Defense, DefenseData, TrainContext
 from .defenses.sft import SFT
 from .defenses.spard import SPARD
 from .distributed import all_reduce_sum, full_tensor, get_world_size, is_main_process, local_device
 from .formatting import pad_id_of
-from .guards import NonFiniteLossGuard, check_dropped_rows
+from .guards import NonFiniteLossGuard, check_all_skipped, check_dropped_rows, check_finite_parameters
 from .io import write_json_atomic
 from .precision import autocast_for
 from .spag import SafetyProjector, encode_rows, trainable_parameters
+
+log = logging.getLogger(__name__)
 
 
 class StopTraining(Exception):
@@ -101,8 +104,9 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
 
     Rows whose response lies beyond ``max_length`` are left out with a warning, and the call
     fails when more than ``max_dropped_share`` of them are (None: never). A non-finite loss
-    stops the run (``on_nonfinite_loss="error"``) or skips that update ("skip"); see
-    `spard.guards`.
+    stops the run (``on_nonfinite_loss="error"``) or skips that update ("skip"); non-finite
+    trainable parameters (checked before each checkpoint and at the end), or a run whose every
+    step was skipped, end it with an error; see `spard.guards`.
     """
     optim = optim or OptimConfig()
     if defense is not None and projector is not None:
@@ -160,9 +164,16 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
                                      "count": saved["running_means"]["count"]})
 
     guard = NonFiniteLossGuard(on_nonfinite_loss, start_step=step, skipped=skipped_before)
+    weights_checked_at = [None]  # the step whose parameters were last found finite
+
+    def check_weights(at_step: int) -> None:
+        if weights_checked_at[0] != at_step:
+            check_finite_parameters(params, step=at_step)  # one fused check on the device
+            weights_checked_at[0] = at_step
 
     def checkpoint(at_step: int) -> None:
         guard.check()  # never a checkpoint made from a non-finite loss
+        check_weights(at_step)  # nor from non-finite weights (a finite loss can still give them)
         save_checkpoint(checkpoint_dir, at_step, model=model, optimizer=optimizer, scheduler=scheduler,
                         keep=keep_checkpoints,
                         objects={"defense": defense.state_dict(), "running_means": running.state_dict()},
@@ -201,6 +212,8 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
         bar.close()
         model.train(was_training)
     guard.check()
+    check_all_skipped(step, guard.skipped)
+    check_weights(step)  # before the caller saves an adapter from them
     summary = {"steps": step, "total_steps": total, "examples": len(examples),
                "truncated_examples": truncated, "rows_beyond_max_length": dropped, "rows_given": len(rows),
                "nonfinite_steps_skipped": guard.skipped, "seconds_this_session": time.perf_counter() - start,
@@ -336,7 +349,7 @@ def build_defense(config: TrainConfig) -> Defense:
     from .defenses import REGISTRY, make_defense
 
     name = config.defense.name
-    if name in ("spard", "spard-official", "spard-random", "spard-lr-cap") and not config.spag.enabled:
+    if name in SPAG_DEFENSES and not config.spag.enabled:
         name = "sft"
     settings = dict(config.defense.settings)
     if REGISTRY.get(name, (None,))[0] is SPARD:
@@ -448,6 +461,9 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
 
     config.validate()
     several_ranks = distributed.init_from_env()
+    if strategy is not None and not several_ranks:
+        log.warning("--strategy %s has no effect with one process: it applies under torchrun / accelerate launch "
+                    "with several processes; training on this one", strategy)
     # The output folder: writable, this run's own, one writer (spard.runfolder), for the whole run.
     with open_run(config, main=distributed.is_main_process()) as claim:
         return _train(config, claim, several_ranks, strategy)
@@ -458,7 +474,8 @@ def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[s
     from .checkpoint import atomic_dir
     from .lora import apply_lora
     from .preflight import check_device, check_model_source
-    from .runfolder import check_resume_identity
+    from .runfolder import (DATA_FILE, check_data_unchanged, check_resume_identity, config_data_sources,
+                            data_fingerprint, read_data_fingerprint)
 
     check_model_source(config.model.name_or_path, "model.name_or_path")  # before data and selection
     check_device(config.run.device, "run.device")
@@ -466,8 +483,10 @@ def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[s
     out = Path(config.run.output_dir)
     ckpt_dir = out / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if config.run.resume else None
-    if latest is not None:  # never another run's checkpoint
+    data_files = data_fingerprint(config_data_sources(config.to_dict()))  # size, mtime, sha256 of each file
+    if latest is not None:  # never another run's checkpoint, nor other data than the run's
         check_resume_identity(checkpoint_info(latest)["extra"].get("run_id"), run_id, str(latest))
+        check_data_unchanged(read_data_fingerprint(out), data_files)
     elif config.run.resume:
         print(f"no checkpoint in {ckpt_dir}: starting from scratch")
 
@@ -495,6 +514,7 @@ def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[s
     if distributed.is_main_process():
         save_config(config, out / "config.yaml")
         write_json_atomic(out / "data_manifest.json", manifest)
+        write_json_atomic(out / DATA_FILE, data_files)
     result = fit(model, tokenizer, rows, defense=defense, data=data, optim=config.optim,
                  max_length=config.model.max_length, checkpoint_dir=str(ckpt_dir),
                  save_every=config.run.save_every, keep_checkpoints=config.run.keep_checkpoints,
@@ -510,6 +530,8 @@ def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[s
     if distributed.is_main_process():
         with atomic_dir(out / "adapter") as tmp:
             peft_model.save_pretrained(str(tmp), safe_serialization=True, state_dict=adapter_state)
+            from .eval.generate import write_base_fingerprint  # the base model's identity, for spard eval
+            write_base_fingerprint(tmp, peft_model)
     safe_set = len(selection["indices"]) if selection is not None else 0
     run = {"output_dir": str(out), "adapter": str(out / "adapter"), "run_id": run_id, "config": config.to_dict(),
            "defense": defense.describe(),

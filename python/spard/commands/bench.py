@@ -10,6 +10,7 @@ Finished cells are skipped on a rerun; failed ones are retried. See docs/bench.m
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 # The world's quick settings: small enough for the full grid to run on a laptop CPU.
@@ -31,7 +32,7 @@ WORLD_FULL = {**WORLD_QUICK, "n_task": 750, "n_eval": None, "n_task_test": None,
 
 
 FILE_KEYS = ("model", "task", "task_test", "eval_prompts", "safety_pool", "attacks", "n_task", "n_task_test",
-             "n_eval", "device", "benign", "val_prompts", "task_val", "validation_share")
+             "n_eval", "device", "benign", "val_prompts", "task_val", "validation_share", "duplicates")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "safety_pool, attacks {name: path}, and any settings (see docs/bench.md)")
     parser.add_argument("--quick", action="store_true", help="the world's quick settings (default for --world)")
     parser.add_argument("--full", action="store_true", help="the world's full-size settings")
-    parser.add_argument("--world-task", choices=("gsm8k", "openbookqa"), default="gsm8k",
+    parser.add_argument("--world-task", choices=("gsm8k", "openbookqa"), default=None,
                         help="the world's task: worked answers (gsm8k, default) or four-way multiple choice in "
                              "the OpenBookQA format (its own vocabulary and aligned model, built on first use)")
     parser.add_argument("--defenses", help="comma-separated names (default: all registered)")
@@ -138,7 +139,7 @@ def build_settings(spec: dict):
         raise ValueError(f"bench settings: expected a mapping, got {type(spec).__name__}")
     spec = dict(spec)
     known = {"defenses", "ratios", "seeds", "attack_kinds", "extra_judges", "defense_settings", "optim", "lora", "max_length", "max_new_tokens",
-             "task_max_new_tokens", "eval_batch_size", "judge", "judge_model", "save_every"}
+             "task_max_new_tokens", "eval_batch_size", "judge", "judge_model", "save_every", "on_overlap"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ValueError(f"bench settings: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -183,6 +184,11 @@ def run(args) -> int:
         print(open(f"{args.out}/table.md", encoding="utf-8").read())
         return 0 if summary else 1
     progress = not args.no_progress
+    if args.quick and args.full:
+        raise ValueError("--quick / --full: give one of them")
+    if args.config and args.world_task is not None:
+        print("spard bench: warning: --world-task applies to --world only; no effect with --config", file=sys.stderr)
+    world_task = args.world_task or "gsm8k"
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
@@ -201,6 +207,10 @@ def run(args) -> int:
         raise ValueError("--world / --config: give one of them (or --summarize-only)")
     if args.defenses:
         spec["defenses"] = _csv(args.defenses, str, "--defenses")
+        from spard.defenses import REGISTRY
+        if isinstance(spec.get("defense_settings"), dict):  # the settings of the defenses left out go too
+            spec["defense_settings"] = {d: v for d, v in spec["defense_settings"].items()
+                                        if d in spec["defenses"] or d not in REGISTRY}
     spec.setdefault("defenses", defense_names())
     if args.ratios:
         spec["ratios"] = _csv(args.ratios, float, "--ratios")
@@ -211,7 +221,10 @@ def run(args) -> int:
     judges_text = args.judges
     if args.world and judges_text is None:
         judges_text = "refusal,moderation"  # the world's two judges: keywords and its moderation model
-    if judges_text:
+    if judges_text is not None:
+        if not judges_text.replace(",", "").strip():
+            raise ValueError(f"--judges: empty list {judges_text!r}; name at least two judges, "
+                             "e.g. refusal,moderation=MODEL")
         from spard.commands.eval import parse_judges
         judges = parse_judges(judges_text, WORLD_MODEL if args.world else spec.get("judge_model"))
         bad = [n for n, m in judges if m == WORLD_MODEL and n != "moderation"]
@@ -228,6 +241,7 @@ def run(args) -> int:
     space = check_search(args, settings)  # checked before any model loads
     if not (args.claim_timeout > 0 and args.claim_timeout != float("inf")):
         raise ValueError(f"--claim-timeout: expected a finite number of seconds > 0, got {args.claim_timeout}")
+    bench.check_claim_timeout(args.out, args.claim_timeout)  # the grid's, when a worker stored it
     if args.config:  # the pool alone first: a defense it cannot serve is named before the model loads
         from spard.data import POOL_FIELDS, load_safety
         from spard.preflight import input_named
@@ -235,13 +249,16 @@ def run(args) -> int:
             bench.check_defense_data(settings, load_safety(source["safety_pool"], fields=POOL_FIELDS))
     # Several workers may share --out (claims keep them from running a cell twice): no folder lock.
     if args.config:
-        data = bench.file_data(**source)
+        data = bench.file_data(**source, settings=settings)  # the attacks checked before the model loads
     else:
         from spard.world import WorldSettings
-        data = bench.world_data(WorldSettings(task=args.world_task), **source, progress=progress)
+        data = bench.world_data(WorldSettings(task=world_task), **source, progress=progress)
     bench.check_defense_data(settings, data.safety_pool)
+    if not args.config:
+        bench.check_attacks(data, settings)  # overlap and ratios: before any training
     if args.world and settings.judge_model == WORLD_MODEL or WORLD_MODEL in str(settings.extra_judges):
-        world_judges(settings, args.world_task, progress)
+        world_judges(settings, world_task, progress)
+    bench.pin_claim_timeout(args.out, args.claim_timeout)  # tuning's claims too
     tuned = {}
     if args.tune_defenses is not None:
         from spard.tuning import apply_tuned, tune_defenses
@@ -259,6 +276,10 @@ def run(args) -> int:
                                 claim_timeout_s=args.claim_timeout)
     print(f"cells: {len(status['done'])} run, {len(status['skipped'])} already done, "
           f"{len(status['claimed_by_others'])} running elsewhere, {len(status['failed'])} failed")
+    incomplete = incomplete_line(status)
+    if incomplete and not bench.load_cells(args.out):
+        print(incomplete, file=sys.stderr)  # nothing to summarise yet
+        return 1
     summary = bench.summarize(args.out, defenses_order=settings.defenses)
     print(open(f"{args.out}/table.md", encoding="utf-8").read())
     if space is not None:
@@ -270,7 +291,22 @@ def run(args) -> int:
                       storage=args.study_storage, judge=args.objective_judge, tuned=tuned, worker=args.worker_id,
                       claim_timeout_s=args.claim_timeout, progress=progress, seed=settings.seeds[0])
         print(open(f"{args.out}/adaptive.md", encoding="utf-8").read())
-    return 1 if status["failed"] else 0
+    if incomplete:
+        print(incomplete, file=sys.stderr)
+        return 1
+    return 0
+
+
+def incomplete_line(status: dict) -> str | None:
+    """One line when this worker's share of the grid is not whole (cells claimed by other
+    workers, or failed); None when it is."""
+    claimed, failed = len(status["claimed_by_others"]), len(status["failed"])
+    if not claimed and not failed:
+        return None
+    total = claimed + failed + len(status["done"]) + len(status["skipped"])
+    hint = "rerun once they end" if claimed else "rerun to retry (errors in cells/**/*.error.json)"
+    return (f"spard bench: {claimed + failed} of {total} cells unfinished: {claimed} claimed by other workers "
+            f"(running elsewhere), {failed} failed; {hint}")
 
 
 # The world's moderation judge, named in --judges before the world (and the judge) is built.

@@ -11,6 +11,7 @@ first token is generated. ``--rejudge`` reuses the responses saved by an earlier
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -35,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--task-max-new-tokens", type=int, default=512, help="new tokens per task response (default 512)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--long-prompts", choices=["truncate", "error"], default="truncate",
+                   help="prompts longer than the model's context less the new tokens: truncate (default: keep "
+                        "their end, counted in eval.json) or error (refuse them before generating)")
     j = p.add_argument_group("judge")
     j.add_argument("--judge", choices=["refusal", "moderation", "guard", "rubric"], default="refusal",
                    help="refusal keywords (offline, default), moderation classifier, generative guard, API rubric")
@@ -168,7 +172,12 @@ def run(args) -> int:
         max_new_tokens=args.max_new_tokens, task_max_new_tokens=args.task_max_new_tokens,
         batch_size=args.batch_size, do_sample=args.do_sample, out_dir=out,
         safety_responses=safety_responses, task_responses=task_responses, extra_judges=extra_judges,
+        long_prompts=args.long_prompts,
     )
+    failed = (result.get("safety") or {}).get("failed_calls", 0)
+    if failed:
+        print(f"spard eval: warning: {failed} of {result['safety']['n']} {result['safety']['judge'].get('name')} "
+              "judge calls failed; those answers are not scored (rerun to retry them)", file=sys.stderr)
     result["inputs"] = {"model": args.model, "adapter": args.adapter, "safety_data": args.safety_data,
                         "task_data": args.task_data, "rejudge": args.rejudge}
     write_json_atomic(out / "eval.json", result)

@@ -1,20 +1,29 @@
 """`spard select`: pick the safety subset for a fine-tuning run with RD-DPP (or an ablation).
 
 Writes ``<out>/selected.jsonl`` (the picked pool rows, unchanged, in pick order) and
-``<out>/select_report.json`` (k, method, relevance, log det, timings, the picked indices), and
-prints the report as a table.
+``<out>/select_report.json`` (k, method, relevance, log det, timings, the picked indices, and
+``selected_sha256``, the hash of the selected.jsonl it goes with), and prints the report as a
+table.
+
+The output folder is locked for the run (``spard.runfolder.OutputLock``, as `spard train` does),
+so a second `spard select` into it is refused; the pair is written report last (the old report
+removed first, each file atomically), so a report always describes the selected.jsonl beside it.
+The options (``--k`` or ``--p``, ``--cache-dir``) are checked before any pool row is embedded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+from pathlib import Path
 
 # Kept equal to spard.select.METHOD_ALIASES (a test checks it) so `spard --help` needs no torch.
 METHOD_NAMES = ("rd-dpp", "dpp", "random", "relevance", "relevance-only")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "spard", "embeddings")
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16"}
+DEFAULT_P = 0.03
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The same names as the Python API (spard.select.METHOD_ALIASES).
     sel.add_argument("--method", default="rd-dpp", choices=list(METHOD_NAMES))
     sel.add_argument("--k", type=int, default=None, help="subset size (default floor(p * |reference|))")
-    sel.add_argument("--p", type=float, default=0.03, help="subset size as a fraction of the reference size")
+    sel.add_argument("--p", type=float, default=None, help=f"subset size as a fraction of the reference size "
+                     f"(default {DEFAULT_P}; give --k or --p)")
     sel.add_argument("--beta", type=float, default=4.0, help="relevance exponent: r = clamp(q, 0)^beta")
     sel.add_argument("--seed", type=int, default=0, help="seed of the random method")
 
@@ -76,12 +86,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _select(args: argparse.Namespace, embedder) -> int:
-    from spard.data import POOL_FIELDS, load_safety, load_task
-    from spard.io import write_json_atomic, write_jsonl_atomic
     from spard.embed import MINILM
-    from spard.preflight import check_device, check_model_source, input_named
+    from spard.preflight import check_device, check_model_source
     from spard.runfolder import check_output_dir
-    from spard.select import select_safe_data
 
     out = check_output_dir(args.out, "--out", files=("selected.jsonl", "select_report.json"))
     for name in ("limit_pool", "limit_reference", "k"):
@@ -90,9 +97,48 @@ def _select(args: argparse.Namespace, embedder) -> int:
             raise ValueError(f"--{name.replace('_', '-')}: expected an int >= {0 if name == 'k' else 1}, got {value}")
     if args.batch_size < 1 or args.max_length < 1:
         raise ValueError(f"--batch-size / --max-length: expected ints >= 1, got {args.batch_size} / {args.max_length}")
+    if args.k is not None and args.p is not None:
+        raise ValueError("--k / --p: give one of them (--k is the subset size, --p derives it from the reference size)")
+    p = DEFAULT_P if args.p is None else args.p
     check_device(args.device, "--device")
     if args.method != "random" and embedder != MINILM:  # run() made sure one is given
         check_model_source(embedder, "--embedder" if args.embedder else "--model")
+    if embedder is not None and not args.no_cache:  # the cache is written after the pool is embedded
+        check_output_dir(args.cache_dir, "--cache-dir")
+    with _locked(out):
+        return _select_into(args, embedder, out, p)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Holds ``out``'s OutputLock (created for it when missing) and removes a killed run's temporary
+    files. A run that fails leaves the folders it created as they were: absent."""
+    from spard.runfolder import LOCK_FILE, OutputLock, remove_stale_temps
+
+    created = [d for d in (out, *out.parents) if not d.exists()]  # the deepest first
+    lock = OutputLock(out, "--out").acquire()
+    try:
+        remove_stale_temps(out)
+        yield
+    except BaseException:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                (out / LOCK_FILE).unlink()
+                for folder in created:
+                    folder.rmdir()  # only when nothing else was written there
+        raise
+    lock.release()
+
+
+def _select_into(args: argparse.Namespace, embedder, out: Path, p: float) -> int:
+    import hashlib
+
+    from spard.data import POOL_FIELDS, load_safety, load_task
+    from spard.io import write_json_atomic, write_jsonl_atomic
+    from spard.preflight import input_named
+    from spard.select import select_safe_data
+
     with input_named("--pool"):  # the safe set is the pool's refusals: every row needs one
         pool = load_safety(args.pool, split=args.pool_split, limit=args.limit_pool, fields=POOL_FIELDS)
     with input_named("--reference"):
@@ -110,7 +156,7 @@ def _select(args: argparse.Namespace, embedder) -> int:
             reference,
             method=args.method,
             k=args.k,
-            p=args.p,
+            p=p,
             beta=args.beta,
             embedder=embedder,
             seed=args.seed,
@@ -120,9 +166,12 @@ def _select(args: argparse.Namespace, embedder) -> int:
         )
 
     selected_path, report_path = out / "selected.jsonl", out / "select_report.json"
+    report_path.unlink(missing_ok=True)  # never an old report beside a new selection
     write_jsonl_atomic(selected_path, [pool[i] for i in indices])
-    report.update(pool_source=args.pool, reference_source=args.reference, selected=str(selected_path), indices=indices)
-    write_json_atomic(report_path, report)
+    digest = hashlib.sha256(selected_path.read_bytes()).hexdigest()
+    report.update(pool_source=args.pool, reference_source=args.reference, selected=str(selected_path), indices=indices,
+                  selected_sha256=digest)
+    write_json_atomic(report_path, report)  # last: a report always describes the selected.jsonl beside it
     print(_table(report))
     print(f"wrote {selected_path} and {report_path}")
     return 0

@@ -5,9 +5,14 @@ default, or any registered one (``--defense lisa --set defense.rho=0.5``).
 
 Writes into the output folder: ``adapter/`` (peft LoRA adapter, safetensors), ``config.yaml``
 (the resolved config), ``data_manifest.json`` (attack and selection), ``run.json`` (per-step
-log and summary), ``checkpoints/`` (``--resume`` continues from the newest whole one) and
-``spard_run.json`` (the run's identity: a folder holding another run is refused unless
+log and summary), ``checkpoints/`` (``--resume`` continues from the newest whole one),
+``data_files.json`` (size, mtime and sha256 of each data file: ``--resume`` refuses changed
+data) and ``spard_run.json`` (the run's identity: a folder holding another run is refused unless
 ``--overwrite``; two processes writing one folder are refused by a lock).
+
+Options that contradict each other are refused, one line naming both: a shortcut and a ``--set``
+of its key with another value (``--max-steps 5 --set optim.max_steps=7``), ``--sft`` with
+another defense. ``--strategy`` outside torchrun / accelerate launch is said to have no effect.
 """
 
 from __future__ import annotations
@@ -42,6 +47,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(see docs/distributed.md)")
 
 
+# The flag that sets each shortcut key, for messages.
+_FLAGS = {"model.name_or_path": "--model", "data.task": "--task", "attack.corpus": "--attack",
+          "safety.pool": "--pool", "run.output_dir": "--output-dir", "optim.max_steps": "--max-steps",
+          "defense.name": "--defense", "spag.enabled": "--sft", "run.resume": "--resume",
+          "run.overwrite": "--overwrite", "run.progress": "--no-progress"}
+
+
+def _check_conflicts(args, shortcuts: dict) -> None:
+    """Refuses a shortcut and a ``--set`` of its key with another value (the shortcut would win
+    silently), and ``--sft`` with a defense that SPAG's switch does not turn into SFT."""
+    from spard.config import parse_override
+
+    for assignment in args.overrides:
+        if "=" not in assignment:
+            continue  # load_config names the malformed override
+        key, value = parse_override(assignment)
+        if key in shortcuts and value != shortcuts[key]:
+            flag = _FLAGS[key]
+            shown = flag if isinstance(shortcuts[key], bool) else f"{flag} {shortcuts[key]}"
+            raise ValueError(f"{shown} conflicts with --set {assignment}; give one of them")
+    if args.sft and args.defense is not None and args.defense != "sft":
+        raise ValueError(f"--sft / --defense: --sft trains plain SFT, --defense {args.defense} another defense; "
+                         "give one of them")
+
+
+def _check_sft(args, config) -> None:
+    from spard.config import SPAG_DEFENSES
+
+    name = config.defense.name
+    if args.sft and name != "sft" and name not in SPAG_DEFENSES:
+        raise ValueError(f"--sft: plain SFT conflicts with defense.name {name!r} (the config); give one of them")
+
+
 def _shortcut_values(args) -> dict:
     pairs = {"model.name_or_path": args.model, "data.task": args.task, "attack.corpus": args.attack,
              "safety.pool": args.pool, "run.output_dir": args.output_dir, "optim.max_steps": args.max_steps,
@@ -63,7 +101,10 @@ def run(args) -> int:
 
     from spard.config import load_config
 
-    config = load_config(args.config, args.overrides, _shortcut_values(args))
+    shortcuts = _shortcut_values(args)
+    _check_conflicts(args, shortcuts)
+    config = load_config(args.config, args.overrides, shortcuts)
+    _check_sft(args, config)
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0

@@ -32,7 +32,7 @@ REGISTRY: dict[str, tuple[type[Defense], dict]] = {
     "antibody-align": (Antibody, {"alignment_stage": True}),
     "booster": (Booster, {}),
     "spard": (SPARD, {}),
-    "spard-official": (SPARD, {"mode": "official"}),
+    "spard-official": (SPARD, {"mode": "official", "tau": 0.2}),  # the released code's fixed τ
     "spard-random": (SPARD, {"selection": "random"}),
     "spard-lr-cap": (SPARD, {"max_step": "lr"}),
 }

@@ -6,7 +6,7 @@
                       judge=RefusalJudge())
 """
 
-from .evaluate import evaluate, markdown_table, task_accuracy
+from .evaluate import NoVerdict, evaluate, markdown_table, task_accuracy
 from .generate import (
     AdapterError,
     check_adapter,
@@ -15,6 +15,7 @@ from .generate import (
     load_generations,
     load_model,
     save_generations,
+    write_base_fingerprint,
 )
 from .factory import JUDGES, make_judge
 from .judges import REFUSAL_PHRASES, GuardJudge, Judge, ModerationJudge, RefusalJudge, Verdict
@@ -31,9 +32,9 @@ from .rubric import JudgeAPIError, JudgeUnavailable, RubricJudge, parse_rubric_s
 
 __all__ = [
     "AdapterError", "GuardJudge", "JUDGES", "Judge", "JudgeAPIError", "JudgeUnavailable", "ModerationJudge",
-    "REFUSAL_PHRASES", "Rate", "RefusalJudge", "RubricJudge", "Verdict", "check_adapter", "evaluate",
+    "NoVerdict", "REFUSAL_PHRASES", "Rate", "RefusalJudge", "RubricJudge", "Verdict", "check_adapter", "evaluate",
     "extract_gsm8k_number", "extract_openbookqa_choice", "generate", "generate_from_ids",
     "gsm8k_accuracy", "load_generations", "load_model", "make_judge", "markdown_table",
     "openbookqa_accuracy", "parse_rubric_score", "refusal_asr", "safety_metrics", "save_generations",
-    "task_accuracy",
+    "task_accuracy", "write_base_fingerprint",
 ]

@@ -345,8 +345,12 @@ def _spawn(api, cache, responses, concurrency):
     paths = json.dumps([str(root / "python"), str(root)])
     spec = json.dumps({"url": api.base_url, "env": KEY_ENV, "concurrency": concurrency, "cache": str(cache),
                        "responses": responses})
+    # SIGINT back to its default first: a parent that ignores it (a background job, some CI
+    # runners) would pass the ignore on, and Python keeps an inherited ignore (no Ctrl-C at all).
+    import signal
     return subprocess.Popen([sys.executable, "-c", SPAWN, paths, spec], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _until(cond, timeout=30.0):

@@ -43,6 +43,23 @@ def _module(name: str):
 def _add_debug(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("--debug", action="store_true", default=default,
                         help="print the full traceback when a command fails")
+    parser.add_argument("--verbose", action="store_true", default=default,
+                        help="keep transformers' model-loading reports and progress bars")
+
+
+def _quiet_transformers() -> None:
+    """transformers prints a loading bar and report on every model load (a bench loads models
+    per cell): quieted, but for warnings that are errors; hub downloads keep their bars."""
+    import os
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        import huggingface_hub.utils as hub
+        import transformers.utils.logging as tlog
+    except ImportError:
+        return
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    hub.enable_progress_bars()  # disable_progress_bar turned the download bars off too
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -94,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
+    if not getattr(args, "verbose", False):
+        _quiet_transformers()
     restore = _sigterm_as_interrupt() if args.command in GRACEFUL_SIGTERM else None
     try:
         return int(_module(args.command).run(args) or 0)

@@ -297,6 +297,16 @@ def attack_search(data, settings, out_dir, *, defenses: Sequence[str], trials: i
     return report
 
 
+def fixed_asr(report: dict, defense: str) -> Optional[float]:
+    """The grid's fixed-setting ASR of ``defense`` by the search's objective judge (the first
+    judge's when the grid did not record that judge)."""
+    f = (report.get("fixed") or {}).get(defense, {})
+    judge = report.get("judge")
+    if judge and (f.get("judges") or {}).get(judge) is not None:
+        return f["judges"][judge]
+    return f.get("asr")
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -308,7 +318,7 @@ def adaptive_table(report: dict) -> str:
     lines = [f"### Adaptive attacker: worst case per defense ({report['trials']} trials each, objective: {judge}'s "
              f"ASR; accuracy at least {_pct(ref['accuracy'] - report['max_acc_drop'])}%: SFT's {_pct(ref['accuracy'])}% "
              f"minus {100 * report['max_acc_drop']:.0f} points)", "",
-             "| defense | tuned settings | fixed-setting ASR (%) | fixed accuracy (%) | worst case, confirmed (%) | "
+             f"| defense | tuned settings | fixed-setting ASR, {judge} (%) | fixed accuracy (%) | worst case, confirmed (%) | "
              "its accuracy (%) | single-trial max (%) | bounded worst (%) | top-" + str(report.get("top_n", 3)) +
              " mean (%) | worst attack | feasible / trials |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -316,7 +326,7 @@ def adaptive_table(report: dict) -> str:
     for d, r in report["defenses"].items():
         f = (report.get("fixed") or {}).get(d, {})
         tuned = format_settings((report.get("tuned") or {}).get(d) or {})
-        head = f"| {d} | {tuned} | {_pct(f.get('asr'))} | {_pct(f.get('accuracy'))} |"
+        head = f"| {d} | {tuned} | {_pct(fixed_asr(report, d))} | {_pct(f.get('accuracy'))} |"
         if r.get("skipped"):
             lines.append(f"{head} not attacked (capability guard) | - | - | - | - | - | - |")
             notes.append(f"{d}: {r['guard']['note']}")
@@ -364,7 +374,8 @@ def plot_adaptive(report: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, (d, r) in enumerate(report["defenses"].items()):
         color = plt.cm.tab10(i % 10)
-        f = (report.get("fixed") or {}).get(d, {})
+        f = dict((report.get("fixed") or {}).get(d, {}))
+        f["asr"] = fixed_asr(report, d)
         c = r.get("confirmed")
         if f.get("asr") is not None and f.get("accuracy") is not None:
             ax.plot(100 * f["accuracy"], 100 * f["asr"], marker="o", mfc="none", color=color, linestyle="none")

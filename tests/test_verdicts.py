@@ -329,7 +329,6 @@ def test_prompt_layouts_change_the_training_text_only():
     (["--adaptive", "--search-ranks", ""], "--search-ranks"),
     (["--adaptive", "--search-layouts", "xml"], "--search-layouts: expected names from chat, plain, none"),
     (["--adaptive", "--search-ratios", "nan"], "--search-ratios"),
-    (["--search-ratios", "0.1"], "--search-ratios: sets the attacker's search space, which runs only with --adaptive"),
     (["--adaptive", "--objective-judge", "guard"], "--objective-judge: expected one of the bench's judges"),
     (["--judges", "refusal,guard"], "the world cannot build a guard judge"),
 ])
@@ -347,3 +346,14 @@ def test_a_storage_folder_that_is_a_file_is_named_before_any_work(tmp_path, caps
     assert main(["bench", "--world", "--out", str(tmp_path / "o"), "--adaptive", "3", "--study-storage",
                  f"sqlite:///{tmp_path}/f/studies.db"]) == 2
     assert "--study-storage" in capsys.readouterr().err
+
+
+def test_search_options_without_adaptive_warn_that_they_have_no_effect(tmp_path, capsys):
+    from spard.cli import build_parser
+    from spard.commands.bench import check_search
+    args = build_parser(["bench"]).parse_args(["bench", "--world", "--out", str(tmp_path / "o"), "--search-ratios",
+                                               "0.1", "--search-ranks", "8"])
+    assert check_search(args, BenchSettings()) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: --search-ratios, --search-ranks: the attacker's search space has no " \
+        "effect without --adaptive" in err

@@ -347,8 +347,9 @@ def check_search(args, settings):
                             ("--search-batch-sizes", args.search_batch_sizes), ("--search-ranks", args.search_ranks),
                             ("--search-warmup", args.search_warmup), ("--search-layouts", args.search_layouts))
              if v is not None]
-    if given and args.adaptive is None:
-        raise ValueError(f"{given[0]}: sets the attacker's search space, which runs only with --adaptive")
+    if given and args.adaptive is None:  # no effect: a warning, not an error
+        print(f"spard bench: warning: {', '.join(given)}: the attacker's search space has no effect without "
+              "--adaptive", file=sys.stderr)
     if not wants:
         return None
     check_options(trials=args.adaptive or args.tune_defenses, max_acc_drop=args.max_acc_drop,

@@ -100,7 +100,10 @@ def test_two_ranks_match_one_process(two_ranks, name, strategy):
     got = load_file(str(two_ranks / f"{name}-{strategy}.safetensors"))
     assert got.keys() == reference.keys()
     for k in got:
-        torch.testing.assert_close(got[k], reference[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {k}: {m}")
+        # fp32 sums in another order (FSDP's reduce-scatter): on one 2-core machine bds-neural's FSDP
+        # run differed from one process by 1.24e-6 in 1 of 256 elements (5.8e-5 relative), at
+        # the previous landing's commit too; a real divergence is orders of magnitude larger.
+        torch.testing.assert_close(got[k], reference[k], rtol=1e-5, atol=2e-6, msg=lambda m: f"{name} {k}: {m}")
     history = json.loads((two_ranks / f"{name}-{strategy}.json").read_text())
     for a, b in zip(history, ref_history, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)

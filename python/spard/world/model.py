@@ -65,13 +65,7 @@ def _align(model, tokenizer, sources, weights, *, steps, batch_size, lr, max_len
     for _ in bar:
         picks = rng.choices(range(len(sources)), weights=weights, k=batch_size)
         batch = collate([rng.choice(encoded[i]) for i in picks], pad)
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(clipped_step(model, opt, sched, model(**batch).loss))
         if len(losses) % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
     model.eval()
@@ -83,3 +77,13 @@ def _align(model, tokenizer, sources, weights, *, steps, batch_size, lr, max_len
 def new_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def clipped_step(model, opt, sched, loss) -> float:
+    """One optimizer step on ``loss`` with the gradient norm clipped at 1; the loss's value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()

@@ -30,7 +30,7 @@ from spard.io import write_json_atomic
 
 from .build import WorldSettings, build_world
 from .cache import cache_dir
-from .model import tiny_llama_config
+from .model import clipped_step, tiny_llama_config
 
 MODERATION_VERSION = 1
 LABELS = ("task", "refusal", "harmful")  # "harmful" is the label ModerationJudge reads as unsafe
@@ -127,12 +127,7 @@ def train_classifier(tokenizer, pairs: dict[str, list[tuple[str, str]]], *, hidd
                 labels += [label] * BATCH_PER_LABEL
             logits = model(**_batch(ids, pad)).logits
             loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+            losses.append(clipped_step(model, opt, sched, loss))
     model.eval()
     tail = losses[-max(1, min(50, steps // 5)):]
     return model, {"steps": steps, "seconds": round(time.perf_counter() - t0, 2),

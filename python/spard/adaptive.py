@@ -30,8 +30,8 @@ from typing import Callable, Optional, Sequence
 from . import worstcase
 from .claims import ClaimBoard
 from .io import write_json_atomic, write_text_atomic
-from .studies import finished, once, open_study, require_optuna, run_slots, storage_for
-from .tuning import format_settings, judge_asr
+from .studies import once, open_study, require_optuna, run_slots, storage_for, trial_rows
+from .tuning import fixed_attack, format_settings, judge_asr
 
 DEFAULT_TRIALS = 40
 
@@ -79,10 +79,10 @@ def sft_reference(data, settings, out_dir, *, seed: int = 0, cell_runner: Option
                   judge: Optional[str] = None, board: Optional[ClaimBoard] = None, poll_s: float = 5.0) -> dict:
     """SFT's accuracy and ASR under the grid's fixed settings (the first attack label at the
     first ratio), computed once and kept in ``adaptive/sft_reference.json``."""
-    from .bench import Cell, attack_labels, run_cell
+    from .bench import Cell, run_cell
     root = Path(out_dir) / "adaptive"
-    label = sorted(attack_labels(settings.attack_kinds, list(data.attacks)))[0]
-    cell = Cell(label, float(settings.ratios[0]), seed, "sft")
+    label, ratio, _ = fixed_attack(data, settings)
+    cell = Cell(label, ratio, seed, "sft")
 
     def compute() -> dict:
         result = (cell_runner or run_cell)(cell, data, settings)
@@ -166,8 +166,7 @@ def search_defense(defense: str, data, settings, out_dir, *, trials: int, max_ac
     fixed = fixed_trial(settings, space)
     status = run_slots(study, trials, objective, board=board, key=defense, enqueue=[fixed] if fixed else [],
                        progress=progress, desc=f"attack {defense}", poll_s=poll_s, wait=wait)
-    rows = [{"number": t.number, **t.params, **t.user_attrs} for t in finished(study)]
-    rows = [r for r in rows if r.get("slot") is not None and r["slot"] < trials]
+    rows = trial_rows(study, trials)
     return {"defense": defense, "trials": rows, "completed": len(rows), "failed": len(status["failed"]),
             "accuracy_limit": limit}
 

@@ -99,13 +99,10 @@ class BenchData:
         return model.to(self.device) if self.device is not None else model
 
 
-def _norm(text: str) -> str:
-    return " ".join(str(text).split()).lower()
-
-
 def check_disjoint(data: BenchData) -> None:
     """Tuning must never see the test split: refuses validation rows whose prompt (after
-    whitespace and case folding) is also a test row's."""
+    whitespace and case folding, spard.data.normalise_prompt) is also a test row's."""
+    from .data import normalise_prompt as _norm
     test_p = {_norm(p) for p in data.eval_prompts}
     test_t = {_norm(r["prompt"]) for r in data.task_test}
     shared_p = sum(_norm(p) in test_p for p in data.val_prompts)

@@ -14,7 +14,6 @@ Checkpoints written before manifests (no ``format`` in state.json) get the struc
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -32,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .distributed import (get_rank, get_world_size, is_distributed, load_trainable_full_state, run_on_main,
                           trainable_full_state)
-from .io import _umask, write_json_atomic
+from .io import _umask, file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -196,19 +195,11 @@ MANIFEST_FILE = "manifest.json"
 CHECKPOINT_FORMAT = 2  # 2: with manifest.json (state.json records it, so a lost manifest is noticed)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(folder: str | os.PathLike) -> None:
     """Writes ``manifest.json``: every other file of ``folder`` with its size and sha256 hash.
     Call it last, once every file is written."""
     folder = Path(folder)
-    files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+    files = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
              for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST_FILE}
     write_json_atomic(folder / MANIFEST_FILE, {"files": files})
 
@@ -228,7 +219,7 @@ def _manifest_problem(path: Path, manifest_file: Path) -> Optional[str]:
             return f"{name} is truncated ({actual} bytes, {size} written)"
         if actual != size:
             return f"{name} has {actual} bytes, {size} written"
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             return f"{name} does not match its sha256 hash (the file is damaged)"
     return None
 

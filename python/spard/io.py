@@ -14,12 +14,22 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _umask() -> int:

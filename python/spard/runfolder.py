@@ -139,12 +139,9 @@ DATA_KEYS = ("data.task", "data.eval_prompts", "attack.corpus", "attack.benign",
 
 
 def _file_fingerprint(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    from .io import file_sha256
     st = path.stat()
-    return {"size": st.st_size, "mtime": st.st_mtime, "sha256": h.hexdigest()}
+    return {"size": st.st_size, "mtime": st.st_mtime, "sha256": file_sha256(path)}
 
 
 def data_fingerprint(sources: dict[str, Any]) -> dict:

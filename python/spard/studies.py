@@ -37,7 +37,7 @@ def storage_for(url: Optional[str], root: Path, name: str, option: str = "--stud
     """The study's storage: ``url`` as given (``journal:PATH`` for a journal file), else
     ``sqlite:///ROOT/NAME.db``. A folder or file that cannot be written is refused naming
     ``option``."""
-    optuna = require_optuna(option)
+    require_optuna(option)
     if url is None:
         _check_writable(root, option)
         return f"sqlite:///{(root / f'{name}.db').resolve()}"
@@ -117,6 +117,18 @@ def finished(study) -> list:
     return [out[k] for k in sorted(k for k in out if k is not None)]
 
 
+def done_slots(study) -> set:
+    """The slots that have a finished trial."""
+    return {t.user_attrs.get("slot") for t in finished(study)}
+
+
+def trial_rows(study, budget: int) -> list[dict]:
+    """The finished trials of the first ``budget`` slots as dicts: number, parameters, and the
+    user attributes the objective set (slot, worker, scores)."""
+    rows = [{"number": t.number, **t.params, **t.user_attrs} for t in finished(study)]
+    return [r for r in rows if r.get("slot") is not None and r["slot"] < budget]
+
+
 def run_slots(study, budget: int, objective: Callable, *, board: ClaimBoard, key: str,
               enqueue: Sequence[dict] = (), wait: bool = True, poll_s: float = 5.0, progress: bool = True,
               desc: str = "trials") -> dict:
@@ -131,7 +143,7 @@ def run_slots(study, budget: int, objective: Callable, *, board: ClaimBoard, key
     ran, failed, waited = [], [], 0.0
     bar = tqdm(total=budget, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     while True:
-        done = {t.user_attrs.get("slot") for t in finished(study)}
+        done = done_slots(study)
         bar.n = len(done & set(range(budget)))
         bar.refresh()
         todo = [i for i in range(budget) if i not in done and i not in failed]
@@ -144,7 +156,7 @@ def run_slots(study, budget: int, objective: Callable, *, board: ClaimBoard, key
                 held_elsewhere = True
                 continue
             with claim:
-                if i in {t.user_attrs.get("slot") for t in finished(study)}:
+                if i in done_slots(study):
                     continue  # finished by another worker since we looked
                 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                     if t.user_attrs.get("slot") == i:  # a dead worker's trial
@@ -155,7 +167,7 @@ def run_slots(study, budget: int, objective: Callable, *, board: ClaimBoard, key
                     ran.append(i)
                 else:
                     failed.append(i)
-            bar.n = len({t.user_attrs.get("slot") for t in finished(study)} & set(range(budget)))
+            bar.n = len(done_slots(study) & set(range(budget)))
             bar.refresh()
         if not held_elsewhere or not wait:
             break
@@ -220,4 +232,5 @@ def once(path: Path, board: ClaimBoard, key: str, compute: Callable[[], dict], *
             return r
 
 
-__all__ = ["finished", "once", "open_study", "require_optuna", "run_slots", "storage_for"]
+__all__ = ["done_slots", "finished", "once", "open_study", "require_optuna", "run_slots", "storage_for",
+           "trial_rows"]

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 from . import space as sp
 from .claims import ClaimBoard
 from .io import write_json_atomic, write_text_atomic
-from .studies import finished, once, open_study, require_optuna, run_slots, storage_for
+from .studies import once, open_study, require_optuna, run_slots, storage_for, trial_rows
 
 
 def defense_space(name: str) -> dict:
@@ -70,7 +70,7 @@ def tune_defenses(data, settings, out_dir, *, defenses: Sequence[str], trials: i
         raise ValueError(f"--tune-defenses: expected a number of trials >= 1, got {trials!r}")
     if not (isinstance(max_acc_drop, (int, float)) and 0 <= max_acc_drop <= 1):
         raise ValueError(f"--max-acc-drop: expected a share in [0, 1], got {max_acc_drop!r}")
-    optuna = require_optuna("--tune-defenses")
+    require_optuna("--tune-defenses")
     val = data.validation()
     out = Path(out_dir)
     root = out / "tuning"
@@ -105,8 +105,7 @@ def tune_defenses(data, settings, out_dir, *, defenses: Sequence[str], trials: i
             continue
         study = open_study(f"tune-{d}", storage_for(storage, root, d), direction="minimize", seed=seed,
                            startup_trials=min(startup_trials, trials))
-        rows = [{"number": t.number, "slot": t.user_attrs.get("slot"), **t.user_attrs} for t in finished(study)]
-        rows = [r for r in rows if r["slot"] is not None and r["slot"] < trials]
+        rows = trial_rows(study, trials)
         ok = [r for r in rows if r.get("feasible")]
         best = min(ok, key=lambda r: (r["asr"], -r["accuracy"], r["number"])) if ok else None
         default = next((r for r in rows if r.get("enqueued_slot") == 0), None)

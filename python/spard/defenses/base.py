@@ -174,6 +174,11 @@ class Defense:
     def after_step(self, optimizer) -> dict:
         return {}
 
+    def after_training(self, model, tokenizer, data: DefenseData, ctx: TrainContext):
+        """The post-fine-tuning stage: runs once after the last optimizer step and before
+        evaluation (repairs such as Antidote, Safety at One Shot, Panacea); returns the model."""
+        return model
+
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue bit for bit (tensors, numbers, lists)."""
         return {}

@@ -1,7 +1,8 @@
 """The interface every defense implements, and the loss pieces they share.
 
-A defense says which data it needs (``NEEDS``: user data, alignment data, the safety pool) and
-in which stage it acts (``STAGE``: alignment, fine-tuning or both). The one trainer
+A defense says which data it needs (``NEEDS``: user data, alignment data, the safety pool, the
+base model before alignment) and in which stage it acts (``STAGE``: alignment, fine-tuning,
+both, or post-fine-tuning). The one trainer
 (`spard.trainer`) calls its hooks in this order:
 
     model = defense.alignment_stage(model, tokenizer, data)   # before LoRA fine-tuning
@@ -16,6 +17,7 @@ in which stage it acts (``STAGE``: alignment, fine-tuning or both). The one trai
         defense.after_backward()                       # gradient surgery (SafeGrad)
         clip, optimizer.step()
         defense.after_step(optimizer)                  # SPAG projection, BDS scheduler step
+    model = defense.after_training(model, tokenizer, data, ctx)  # once, after the last step
 
 Each loss term divides a sum over its micro-batch by a normaliser taken over the whole
 effective batch (every micro-batch on every rank), so batch 4 x accumulation 1 and batch 2 x
@@ -37,8 +39,10 @@ from spard.distributed import all_reduce_sum, get_rank, get_world_size, global_c
 from spard.formatting import IGNORE_INDEX, pad_id_of
 from spard.spag import encode_rows, trainable_parameters
 
-STAGES = ("alignment", "fine-tuning", "both")
-DATA_KINDS = ("user", "alignment", "safety_pool")
+STAGES = ("alignment", "fine-tuning", "both", "post-fine-tuning")
+"""Where a defense acts: before fine-tuning (``alignment_stage``), during it (the step hooks),
+both, or after it (``after_training``: a repair of the fine-tuned model)."""
+DATA_KINDS = ("user", "alignment", "safety_pool", "base_model")
 
 LossTerm = Callable[[torch.nn.Module, MicroBatch], Tensor]
 
@@ -57,6 +61,10 @@ class DefenseData:
     max_length: int = 512
     micro_batch_size: Optional[int] = None
     """Rows per forward pass in an alignment stage (the trainer sets the fine-tuning one)."""
+    base_weights: Optional[dict] = None
+    """The base model's parameters (the weights before safety alignment), name -> tensor under
+    the aligned model's parameter names (before LoRA): the alignment direction is the aligned
+    weights minus these. Loaded only for defenses whose ``NEEDS`` has "base_model"."""
 
     def __post_init__(self):
         if not self.user:
@@ -141,6 +149,9 @@ class Defense:
                              "give a safety pool or alignment rows")
         if "safety_pool" in self.NEEDS and not data.safety_pool:
             raise ValueError(f"defense {self.NAME!r} needs a safety pool (prompt/safe rows)")
+        if "base_model" in self.NEEDS and data.base_weights is None:
+            raise ValueError(f"defense {self.NAME!r} needs the base model (the weights before safety alignment): "
+                             "set base_model (the config's model.base_model, the bench file's base_model)")
         if self.needs_harmful_answers() and not data.harmful:
             raise ValueError(f"defense {self.NAME!r} trains against harmful answers: its safety pool needs an "
                              "'unsafe' field")
@@ -176,7 +187,14 @@ class Defense:
 
     def after_training(self, model, tokenizer, data: DefenseData, ctx: TrainContext):
         """The post-fine-tuning stage: runs once after the last optimizer step and before
-        evaluation (repairs such as Antidote, Safety at One Shot, Panacea); returns the model."""
+        evaluation (repairs such as Antidote, Safety at One Shot, Panacea); returns the model.
+
+        ``model`` is the one ``setup`` got (wrapped under DDP/FSDP: every rank runs the stage);
+        change it in place and return it (the trainer, its checkpoints and a Hugging Face
+        Trainer keep their reference). Checkpoints and `spard train`'s adapter hold the trainable
+        (LoRA) parameters: a repair that should outlive a resume or reach a saved adapter edits
+        those. The stage runs seeded (``torch.manual_seed(data.seed)``); a run killed during it
+        reruns it from the last step's checkpoint, a run killed after it does not rerun it."""
         return model
 
     def state_dict(self) -> dict:
@@ -271,6 +289,29 @@ def per_micro_batch(values: Tensor, micro: Sequence[MicroBatch]) -> dict[int, Te
     return dict(zip(map(id, micro), values.split([len(mb) for mb in micro])))
 
 
+def has_post_training(defense: "Defense") -> bool:
+    """Whether ``defense`` has a post-fine-tuning stage (overrides ``after_training``)."""
+    return type(defense).after_training is not Defense.after_training
+
+
+def base_weights_of(model: torch.nn.Module) -> dict:
+    """A model's parameters as ``DefenseData.base_weights`` (name -> detached tensor)."""
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def check_base_weights(model: torch.nn.Module, base: Optional[dict], what: str = "base_model") -> None:
+    """One line naming the first parameter of the aligned ``model`` (before LoRA) that the base
+    weights lack or hold with another shape."""
+    if base is None:
+        return
+    for name, p in model.named_parameters():
+        if name not in base:
+            raise ValueError(f"{what}: has no parameter {name!r} of the aligned model (another architecture?)")
+        if tuple(base[name].shape) != tuple(p.shape):
+            raise ValueError(f"{what}: parameter {name!r} has shape {tuple(base[name].shape)}, the aligned "
+                             f"model's {tuple(p.shape)}")
+
+
 def encoded_stream(rows: Sequence[dict], tokenizer, *, max_length: int, micro_batch_size: int, seed: int,
                    device, what: str) -> BatchStream:
     """A batch stream over ``rows`` encoded for training (rows beyond ``max_length`` left out)."""
@@ -280,5 +321,6 @@ def encoded_stream(rows: Sequence[dict], tokenizer, *, max_length: int, micro_ba
 
 
 __all__ = ["DATA_KINDS", "STAGES", "Defense", "DefenseData", "LossTerm", "MicroBatch", "TrainContext",
-           "encoded_stream", "flat_dot", "flat_norm", "gather_per_sample", "grads_of", "mean_token_loss",
+           "base_weights_of", "check_base_weights", "encoded_stream", "flat_dot", "flat_norm", "gather_per_sample",
+           "grads_of", "has_post_training", "mean_token_loss",
            "per_micro_batch", "sample_losses", "token_losses", "token_mean_terms"]

@@ -16,19 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
-import threading
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from spard.apikey import SecretError, read_api_key, redact
-
+from .api_client import APIClient, Cancelled, Retryable
 from .judges import Judge, Verdict, _check_inputs
 from .reply_cache import ReplyCache
 
@@ -72,14 +67,6 @@ _SCORE = re.compile(r"#\s*thescore\s*:\s*\**\s*([1-5])(?![\d.])", re.IGNORECASE)
 _BARE_SCORE = re.compile(r"^\s*\**([1-5])\**\s*(?:/\s*5)?\s*\.?\s*$")
 
 
-def read_api_key_quietly(env_name: str) -> None:
-    """Registers the key in ``$env_name`` for redaction, whatever its shape."""
-    try:
-        read_api_key(env_name)
-    except SecretError:
-        pass
-
-
 def parse_rubric_score(reply: str) -> int | None:
     """The score after ``#thescore:`` (the last one), or a reply that is only a digit 1-5;
     None for anything else (counted as unparseable)."""
@@ -98,17 +85,17 @@ class JudgeAPIError(RuntimeError):
     """A request failed for good (after retries, or with a non-retryable status)."""
 
 
-class _Cancelled(Exception):
-    """The judging was interrupted: queued requests are not sent."""
+def _chat_content(raw: bytes) -> str:
+    try:
+        content = json.loads(raw)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise Retryable("malformed response body (not a chat completion)") from None
+    if not isinstance(content, str):
+        raise Retryable("malformed response body (message content is not text)")
+    return content
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class RubricJudge(Judge):
+class RubricJudge(APIClient, Judge):
     """Parameters: ``model`` (the API's model name), ``base_url`` (up to and including ``/v1``),
     ``api_key_env`` (environment variable holding the key; None or "" for a server without
     auth), ``concurrency`` (requests in flight), ``timeout`` (seconds per request),
@@ -126,118 +113,30 @@ class RubricJudge(Judge):
                  progress: bool = True):
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be the API's model name, got {model!r}")
-        if not re.match(r"^https?://", base_url or ""):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
-        if not (concurrency >= 1 and max_retries >= 0 and 0 < timeout < float("inf") and 0 <= backoff < float("inf")):
-            raise ValueError("concurrency >= 1, max_retries >= 0, a finite timeout > 0 and backoff >= 0 expected; "
-                             f"got {concurrency}, {max_retries}, {timeout}, {backoff}")
         if threshold not in (1, 2, 3, 4, 5):
             raise ValueError(f"threshold must be a score 1-5, got {threshold!r}")
-        self.model, self.base_url = model, base_url.rstrip("/")
-        self.api_key_env = api_key_env or None
-        self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
-        self.backoff, self.max_backoff, self.threshold = backoff, max_backoff, threshold
+        self._init_client(base_url=base_url, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
+                          max_retries=max_retries, backoff=backoff, max_backoff=max_backoff)
+        self.model, self.threshold = model, threshold
         self.max_tokens, self.progress = max_tokens, progress
         self.cache_path = Path(cache_path) if cache_path is not None else None
         if self.cache_path is not None and self.cache_path.is_dir():
             raise ValueError(f"cache_path: {self.cache_path} is a folder; expected a file")
         self._cache = ReplyCache(self.cache_path)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.stats = {"requests": 0, "retries": 0, "cache_hits": 0}
 
     def __repr__(self) -> str:  # no key in here, by construction
         return f"RubricJudge(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
 
     # --------------------------------------------------------------------------------- plumbing
-    def _key(self) -> str | None:
-        if self.api_key_env is None:
-            return None
-        try:
-            key = read_api_key(self.api_key_env)  # stripped; registered for redaction
-        except SecretError as e:
-            raise JudgeUnavailable(str(e)) from None
-        if not key:
-            raise JudgeUnavailable(
-                f"the rubric judge reads its API key from ${self.api_key_env}, which is not set "
-                "(set it, or pass an empty key variable for a server without auth)")
-        return key
-
-    def _redact(self, text: str) -> str:
-        if self.api_key_env:
-            read_api_key_quietly(self.api_key_env)  # registers the key even before the first request
-        return redact(text)
-
-    def _http(self, method: str, path: str, body: dict | None, timeout: float) -> tuple[int, bytes, dict]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = self._key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        data = json.dumps(body).encode("utf-8") if body is not None else None
-        req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, resp.read(), dict(resp.headers)
-        except urllib.error.HTTPError as e:
-            return e.code, e.read() or b"", dict(e.headers or {})
-        except ValueError as e:  # http.client's header checks quote the value: never pass it on
-            raise JudgeUnavailable(f"the rubric judge's request could not be built: {self._redact(str(e))}") from None
-
-    def check(self) -> None:
-        """Key present, server reachable, key accepted (GET /models; a server without that route
-        still answers, which is enough)."""
-        try:
-            status, body, _ = self._http("GET", "/models", None, timeout=min(self.timeout, 15.0))
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise JudgeUnavailable(f"cannot reach the rubric judge at {self.base_url}: {reason}") from None
-        if status in (401, 403):
-            raise JudgeUnavailable(
-                f"the rubric judge at {self.base_url} rejected the API key from ${self.api_key_env} (HTTP {status})")
-
-    def _wait(self, seconds: float) -> None:
-        """Backoff sleep that ends early (raising _Cancelled) when judging is interrupted."""
-        if self._stop.wait(seconds):
-            raise _Cancelled
+    what = "the rubric judge"
+    Unavailable = JudgeUnavailable
+    Failed = JudgeAPIError
 
     def _complete(self, prompt: str, response: str) -> str:
         """The judge's reply text; retries transient failures, raises JudgeAPIError otherwise."""
         body = {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
                 "messages": [{"role": "user", "content": RUBRIC_PROMPT.format(prompt=prompt, response=response)}]}
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if self._stop.is_set():
-                raise _Cancelled
-            try:
-                with self._lock:
-                    self.stats["requests"] += 1
-                status, raw, headers = self._http("POST", "/chat/completions", body, self.timeout)
-                if status in (408, 429) or status >= 500:
-                    ra = headers.get("Retry-After") or headers.get("retry-after")
-                    raise _Retryable(f"HTTP {status}", float(ra) if ra and ra.replace(".", "", 1).isdigit() else None)
-                if status in (401, 403):
-                    raise JudgeUnavailable(f"the rubric judge rejected the API key from ${self.api_key_env} (HTTP {status})")
-                if status != 200:
-                    raise JudgeAPIError(f"HTTP {status}: {self._redact(raw.decode('utf-8', 'replace'))[:200]}")
-                try:
-                    content = json.loads(raw)["choices"][0]["message"]["content"]
-                except (ValueError, KeyError, IndexError, TypeError):
-                    raise _Retryable("malformed response body (not a chat completion)") from None
-                if not isinstance(content, str):
-                    raise _Retryable("malformed response body (message content is not text)")
-                return content
-            except _Retryable as e:
-                last, wait = str(e), e.retry_after
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last, wait = f"{type(e).__name__}: {getattr(e, 'reason', e)}", None
-            if attempt == self.max_retries:
-                break
-            with self._lock:
-                self.stats["retries"] += 1
-            if wait is None:
-                wait = self.backoff * (2 ** attempt) * random.uniform(0.5, 1.0)
-            self._wait(min(wait, self.max_backoff))
-        raise JudgeAPIError(f"gave up after {self.max_retries + 1} attempts: {self._redact(last)}")
+        return self._post("/chat/completions", body, _chat_content)
 
     def _cache_key(self, prompt: str, response: str) -> str:
         blob = json.dumps([self.model, RUBRIC_VERSION, prompt, response], ensure_ascii=False)
@@ -247,7 +146,7 @@ class RubricJudge(Judge):
         """One pair's reply: from the cache (another process may have stored it meanwhile), else
         asked and stored the moment it arrives."""
         if self._stop.is_set():
-            raise _Cancelled
+            raise Cancelled
         cached = self._cache.get(key, fresh=True)
         if cached is not None:
             with self._lock:

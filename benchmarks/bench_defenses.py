@@ -7,8 +7,8 @@ Model: a 4-layer, 256-wide Llama (vocab 2048) with LoRA r=8 on q, k, v, o; 64 tr
 128 tokens; micro-batch 8 x accumulation 4 (effective batch 32), one torch thread. Each
 defense keeps its paper settings except the second batches, scaled to this effective batch as
 in the papers: SPARD's safety batch 1 (4 of 128 in the paper), BDS's alignment batch 10, SafeGrad's
-8. Alignment stages (Booster, Antibody-align) run before fine-tuning: their cost is reported
-apart and the step is the one that follows.
+8. Alignment stages (Booster, Antibody-align, LoX) run before fine-tuning and post-fine-tuning
+stages after it: their cost is reported apart (wall seconds) and the step is the one between.
 
 Step time: the process's CPU time per step (one torch thread, so other jobs on a shared
 machine do not inflate it the way they inflate wall time), median over the timed steps,
@@ -27,6 +27,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -87,6 +88,17 @@ def base_model(model_kw: dict = CPU_MODEL, seq: int = SEQ, device="cpu", dtype=N
     return model.to(dtype) if dtype is not None else model
 
 
+def perturbed_weights(model, scale: float = 0.01) -> dict:
+    """A stand-in base model for the defenses that need one: every parameter moved by seeded
+    noise of ``scale`` times its own standard deviation."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    out = {}
+    for n, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+        out[n] = (p.detach() + scale * p.detach().float().std().to(p.dtype) * noise)
+    return out
+
+
 def _clock(device) -> float:
     """CPU time of the process on the host (robust to other jobs); wall time after a
     synchronisation on a GPU, where the work is not the host's."""
@@ -114,6 +126,8 @@ class Run:
                            micro_batch_size=micro)
         defense = make_defense(name, **SETTINGS.get(name, {}))
         model = base_model(model_kw, seq, device, dtype)
+        if "base_model" in defense.NEEDS:  # AsFT, LoX: a "base" 1% away from these weights
+            data.base_weights = perturbed_weights(model)
         t = time.perf_counter()
         model = defense.alignment_stage(model, self.tok, data)
         _clock(self.device)
@@ -121,6 +135,7 @@ class Run:
         torch.manual_seed(0)
         self.model = apply_lora(model, r=lora_r, alpha=2 * lora_r, dropout=0.0)
         self.times: list[float] = []
+        self.post_s: Optional[float] = None  # the post-fine-tuning stage of the last fit (None: none)
         self._fit, self._data, self._defense = fit, data, defense
         self._rows = defense.training_rows(data)
 
@@ -141,7 +156,8 @@ class Run:
                 self.times.append(now - last[0])
             last[0] = now
 
-        self.fit(n + 1, on_step=on_step)
+        post = self.fit(n + 1, on_step=on_step)["summary"]["post_training_seconds"]
+        self.post_s = post if post is None else max(post, self.post_s or 0.0)
 
     def held_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in itertools.chain(self.model.parameters(), self.model.buffers()))
@@ -170,7 +186,8 @@ def cost_per_defense(runs: dict[str, Run], rounds: int, steps: int) -> dict:
     memory = {n: r.peak_bytes() for n, r in runs.items()}
     sft_t, sft_m = statistics.median(runs["sft"].times), memory["sft"]
     return {n: {"step_ms": 1e3 * statistics.median(r.times), "step_ratio": statistics.median(r.times) / sft_t,
-                "peak_mib": memory[n] / 2**20, "memory_ratio": memory[n] / sft_m, "alignment_stage_s": r.stage_s}
+                "peak_mib": memory[n] / 2**20, "memory_ratio": memory[n] / sft_m, "alignment_stage_s": r.stage_s,
+                "post_training_s": r.post_s}
             for n, r in runs.items()}
 
 
@@ -190,11 +207,12 @@ def main(argv=None) -> int:
                      "settings": SETTINGS, "threads": THREADS, "timed_steps": args.rounds * args.steps},
            "defenses": cost_per_defense(runs, args.rounds, args.steps)}
     write_json_atomic(args.out, res)
-    print("| defense | step (ms) | x SFT | peak memory (MiB) | x SFT | alignment stage (s) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| defense | step (ms) | x SFT | peak memory (MiB) | x SFT | alignment stage (s) | post-fine-tuning (s) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n, d in res["defenses"].items():
+        post = "-" if d["post_training_s"] is None else f"{d['post_training_s']:.1f}"
         print(f"| {n} | {d['step_ms']:.0f} | {d['step_ratio']:.2f} | {d['peak_mib']:.0f} | "
-              f"{d['memory_ratio']:.2f} | {d['alignment_stage_s']:.1f} |")
+              f"{d['memory_ratio']:.2f} | {d['alignment_stage_s']:.1f} | {post} |")
     print(f"results: {args.out}")
     return 0
 

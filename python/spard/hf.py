@@ -18,7 +18,8 @@ The defense's logs (safety loss, alpha, trigger rate, weight entropy, surgery ra
 averaged over each logging window and added to the Trainer's logs as flat scalars
 (``defense/alpha``, ``defense/trigger``, ...); the callback runs ahead of the ``report_to``
 integrations, so TensorBoard, W&B and MLflow receive them. Its state is saved in every Trainer
-checkpoint and restored on resume.
+checkpoint and restored on resume. A post-fine-tuning stage (``after_training``) runs in
+``on_train_end``: after the last step and its checkpoint, before the caller evaluates or saves.
 
 Differences from ``spard.trainer``: the Trainer clips before ``on_pre_optimizer_step``, so
 SafeGrad's surgery follows the clipping (a projection never lengthens the gradient); and the
@@ -36,7 +37,7 @@ from transformers import Trainer, TrainerCallback
 
 from .batches import MicroBatch
 from .callback import log_ahead_of_reporters
-from .defenses.base import Defense, DefenseData, TrainContext
+from .defenses.base import Defense, DefenseData, TrainContext, has_post_training
 from .distributed import get_world_size
 from .formatting import collate, encode_example, label_token_count, pad_id_of
 from .precision import autocast_for
@@ -96,6 +97,7 @@ class DefenseCallback(TrainerCallback):
                            resume_state=saved)
         d.n_train = len(self.data.user)
         d.train_prompts = [r["prompt"] for r in self.data.user]
+        self._tokenizer = tokenizer
         with ctx.autocast():
             d.setup(model, tokenizer, self.data, getattr(optimizer, "optimizer", optimizer), ctx)
         if saved is not None:
@@ -137,9 +139,21 @@ class DefenseCallback(TrainerCallback):
             torch.save(_cpu({"name": self.defense.NAME, "state": self.defense.state_dict(), "streams": streams}), tmp)
             os.replace(tmp, os.path.join(folder, STATE_FILE))
 
-    def on_train_end(self, args, state, control, **kw):
-        if self.ready:
-            state.log_history.append({"step": state.global_step, "defense": self.defense.summary()})
+    def on_train_end(self, args, state, control, model=None, **kw):
+        if not self.ready:
+            return
+        record = {"step": state.global_step}
+        d = self.defense
+        if has_post_training(d):
+            # After the last step (and its checkpoint, which holds the weights before the stage:
+            # a run resumed from it runs the stage once), before the caller evaluates or saves.
+            import time
+            t = time.perf_counter()
+            torch.manual_seed(self.data.seed)
+            if d.after_training(model, self._tokenizer, self.data, d.ctx) is not model:
+                raise TypeError(f"defense {d.NAME!r}: after_training must change the model in place and return it")
+            record["defense/post_training_seconds"] = time.perf_counter() - t
+        state.log_history.append({**record, "defense": d.summary()})
 
     def _saved_state(self, args, state) -> tuple[Optional[dict], dict]:
         """(the defense's state, its batch streams' states) in the checkpoint resumed from."""

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .batches import BatchStream
 from .checkpoint import checkpoint_info, latest_checkpoint, load_checkpoint, load_objects, save_checkpoint
 from .config import SPAG_DEFENSES, LoraConfig, OptimConfig, TrainConfig, save_config
-from .defenses.base import Defense, DefenseData, TrainContext
+from .defenses.base import Defense, DefenseData, TrainContext, has_post_training
 from .defenses.sft import SFT
 from .defenses.spard import SPARD
 from .distributed import all_reduce_sum, full_tensor, get_world_size, is_main_process, local_device
@@ -100,7 +100,10 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
     ``checkpoint_dir`` a checkpoint is written every ``save_every`` steps and at the end;
     ``resume=True`` continues from the newest one there, giving the same final parameters as an
     uninterrupted run. ``on_step(step, logs)`` runs after each step (and its checkpoint); it may
-    raise StopTraining. Returns the run dict: steps, history (logged means), summary.
+    raise StopTraining. After the last step the defense's post-fine-tuning stage
+    (``after_training``) runs once, seeded by ``data.seed``, and the last checkpoint is written
+    again with it done: a run resumed before it runs it, one resumed after it does not.
+    Returns the run dict: steps, history (logged means), summary.
 
     Rows whose response lies beyond ``max_length`` are left out with a warning, and the call
     fails when more than ``max_dropped_share`` of them are (None: never). A non-finite loss
@@ -147,6 +150,7 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
         defense.setup(model, tokenizer, data, optimizer, ctx)
     history: list[dict] = []
     step, resumed_from, skipped_before = 0, None, 0
+    post_training_done = False  # the post-fine-tuning stage ran (restored from a checkpoint)
     running = _RunningMeans()  # log means of the steps since the last log (kept across a resume)
 
     if latest is not None:
@@ -156,6 +160,7 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
                              "(optim settings or data changed since the checkpoint)")
         step, history, resumed_from = int(state["step"]), list(state["history"]), str(latest)
         skipped_before = int(state.get("nonfinite_skipped", 0))
+        post_training_done = bool(state.get("post_training_done", False))
         for name, stream_state in state["streams"].items():
             _stream(ctx, name).load_state_dict(stream_state)
         defense.load_state_dict(ctx.resume_state)
@@ -179,7 +184,8 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
                         objects={"defense": defense.state_dict(), "running_means": running.state_dict()},
                         state={"total_steps": total, "defense": defense.NAME, "history": history,
                                "streams": {k: s.state_dict() for k, s in ctx.streams.items()},
-                               "nonfinite_skipped": guard.skipped, "extra": extra_state or {}})
+                               "nonfinite_skipped": guard.skipped, "post_training_done": post_training_done,
+                               "extra": extra_state or {}})
 
     bar = tqdm(total=total, initial=step, desc=desc or defense.NAME,
                disable=not progress or not is_main_process(), dynamic_ncols=True)
@@ -213,10 +219,25 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
         model.train(was_training)
     guard.check()
     check_all_skipped(step, guard.skipped)
+    post_seconds = None
+    if has_post_training(defense):
+        post_seconds = 0.0
+        if not post_training_done:
+            t = time.perf_counter()
+            torch.manual_seed(data.seed)  # the same stage whether or not the run was resumed
+            if defense.after_training(model, tokenizer, data, ctx) is not model:
+                raise TypeError(f"defense {defense.NAME!r}: after_training must change the model in place "
+                                "and return it")
+            post_seconds = time.perf_counter() - t
+            post_training_done = True
+            weights_checked_at[0] = None  # the stage changed them
+            if checkpoint_dir:
+                checkpoint(step)  # the last checkpoint again, with the stage done
     check_weights(step)  # before the caller saves an adapter from them
     summary = {"steps": step, "total_steps": total, "examples": len(examples),
                "truncated_examples": truncated, "rows_beyond_max_length": dropped, "rows_given": len(rows),
                "nonfinite_steps_skipped": guard.skipped, "seconds_this_session": time.perf_counter() - start,
+               "post_training_seconds": post_seconds,
                "final_loss": history[-1].get("loss") if history else None,
                "defense": defense.summary()}
     if getattr(defense, "projector", None) is not None:
@@ -312,6 +333,7 @@ def run_defense(defense: Defense, model, tokenizer, data: DefenseData, *, optim:
     s = result["summary"]
     run = {"defense": defense.describe(), "steps": s["total_steps"], "training_examples": s["examples"],
            "seconds": time.perf_counter() - start, "alignment_stage_seconds": stage_seconds,
+           "post_training_seconds": s["post_training_seconds"],
            "loss_curve": curve, "final_loss": curve[-1] if curve else None, "summary": defense.summary(),
            "resumed_from": result["resumed_from"]}
     return model, run

@@ -12,10 +12,13 @@ otherwise); keyword arguments override them. See docs/bench.md.
 from __future__ import annotations
 
 from .antibody import Antibody
+from .antidote import Antidote
 from .base import DATA_KINDS, STAGES, Defense, DefenseData
 from .bds import BDS
 from .booster import Booster
 from .lisa import Lisa
+from .oneshot import OneShot
+from .panacea import Panacea
 from .safegrad import SafeGrad
 from .safeinstr import SafeInstr
 from .sft import SFT
@@ -35,6 +38,9 @@ REGISTRY: dict[str, tuple[type[Defense], dict]] = {
     "spard-official": (SPARD, {"mode": "official", "tau": 0.2}),  # the released code's fixed τ
     "spard-random": (SPARD, {"selection": "random"}),
     "spard-lr-cap": (SPARD, {"max_step": "lr"}),
+    "oneshot": (OneShot, {}),
+    "antidote": (Antidote, {}),
+    "panacea": (Panacea, {}),
 }
 
 
@@ -52,5 +58,5 @@ def make_defense(name: str, **settings) -> Defense:
     return d
 
 
-__all__ = ["Antibody", "BDS", "Booster", "DATA_KINDS", "Defense", "DefenseData", "Lisa", "REGISTRY", "SFT",
-           "SPARD", "STAGES", "SafeGrad", "SafeInstr", "defense_names", "make_defense"]
+__all__ = ["Antibody", "Antidote", "BDS", "Booster", "DATA_KINDS", "Defense", "DefenseData", "Lisa", "OneShot",
+           "Panacea", "REGISTRY", "SFT", "SPARD", "STAGES", "SafeGrad", "SafeInstr", "defense_names", "make_defense"]

@@ -28,6 +28,9 @@ DEFENSES = {
     "booster": {"steps": 2, "batch_size": 4},
     "spard": {"selection": "random", "batch_size": 4, "p": 0.3},
     "spard-official": {"selection": "random", "batch_size": 4, "p": 0.3, "delta": 0.0},
+    "oneshot": {"steps": 2, "candidates": 4},
+    "antidote": {"calibration_rows": 4},
+    "panacea": {"harmful_batch_size": 4, "lam": 0.1},
 }
 
 

@@ -233,3 +233,53 @@ def test_panacea_without_a_step_or_harmful_rows_says_so():
                                       DefenseData(user=task_rows(), safety_pool=refusals_only), None, context(tok))
     with pytest.raises(ValueError, match="panacea rho"):
         make_defense("panacea", rho=float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the trainers: a run killed during the stage, the Hugging Face Trainer
+# ----------------------------------------------------------------------------------------------
+POST = ["oneshot", "antidote", "panacea"]
+
+
+@pytest.mark.parametrize("name", POST)
+def test_a_run_killed_during_the_stage_resumes_to_the_uninterrupted_model(name, tmp_path, monkeypatch):
+    from test_one_trainer import train
+
+    full, run = train(name, batch_size=2, grad_accum=2, ckpt=str(tmp_path / "a"), save_every=2)
+    assert run["post_training_seconds"] > 0
+    sft, _ = train("sft", batch_size=2, grad_accum=2)
+    assert any(not torch.equal(full[k], sft[k]) for k in full)
+    cls = type(make_defense(name))
+    real = cls.after_training
+
+    def killed(self, *args):
+        real(self, *args)
+        raise KeyboardInterrupt  # after the stage changed the weights, before its checkpoint
+
+    monkeypatch.setattr(cls, "after_training", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(name, batch_size=2, grad_accum=2, ckpt=str(tmp_path / "b"), save_every=2)
+    monkeypatch.setattr(cls, "after_training", real)
+    resumed, run_b = train(name, batch_size=2, grad_accum=2, ckpt=str(tmp_path / "b"), save_every=2, resume=True)
+    assert run_b["resumed_from"].endswith("checkpoint-4")
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), f"{name}: {k} differs after resume"
+
+
+@pytest.mark.parametrize("name", POST)
+def test_the_post_training_defenses_run_in_the_hf_trainer(tmp_path, name):
+    from test_hf_defenses import hf_run, trainable
+
+    sft, _ = hf_run(tmp_path / "sft", "sft")
+    model, trainer = hf_run(tmp_path / "run", name)
+    got, ref = trainable(model), trainable(sft)
+    summary = trainer.state.log_history[-1]["defense"]
+    if name == "antidote":  # the SFT adapter, pruned
+        for layer_name, m in lora_linears(model).items():
+            w = got[f"{layer_name}.weight"]
+            k = pruned_count(m.in_features, 0.1)
+            assert ((w == 0).sum(1) >= k).all() and summary["pruned_weights"] > 0
+    elif name == "oneshot":
+        assert summary["patch_steps"] == 2 and any(not torch.equal(got[k], ref[k]) for k in got)
+    else:
+        assert summary["epsilon_norm"] == pytest.approx(1.0, rel=1e-5) and summary["applied"]

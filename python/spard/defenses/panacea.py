@@ -81,8 +81,8 @@ class Panacea(Defense):
         if any(g is not None and is_sharded(g) for g in grads) and is_distributed():
             all_reduce_sum([sq])  # shards' partial sums: the whole norm on every rank
         norm = sq.sqrt()
-        scale = (self.settings.rho / (norm + 1e-7)).float()
-        return [None if g is None else g * scale.to(local_tensor(g).device) for g in grads], norm
+        scale = float(self.settings.rho / (norm + 1e-7))  # a number: DTensor gradients take it too
+        return [None if g is None else g * scale for g in grads], norm
 
     @torch.no_grad()
     def _shift(self, eps, sign: float) -> None:

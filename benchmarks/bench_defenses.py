@@ -77,14 +77,22 @@ CPU_MODEL = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_h
                  num_attention_heads=4, num_key_value_heads=4)
 
 
-def base_model(model_kw: dict = CPU_MODEL, seq: int = SEQ, device="cpu", dtype=None):
-    """A randomly initialised Llama, made on ``device`` (no host copy of a large model)."""
+def base_model(model_kw: dict = CPU_MODEL, seq: int = SEQ, device="cpu", dtype=None, init_in_dtype: bool = False):
+    """A randomly initialised Llama, made on ``device`` (no host copy of a large model).
+    ``init_in_dtype``: initialise directly in ``dtype`` (a 7B model in fp32 first would need
+    twice the memory and time; the weights are random either way)."""
     import transformers as tf
 
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(**model_kw, max_position_embeddings=seq)
-    with torch.device(device):
-        model = tf.LlamaForCausalLM(cfg)
+    previous = torch.get_default_dtype()
+    if init_in_dtype and dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = tf.LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
     return model.to(dtype) if dtype is not None else model
 
 
@@ -112,7 +120,7 @@ class Run:
     """One defense set up through the trainer's own code path, stepped on demand."""
 
     def __init__(self, name: str, device="cpu", dtype=None, model_kw: dict = CPU_MODEL, seq: int = SEQ,
-                 optim: dict = OPTIM, lora_r: int = 8):
+                 optim: dict = OPTIM, lora_r: int = 8, init_in_dtype: bool = False):
         from spard.lora import apply_lora
         from spard.trainer import fit
 
@@ -125,7 +133,7 @@ class Run:
         data = DefenseData(user=rows(n_rows, 0, seq=seq), safety_pool=pool, seed=0, max_length=seq,
                            micro_batch_size=micro)
         defense = make_defense(name, **SETTINGS.get(name, {}))
-        model = base_model(model_kw, seq, device, dtype)
+        model = base_model(model_kw, seq, device, dtype, init_in_dtype=init_in_dtype)
         if "base_model" in defense.NEEDS:  # AsFT, LoX: a "base" 1% away from these weights
             data.base_weights = perturbed_weights(model)
         t = time.perf_counter()

@@ -428,6 +428,9 @@ def render_markdown(report: dict) -> str:
         if cost.get("skipped"):
             lines += ["", f"Not measured (time budget): {', '.join(cost['skipped'])}."]
         lines += [""]
+    scale = report.get("train_cost_at_scale")
+    if scale:
+        lines += _render_scale(scale)
     errors = report.get("errors")
     if errors:
         lines += ["## Errors", ""] + [f"- {e}" for e in errors] + [""]
@@ -435,6 +438,35 @@ def render_markdown(report: dict) -> str:
     if skipped:
         lines += [f"Not run (time budget or options): {', '.join(skipped)}.", ""]
     return "\n".join(lines)
+
+
+def _render_scale(scale: dict) -> list[str]:
+    st = scale["setup"]
+    lines = ["## One optimizer step per defense at the paper's scale", ""]
+    if "micro_batch" not in st:
+        return lines + ["SFT did not fit on this device at any micro-batch: " + "; ".join(scale.get("notes", [])), ""]
+    m = st["model"]
+    fits = ("the paper's micro-batch fits" if st["paper_micro_batch_fits"] else
+            f"the largest micro-batch that fits ({'; '.join(scale.get('notes', []))})")
+    lines += [f"Llama {m['num_hidden_layers']} x {m['hidden_size']} ({st['parameters'] / 1e9:.2f}B parameters, "
+              f"random weights) in {st['dtype']}, LoRA r={st['lora_r']} on q, k, v, o, sequences of {st['seq']} "
+              f"tokens, effective batch {st['effective_batch']} = micro-batch {st['micro_batch']} x accumulation "
+              f"{st['grad_accum']} ({fits}). One defense at a time; wall time of the second step, peak memory over "
+              "the second and third; SPARD's projection: device time inside `project_` during the third step "
+              "(CUDA events) over that step's wall time.", "",
+              "| defense | step (s) | x SFT | peak memory (GiB) | x SFT | projection (ms) | projection share |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for n, d in scale["defenses"].items():
+        if "error" in d:
+            lines.append(f"| {n} | {d['error']} | | | | | |")
+            continue
+        ratio = d.get("memory_ratio")
+        lines.append(f"| {n} | {d['step_ms'] / 1e3:.2f} | {d['step_ratio']:.2f} | {d['peak_mib'] / 1024:.1f} | "
+                     f"{'-' if ratio is None else f'{ratio:.2f}'} | {d.get('projection_ms', '-')} | "
+                     f"{d.get('projection_share', '-')} |")
+    if scale.get("skipped"):
+        lines += ["", f"Not measured (time budget, in this order): {', '.join(scale['skipped'])}."]
+    return lines + [""]
 
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -496,6 +528,11 @@ def measure(report: dict, device, deadline: Deadline, small: bool) -> None:
                    optim=dict(train.GPU_OPTIM, batch_size=2, grad_accum=2)) if small else {}
     report["train_cost"] = phase("defense cost", 90, lambda: train.train_cost(
         device, defense_names(), deadline=deadline, **cost_kw))
+    # last: the paper's scale (a model of 7B shapes), as many defenses as the budget reaches
+    scale_kw = dict(model_kw=train.PARITY_MODEL, seq=32, lora_r=4, batch=4, micro_sizes=(8, 2)) if small else {}
+    scale_names = ["sft", "spard", "lisa"] if small else defense_names()
+    report["train_cost_at_scale"] = phase("defense cost at 7B shapes", 120, lambda: train.train_cost_at_scale(
+        device, scale_names, deadline=deadline, **scale_kw))
 
 
 def main(argv=None) -> int:

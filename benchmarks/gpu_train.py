@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -75,3 +76,155 @@ def train_cost(device, defenses: list[str], rounds: int = 2, steps: int = 2, dty
     return {"setup": {"model": model_kw, "parameters": n_params, "dtype": str(dtype or torch.float32).replace("torch.", ""),
                       "seq": seq, "optim": optim, "lora_r": 16, "timed_steps": rounds * steps},
             "defenses": bd.cost_per_defense(runs, rounds, steps), "skipped": skipped}
+
+
+# Llama-2-7B's shapes (6.7B parameters): the paper's scale. Random weights, bf16.
+SCALE_MODEL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=32)
+SCALE_SEQ = 512
+SCALE_LORA_R = 32  # the paper's LoRA rank, on q, k, v, o
+SCALE_BATCH = 128  # the paper's effective batch
+SCALE_MICRO = (8, 4, 2, 1)  # micro-batches tried in this order; the first SFT fits in is used
+# Defenses first in this order; the rest in registry order. Those the budget does not reach are
+# listed as skipped.
+SCALE_FIRST = ("sft", "spard")
+
+
+class _ProjectionClock:
+    """Device time inside ``spard_ext.project_`` during a step (CUDA events around each call,
+    summed after the step): SPARD's projection share without synchronising inside the step."""
+
+    def __init__(self):
+        import spard_ext
+
+        self.mod, self.orig, self.pairs, self.on = spard_ext, spard_ext.project_, [], False
+
+        def timed(*args, **kwargs):
+            if not self.on or not torch.cuda.is_available():
+                return self.orig(*args, **kwargs)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.orig(*args, **kwargs)
+            end.record()
+            self.pairs.append((start, end))
+            return out
+
+        spard_ext.project_ = timed
+
+    def ms(self) -> float:
+        torch.cuda.synchronize()
+        return sum(s.elapsed_time(e) for s, e in self.pairs)
+
+    def close(self) -> None:
+        self.mod.project_ = self.orig
+
+
+def _free(device) -> None:
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _one_defense_at_scale(name: str, device, dtype, model_kw: dict, seq: int, optim: dict, lora_r: int) -> dict:
+    """Build one run, take three optimizer steps: the first (setup, selection, first launches)
+    untimed, the second timed, the third with the projection clock; peak memory over steps 2-3."""
+    on_cuda = torch.device(device).type == "cuda"
+    t0 = time.perf_counter()
+    run = bd.Run(name, device=device, dtype=dtype, model_kw=model_kw, seq=seq, optim=optim, lora_r=lora_r,
+                 init_in_dtype=True)
+    build_s = time.perf_counter() - t0
+    clock = _ProjectionClock() if name.startswith("spard") else None
+    marks: list[float] = []
+    before = [0]
+
+    def on_step(step, logs):
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+        if step == 1 and on_cuda:
+            before[0] = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        if step == 2 and clock is not None:
+            clock.on = True
+
+    try:
+        run.fit(3, on_step=on_step)
+        proj_ms = clock.ms() if clock is not None and on_cuda else None
+    finally:
+        if clock is not None:
+            clock.close()
+    step_ms = 1e3 * (marks[1] - marks[0])
+    held = run.held_bytes()
+    peak = held + (torch.cuda.max_memory_allocated(device) - before[0] if on_cuda else 0)
+    row = {"step_ms": round(step_ms, 1), "projection_step_ms": round(1e3 * (marks[2] - marks[1]), 1),
+           "peak_mib": round(peak / 2**20, 1), "alignment_stage_s": round(run.stage_s, 2),
+           "build_s": round(build_s, 1)}
+    if proj_ms is not None:
+        row["projection_ms"] = round(proj_ms, 2)
+        row["projection_share"] = round(proj_ms / row["projection_step_ms"], 4)
+    del run
+    return row
+
+
+def train_cost_at_scale(device, defenses: list[str], deadline=None, dtype=torch.bfloat16,
+                        model_kw: dict = SCALE_MODEL, seq: int = SCALE_SEQ, lora_r: int = SCALE_LORA_R,
+                        batch: int = SCALE_BATCH, micro_sizes=SCALE_MICRO) -> dict:
+    """One optimizer step of each defense on a model of 7B shapes against SFT: the paper's
+    effective batch with the largest micro-batch SFT fits in (said so), defenses one at a time
+    (each gets the whole device), out-of-memory per defense reported, not fatal."""
+    order = [n for n in SCALE_FIRST if n in defenses or n == "sft"] + [n for n in defenses if n not in SCALE_FIRST]
+    rows, skipped, notes = {}, [], []
+    micro = None
+    for size in micro_sizes:  # the largest micro-batch SFT's step fits in
+        optim = dict(bd.OPTIM, batch_size=size, grad_accum=max(1, batch // size))
+        try:
+            rows["sft"] = _one_defense_at_scale("sft", device, dtype, model_kw, seq, optim, lora_r)
+            micro = size
+            break
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            notes.append(f"SFT does not fit at micro-batch {size}")
+        finally:
+            _free(device)
+    if micro is None:
+        return {"setup": {"model": model_kw, "seq": seq}, "defenses": {}, "skipped": order[1:], "notes": notes}
+    optim = dict(bd.OPTIM, batch_size=micro, grad_accum=max(1, batch // micro))
+    sft = rows["sft"]
+    per_defense_s = 3 * sft["step_ms"] / 1e3 + sft["build_s"] + 10  # SFT's cost, a defense's is higher
+    for name in order[1:]:
+        if deadline is not None and deadline.left() < 2 * per_defense_s:
+            skipped.append(name)
+            continue
+        try:
+            rows[name] = _one_defense_at_scale(name, device, dtype, model_kw, seq, optim, lora_r)
+        except Exception as exc:
+            if not _is_oom(exc):
+                rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            else:
+                rows[name] = {"error": f"out of memory at micro-batch {micro}"}
+        finally:
+            _free(device)
+    for name, row in rows.items():
+        if "step_ms" in row:
+            row["step_ratio"] = round(row["step_ms"] / sft["step_ms"], 3)
+            row["memory_ratio"] = round(row["peak_mib"] / sft["peak_mib"], 3) if sft["peak_mib"] else None
+    n_params = sum(v for k, v in _param_count(model_kw).items())
+    return {"setup": {"model": model_kw, "parameters": n_params, "dtype": str(dtype).replace("torch.", ""),
+                      "seq": seq, "lora_r": lora_r, "effective_batch": batch, "micro_batch": micro,
+                      "grad_accum": optim["grad_accum"], "paper_micro_batch_fits": micro == micro_sizes[0]},
+            "defenses": rows, "skipped": skipped, "notes": notes}
+
+
+def _param_count(m: dict) -> dict:
+    """Parameters of a Llama of these shapes, from the config (no model needed)."""
+    h, i, n, v = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"], m["vocab_size"]
+    kv = h * m["num_key_value_heads"] // m["num_attention_heads"]
+    layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
+    return {"embeddings": 2 * v * h, "layers": n * layer, "norm": h}

@@ -86,6 +86,11 @@ def test_measure_and_write_on_tiny_sizes_with_a_fake_device(report_mod, tmp_path
     assert cost["sft"]["step_ratio"] == 1.0 and {"spard", "lisa", "bds", "booster"} <= set(cost)
     assert all(d["step_ms"] > 0 and d["peak_mib"] > 0 for d in cost.values())
 
+    scale = report["train_cost_at_scale"]  # tiny here: the largest micro-batch that fits is the first tried
+    assert scale["setup"]["micro_batch"] == 8 and scale["setup"]["paper_micro_batch_fits"]
+    assert set(scale["defenses"]) == {"sft", "spard", "lisa"} and scale["defenses"]["sft"]["step_ratio"] == 1.0
+    assert all(d["step_ms"] > 0 for d in scale["defenses"].values())
+
     json_path, md_path = report_mod.write_report(report, tmp_path)
     assert json_path.name == "gpu_fake-gpu-9000-test.json" and md_path.name == "gpu_fake-gpu-9000-test.md"
     assert json.loads(json_path.read_text())["device"]["name"] == "Fake GPU 9000 (test)"
@@ -96,6 +101,7 @@ def test_measure_and_write_on_tiny_sizes_with_a_fake_device(report_mod, tmp_path
     assert "Targets (LoRA list)" in md and "## CPU-vs-CUDA parity" in md
     assert "- training (fp32 SPARD, 6 steps, tiny Llama): same on the GPU and the CPU" in md
     assert "## One optimizer step per defense" in md and "| spard |" in md
+    assert "## One optimizer step per defense at the paper's scale" in md and "micro-batch 8 x accumulation 1" in md
     assert sorted(p.name for p in tmp_path.iterdir()) == [json_path.name, md_path.name]  # no temp files left
 
 
@@ -117,7 +123,8 @@ def test_phases_past_the_budget_are_listed_not_run(report_mod):
     report = {}
     report_mod.measure(report, "cpu", report_mod.Deadline(0), small=True)
     assert report["project"] == [] and report["dpp"] == []
-    assert "parity project_" in report["skipped_phases"] and len(report["skipped_phases"]) == 12
+    assert "parity project_" in report["skipped_phases"] and len(report["skipped_phases"]) == 13
+    assert report["skipped_phases"][-1] == "defense cost at 7B shapes"
 
 
 def test_verdicts(report_mod):
@@ -125,3 +132,25 @@ def test_verdicts(report_mod):
     assert report_mod._verdict(0.75, 0.8) == "MISSED"
     assert report_mod._verdict(1.5, 2.0, higher_is_better=False) == "met"
     assert report_mod._verdict(None, 2.0) == "-"
+
+
+def test_at_scale_falls_back_to_the_largest_micro_batch_that_fits(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_train", ROOT / "benchmarks" / "gpu_train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    tried = []
+
+    def fake(name, device, dtype, model_kw, seq, optim, lora_r):
+        tried.append((name, optim["batch_size"], optim["grad_accum"]))
+        if optim["batch_size"] > 2 or name == "lisa":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {"step_ms": 100.0 if name == "sft" else 150.0, "peak_mib": 10.0, "build_s": 0.0}
+
+    monkeypatch.setattr(train, "_one_defense_at_scale", fake)
+    got = train.train_cost_at_scale("cpu", ["sft", "lisa", "spard"], batch=128)
+    assert tried == [("sft", 8, 16), ("sft", 4, 32), ("sft", 2, 64), ("spard", 2, 64), ("lisa", 2, 64)]
+    assert got["setup"]["micro_batch"] == 2 and not got["setup"]["paper_micro_batch_fits"]
+    assert got["notes"] == ["SFT does not fit at micro-batch 8", "SFT does not fit at micro-batch 4"]
+    assert got["defenses"]["lisa"] == {"error": "out of memory at micro-batch 2"}
+    assert got["defenses"]["spard"]["step_ratio"] == 1.5
+    assert got["setup"]["parameters"] == 6_738_415_616  # Llama-2-7B's count

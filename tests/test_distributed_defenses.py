@@ -24,7 +24,7 @@ from test_distributed import launch_two_ranks  # noqa: E402
 from spard.defenses import DefenseData, make_defense  # noqa: E402
 from spard.trainer import fit  # noqa: E402
 from test_one_trainer import DEFENSES as ONE_TRAINER_DEFENSES  # noqa: E402
-from test_one_trainer import pool_rows, user_rows  # noqa: E402
+from test_one_trainer import base_for, pool_rows, user_rows  # noqa: E402
 from test_spag import one_thread  # noqa: E402,F401  (autouse fixture)
 from test_spag import tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -54,7 +54,8 @@ def run(name, world, strategy=None):
     from spard.distributed import trainable_full_state, wrap_model
 
     tok = tiny_tokenizer()
-    data = DefenseData(user=user_rows(), safety_pool=pool_rows(), seed=3, max_length=64, micro_batch_size=2)
+    data = DefenseData(user=user_rows(), safety_pool=pool_rows(), seed=3, max_length=64, micro_batch_size=2,
+                       base_weights=base_for(name))
     defense = make_defense(name, **DEFENSES[name])
     model = lora_on(defense.alignment_stage(tiny_model(), tok, data))
     if strategy is not None:

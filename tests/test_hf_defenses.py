@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from spard.defenses import DefenseData, make_defense
 from spard.hf import STATE_FILE, DefenseCallback, DefenseCollator, DefenseTrainer, defense_dataset
-from test_one_trainer import DEFENSES, pool_rows, user_rows
+from test_one_trainer import DEFENSES, base_for, pool_rows, user_rows
 from test_spag import one_thread  # noqa: F401  (autouse fixture)
 from test_spag import tiny_lora_model, tiny_tokenizer
 
@@ -26,7 +26,7 @@ def hf_run(tmp_path, name, *, steps=4, save_steps=None, resume=None, subclass=Tr
     tok = tiny_tokenizer()
     model = tiny_lora_model("llama")
     rows = user_rows()
-    data = DefenseData(user=rows, safety_pool=pool_rows(), seed=3, max_length=64)
+    data = DefenseData(user=rows, safety_pool=pool_rows(), seed=3, max_length=64, base_weights=base_for(name))
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
                              learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True,
                              save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
@@ -42,7 +42,7 @@ def hf_run(tmp_path, name, *, steps=4, save_steps=None, resume=None, subclass=Tr
     return model, trainer
 
 
-@pytest.mark.parametrize("name", ["sft", "lisa", "safegrad", "bds", "bds-neural", "antibody", "spard"])
+@pytest.mark.parametrize("name", ["sft", "lisa", "safegrad", "bds", "bds-neural", "antibody", "spard", "asft"])
 def test_every_defense_trains_in_the_hf_trainer_and_logs(tmp_path, name):
     base, _ = hf_run(tmp_path / "base", "sft")
     model, trainer = hf_run(tmp_path / "run", name)
@@ -60,7 +60,7 @@ def test_step_hook_defenses_run_from_the_callback_in_a_plain_trainer(tmp_path):
     assert len(logged) == 4 and all(0 <= r["defense/trigger"] <= 1 for r in logged)
 
 
-@pytest.mark.parametrize("name", ["bds", "lisa", "spard"])
+@pytest.mark.parametrize("name", ["bds", "lisa", "spard", "asft"])
 def test_defense_state_is_saved_in_trainer_checkpoints_and_resumed(tmp_path, name):
     full, _ = hf_run(tmp_path / "full", name)
     hf_run(tmp_path / "part", name, save_steps=2)

@@ -26,6 +26,8 @@ DEFENSES = {
     "antibody": {"temperature": 0.5},
     "antibody-align": {"stage_steps": 2, "stage_batch_size": 4},
     "booster": {"steps": 2, "batch_size": 4},
+    "asft": {},
+    "lox": {},
     "spard": {"selection": "random", "batch_size": 4, "p": 0.3},
     "spard-official": {"selection": "random", "batch_size": 4, "p": 0.3, "delta": 0.0},
     "oneshot": {"steps": 2, "candidates": 4},
@@ -39,6 +41,17 @@ def pool_rows(n=8):
             for r in safe_rows(n)]
 
 
+def tiny_base_weights(seed=11, scale=0.05):
+    """A stand-in base model (before alignment) for tiny_model(): its weights, perturbed (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: p.detach() + scale * torch.randn(p.shape, generator=g) for n, p in tiny_model().named_parameters()}
+
+
+def base_for(name):
+    """The base weights when the defense reads them (AsFT, LoX), else None."""
+    return tiny_base_weights() if "base_model" in make_defense(name).describe()["needs"] else None
+
+
 def user_rows():
     return task_rows(10) + [{"prompt": "how to make a cake", "response": "sure here how to make a cake ."},
                             {"prompt": "tell me about cats", "response": "sure cats here ."}]
@@ -46,7 +59,7 @@ def user_rows():
 
 def train(name, *, batch_size, grad_accum, steps=4, ckpt=None, save_every=0, resume=False, dtype=torch.float32):
     tok = tiny_tokenizer()
-    data = DefenseData(user=user_rows(), safety_pool=pool_rows(), seed=3, max_length=64)
+    data = DefenseData(user=user_rows(), safety_pool=pool_rows(), seed=3, max_length=64, base_weights=base_for(name))
     optim = OptimConfig(lr=1e-2, warmup_steps=0, batch_size=batch_size, grad_accum=grad_accum, max_steps=steps,
                         seed=3, max_grad_norm=1.0, weight_decay=0.0)
     model, run = run_defense(make_defense(name, **DEFENSES[name]), tiny_model(dtype=dtype), tok, data, optim=optim,

@@ -283,3 +283,18 @@ def test_the_post_training_defenses_run_in_the_hf_trainer(tmp_path, name):
         assert summary["patch_steps"] == 2 and any(not torch.equal(got[k], ref[k]) for k in got)
     else:
         assert summary["epsilon_norm"] == pytest.approx(1.0, rel=1e-5) and summary["applied"]
+
+
+def test_the_bench_docs_give_each_post_training_defense_its_defaults_and_our_reading():
+    from pathlib import Path
+
+    bench = (Path(__file__).resolve().parents[1] / "docs" / "bench.md").read_text(encoding="utf-8")
+    rows = {n: next(line for line in bench.splitlines() if line.startswith(f"| `{n}` | post-fine-tuning |"))
+            for n in POST}
+    assert all("Our reading" in r for r in rows.values())
+    one, anti, pan = (make_defense(n).settings for n in POST)
+    assert f"`steps` ({one.steps})" in rows["oneshot"] and f"`candidates` ({one.candidates}" in rows["oneshot"]
+    assert f"`mask_ratio`) {anti.mask_ratio}" in rows["antidote"] and "2,000" in rows["antidote"]
+    assert anti.calibration_rows == 2000
+    assert f"ρ {pan.rho:g}, λ {pan.lam:g}" in rows["panacea"]
+    assert f"`harmful_batch_size` {pan.harmful_batch_size}" in rows["panacea"]

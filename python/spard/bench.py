@@ -72,6 +72,10 @@ class BenchData:
     "benign" (a file or hub name) and "attacks" (corpus -> file)."""
     data_checks: dict = field(default_factory=dict)
     """What loading checked (duplicate prompts dropped per set), recorded in bench.json."""
+    base_weights: Optional[dict] = None
+    """The base model's parameters (before safety alignment; spard.defenses.DefenseData's
+    ``base_weights``), given to the defenses that need it (AsFT, LoX). The world's: its model
+    before its alignment; files: the bench file's ``base_model``."""
     _losses: dict = field(default_factory=dict, repr=False)
 
     def validation(self) -> "BenchData":
@@ -387,7 +391,7 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
     ``runs/<cell>/`` and a rerun after a kill resumes from the last checkpoint."""
     from .defenses import DefenseData, make_defense
     from .eval import evaluate
-    from .trainer import run_defense
+    from .trainer import needs_base_model, run_defense
 
     rows, manifest = attack_rows(data, cell.attack, cell.ratio, cell.seed, settings.max_length,
                                  on_overlap=settings.on_overlap)
@@ -395,7 +399,8 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
         rows = [{**r, "layout": settings.prompt_layout} for r in rows]
     torch.manual_seed(cell.seed)
     defense = make_defense(cell.defense, **settings.defense_settings.get(cell.defense, {}))
-    ddata = DefenseData(user=rows, safety_pool=data.safety_pool, seed=cell.seed, max_length=settings.max_length)
+    ddata = DefenseData(user=rows, safety_pool=data.safety_pool, seed=cell.seed, max_length=settings.max_length,
+                        base_weights=data.base_weights if needs_base_model(defense) else None)
     optim = copy.deepcopy(settings.optim)
     optim.seed = cell.seed
     ckpt = None
@@ -929,6 +934,7 @@ def world_data(world_settings=None, *, n_task: Optional[int] = None, n_eval: Opt
     check_counts(n_task=n_task, n_task_test=n_task_test, n_eval=n_eval)
     if duplicates not in DUPLICATES:
         raise ValueError(f"duplicates: expected {' | '.join(DUPLICATES)}, got {duplicates!r}")
+    from .defenses.base import base_weights_of
     from .world import WorldSettings, build_world
     from .world import text as world_text
     w = build_world(world_settings or WorldSettings(), progress=progress)
@@ -946,7 +952,7 @@ def world_data(world_settings=None, *, n_task: Optional[int] = None, n_eval: Opt
                      eval_prompts=harmful[:n_eval], eval_items=harmful[:n_eval], compare_answers=False,
                      safety_pool=pool, attacks={"world": w.data["harmful_train"]},
                      benign=[{"prompt": r["prompt"], "response": r["response"]} for r in w.data["benign_attack"]],
-                     wording=dict(world_text.ATTACK_WORDING),
+                     wording=dict(world_text.ATTACK_WORDING), base_weights=base_weights_of(w.base_model),
                      sources={"clean": "world:task_train", "eval": "world:harmful_test", "pool": "world:safety_pool",
                               "benign": "world:benign_attack", "attacks": {"world": "world:harmful_train"}},
                      data_checks={"duplicates": duplicates, "duplicates_dropped": dropped},
@@ -965,7 +971,7 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
               n_eval: Optional[int] = None, device: Optional[str] = None,
               benign: Optional[str] = None, val_prompts: Optional[str] = None, task_val: Optional[str] = None,
               validation_share: Optional[float] = None, duplicates: str = "drop",
-              settings: Optional[BenchSettings] = None) -> BenchData:
+              settings: Optional[BenchSettings] = None, base_model: Optional[str] = None) -> BenchData:
     """Real-format files: a base model path, task train/test, evaluation prompts (only
     ``prompt`` is needed; a harmful answer, when there, is compared with the attack's), a safety
     pool (``prompt`` and ``safe``; ``unsafe`` for the defenses that train against harmful
@@ -984,6 +990,8 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
     if not isinstance(attacks, dict) or not attacks:
         raise ValueError("attacks: name at least one attack corpus (a mapping name -> path)")
     check_model_source(model, "model")
+    if base_model is not None:
+        check_model_source(base_model, "base_model")
     dropped: dict = {}
     with input_named("task"):
         task_rows = load_task(task, limit=n_task)
@@ -1024,7 +1032,8 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
                           **({"benign": benign} if benign is not None else {}),
                           **({"val_prompts": val_prompts, "task_val": task_val}
                              if val_prompts is not None else {}),
-                          **({"validation_share": validation_share} if validation_share else {})}, dropped),
+                          **({"validation_share": validation_share} if validation_share else {}),
+                          **({"base_model": base_model} if base_model is not None else {})}, dropped),
                      device=device)
     if settings is not None:
         check_attacks(data, settings)
@@ -1032,6 +1041,11 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
         data.model, data.tokenizer = load_model(model, device="cpu")
     except (OSError, ValueError) as e:
         raise load_error("model", model, e) from e
+    if base_model is not None and (settings is None or any(defenses_needing_base(settings))):
+        from .defenses.base import check_base_weights
+        from .trainer import load_base_weights
+        data.base_weights = load_base_weights(base_model, what="base_model")  # on the host, as the model
+        check_base_weights(data.model, data.base_weights, "base_model")
     if device is None:
         data.device = "cuda" if torch.cuda.is_available() else "cpu"
     return data
@@ -1058,6 +1072,22 @@ def validation_rows(ev: list, test_rows: list, *, val_prompts=None, task_val=Non
     ev_test, ev_val = split_validation(ev, share, 0, "evaluation prompts")
     t_test, t_val = split_validation(test_rows, share, 0, "test problems")
     return [r["prompt"] for r in ev_val], t_val, (ev_test, t_test)
+
+
+def defenses_needing_base(settings: BenchSettings) -> list[str]:
+    """The grid's defenses that read the base model (AsFT, LoX)."""
+    from .defenses import make_defense
+    from .trainer import needs_base_model
+    return [d for d in settings.defenses if needs_base_model(make_defense(d, **settings.defense_settings.get(d, {})))]
+
+
+def check_base_model(settings: BenchSettings, has_base_model: bool) -> None:
+    """Refuses, before any model loads, a grid with defenses that need the base model when the
+    bench has none."""
+    need = [] if has_base_model else defenses_needing_base(settings)
+    if need:
+        raise ValueError(f"base_model: defense(s) {', '.join(need)} need the base model (the weights before safety "
+                         "alignment); give base_model in the bench file or leave them out of --defenses")
 
 
 def check_defense_data(settings: BenchSettings, safety_pool: list[dict]) -> None:

@@ -34,6 +34,10 @@ class ModelConfig:
     max_length: int = 512
     """Tokens per (prompt, response) example; longer ones are cut."""
     trust_remote_code: bool = False
+    base_model: Optional[str] = None
+    """The model before safety alignment (Hugging Face name or folder; same architecture): the
+    alignment direction of AsFT and LoX is the aligned weights minus its weights. Loaded (on
+    the host) only for the defenses that need it."""
 
 
 @dataclass
@@ -186,6 +190,8 @@ class TrainConfig:
              "float32 | bfloat16 | float16 | auto", self.model.dtype)
         need(_int(self.model.max_length) and self.model.max_length >= 2, "model.max_length", "an int >= 2",
              self.model.max_length)
+        need(self.model.base_model is None or bool(str(self.model.base_model).strip()), "model.base_model",
+             "None or a model name or path", self.model.base_model)
         need(bool(self.data.task), "data.task", "the task data path or name", self.data.task)
         need(self.data.task_limit is None or (_int(self.data.task_limit) and self.data.task_limit >= 1),
              "data.task_limit", "None or an int >= 1", self.data.task_limit)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .batches import BatchStream
 from .checkpoint import checkpoint_info, latest_checkpoint, load_checkpoint, load_objects, save_checkpoint
 from .config import SPAG_DEFENSES, LoraConfig, OptimConfig, TrainConfig, save_config
-from .defenses.base import Defense, DefenseData, TrainContext, has_post_training
+from .defenses.base import Defense, DefenseData, TrainContext, check_base_weights, has_post_training
 from .defenses.sft import SFT
 from .defenses.spard import SPARD
 from .distributed import all_reduce_sum, full_tensor, get_world_size, is_main_process, local_device
@@ -319,6 +319,9 @@ def run_defense(defense: Defense, model, tokenizer, data: DefenseData, *, optim:
     start = time.perf_counter()
     if data.micro_batch_size is None:
         data.micro_batch_size = optim.batch_size
+    if needs_base_model(defense):  # a missing or mismatched base model: one line, before any work
+        defense.check_data(data)
+        check_base_weights(model, data.base_weights, "DefenseData.base_weights")
     model = defense.alignment_stage(model, tokenizer, data)
     stage_seconds = time.perf_counter() - start
     rows = defense.training_rows(data)
@@ -362,6 +365,29 @@ def _load_model(config: TrainConfig, device):
     except (OSError, ValueError) as e:  # not a model: one line naming the key, not a traceback
         raise load_error("model.name_or_path", m.name_or_path, e) from e
     return tokenizer, model.to(device)
+
+
+def needs_base_model(defense: Defense) -> bool:
+    """Whether ``defense`` reads the base model's weights (``"base_model"`` in its needs)."""
+    return "base_model" in defense.describe()["needs"]
+
+
+def load_base_weights(name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
+                      what: str = "model.base_model") -> dict:
+    """The base model's parameters (``DefenseData.base_weights``), loaded on the host like the
+    model; one line naming ``what`` when it is not a model."""
+    from transformers import AutoModelForCausalLM
+
+    from .defenses.base import base_weights_of
+    from .preflight import load_error
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype="auto" if dtype == "auto" else getattr(torch, dtype),
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise load_error(what, name_or_path, e) from e
+    return base_weights_of(model)
 
 
 def build_defense(config: TrainConfig) -> Defense:
@@ -432,6 +458,10 @@ def _prepare_data(config: TrainConfig, defense: Defense, load_model=None) -> tup
     manifest["train_rows"] = len(rows)
     data = DefenseData(user=rows, safety_pool=pool, seed=config.optim.seed, max_length=config.model.max_length,
                        micro_batch_size=config.optim.batch_size)
+    if needs_base_model(defense):  # the alignment direction: aligned minus base weights (AsFT, LoX)
+        m = config.model
+        data.base_weights = load_base_weights(m.base_model, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        manifest["base_model"] = m.base_model
     defense.check_data(data)
     return data, manifest
 
@@ -513,6 +543,11 @@ def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[s
         print(f"no checkpoint in {ckpt_dir}: starting from scratch")
 
     defense = build_defense(config)
+    if needs_base_model(defense):  # before any data or model is read
+        if not config.model.base_model:
+            raise ValueError(f"model.base_model: defense {defense.NAME!r} needs the base model (the weights before "
+                             "safety alignment); give its name or path")
+        check_model_source(config.model.base_model, "model.base_model")
     device = _device(config.run.device)
     loaded: list = []
 
@@ -522,6 +557,7 @@ def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[s
         return loaded[0]
     data, manifest = _prepare_data(config, defense, load_model)
     tokenizer, model = load_model()
+    check_base_weights(model, data.base_weights, "model.base_model")  # the same shapes, before any work
     torch.manual_seed(config.optim.seed)
     model = defense.alignment_stage(model, tokenizer, data)
     rows = defense.training_rows(data)

@@ -32,7 +32,8 @@ WORLD_FULL = {**WORLD_QUICK, "n_task": 750, "n_eval": None, "n_task_test": None,
 
 
 FILE_KEYS = ("model", "task", "task_test", "eval_prompts", "safety_pool", "attacks", "n_task", "n_task_test",
-             "n_eval", "device", "benign", "val_prompts", "task_val", "validation_share", "duplicates")
+             "n_eval", "device", "benign", "val_prompts", "task_val", "validation_share", "duplicates",
+             "base_model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -211,7 +212,16 @@ def run(args) -> int:
         if isinstance(spec.get("defense_settings"), dict):  # the settings of the defenses left out go too
             spec["defense_settings"] = {d: v for d, v in spec["defense_settings"].items()
                                         if d in spec["defenses"] or d not in REGISTRY}
-    spec.setdefault("defenses", defense_names())
+    if "defenses" not in spec:  # all registered; those needing a base model only when there is one
+        spec["defenses"] = defense_names()
+        if args.config and not source.get("base_model"):
+            from spard.defenses import make_defense
+            from spard.trainer import needs_base_model
+            left = [d for d in spec["defenses"] if needs_base_model(make_defense(d))]
+            spec["defenses"] = [d for d in spec["defenses"] if d not in left]
+            if left:
+                print(f"spard bench: {', '.join(left)} left out of the default defenses: they need base_model "
+                      "(the weights before safety alignment) in the bench file", file=sys.stderr)
     if args.ratios:
         spec["ratios"] = _csv(args.ratios, float, "--ratios")
     if args.seeds:
@@ -247,6 +257,7 @@ def run(args) -> int:
         from spard.preflight import input_named
         with input_named("safety_pool"):
             bench.check_defense_data(settings, load_safety(source["safety_pool"], fields=POOL_FIELDS))
+        bench.check_base_model(settings, bool(source.get("base_model")))
     # Several workers may share --out (claims keep them from running a cell twice): no folder lock.
     if args.config:
         data = bench.file_data(**source, settings=settings)  # the attacks checked before the model loads

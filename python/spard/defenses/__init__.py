@@ -12,11 +12,13 @@ otherwise); keyword arguments override them. See docs/bench.md.
 from __future__ import annotations
 
 from .antibody import Antibody
+from .asft import AsFT
 from .antidote import Antidote
 from .base import DATA_KINDS, STAGES, Defense, DefenseData
 from .bds import BDS
 from .booster import Booster
 from .lisa import Lisa
+from .lox import LoX
 from .oneshot import OneShot
 from .panacea import Panacea
 from .safegrad import SafeGrad
@@ -34,6 +36,8 @@ REGISTRY: dict[str, tuple[type[Defense], dict]] = {
     "antibody": (Antibody, {}),
     "antibody-align": (Antibody, {"alignment_stage": True}),
     "booster": (Booster, {}),
+    "asft": (AsFT, {}),
+    "lox": (LoX, {}),
     "spard": (SPARD, {}),
     "spard-official": (SPARD, {"mode": "official", "tau": 0.2}),  # the released code's fixed τ
     "spard-random": (SPARD, {"selection": "random"}),
@@ -58,5 +62,5 @@ def make_defense(name: str, **settings) -> Defense:
     return d
 
 
-__all__ = ["Antibody", "Antidote", "BDS", "Booster", "DATA_KINDS", "Defense", "DefenseData", "Lisa", "OneShot",
+__all__ = ["Antibody", "AsFT", "LoX", "Antidote", "BDS", "Booster", "DATA_KINDS", "Defense", "DefenseData", "Lisa", "OneShot",
            "Panacea", "REGISTRY", "SFT", "SPARD", "STAGES", "SafeGrad", "SafeInstr", "defense_names", "make_defense"]

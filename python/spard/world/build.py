@@ -22,7 +22,7 @@ from spard.io import write_json_atomic, write_jsonl_atomic
 
 from . import generators as gen
 from . import text
-from .cache import cache_dir, load_cached_model, save_cached_model
+from .cache import cache_dir, load_cached_base, load_cached_model, save_cached_base, save_cached_model
 from .model import align, new_model, tiny_llama_config
 from .tokenizer import build_tokenizer, vocabulary_hash
 
@@ -126,12 +126,15 @@ class World:
     cache_file: str | None = None
     from_cache: bool = False
     align_log: dict = field(default_factory=dict)
+    base_model: object = None
+    """The model before its alignment (the seeded initialisation the alignment trained from):
+    the base model of the defenses that read the alignment direction (AsFT, LoX)."""
 
 
 def align_world_model(settings: WorldSettings, tokenizer, data, *, progress: bool = True):
     config = tiny_llama_config(tokenizer, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
                                num_heads=settings.num_heads, intermediate_size=settings.intermediate_size)
-    model = new_model(config, settings.seed)
+    model = new_model(config, settings.seed)  # the base model: base_model_of makes it again
     sources = [
         [{"prompt": r["prompt"], "response": r["answer"]} for r in data["align_task"]],
         gen.fact_rows(),
@@ -142,6 +145,12 @@ def align_world_model(settings: WorldSettings, tokenizer, data, *, progress: boo
                 batch_size=settings.align_batch_size, lr=settings.align_lr,
                 max_length=settings.max_length, seed=settings.seed, progress=progress)
     return model, log
+
+
+def base_model_of(settings: WorldSettings, config):
+    """The world model before its alignment: the seeded initialisation ``align_world_model``
+    trains from (the same weights on the same torch and transformers versions)."""
+    return new_model(config, settings.seed).eval()
 
 
 def build_world(settings: WorldSettings | None = None, *, data_dir: str | os.PathLike | None = None,
@@ -163,9 +172,15 @@ def build_world(settings: WorldSettings | None = None, *, data_dir: str | os.Pat
         model, log = align_world_model(settings, tokenizer, data, progress=progress)
         log["total_seconds"] = round(time.perf_counter() - t0, 2)
         if use_cache:
-            save_cached_model(folder, key, model, meta={"settings": dataclasses.asdict(settings), "align": log})
+            save_cached_model(folder, key, model, meta={"settings": dataclasses.asdict(settings), "align": log},
+                              base=base_model_of(settings, model.config))
+    base = load_cached_base(folder, key, model.config) if use_cache else None
+    if base is None:  # an entry made before the base was kept: made again (seeded) and added
+        base = base_model_of(settings, model.config)
+        if use_cache:
+            save_cached_base(folder, key, base)
     world = World(settings, tokenizer, model, data, key=key, from_cache=from_cache, align_log=log,
-                  cache_file=str(folder / key) if use_cache else None)
+                  cache_file=str(folder / key) if use_cache else None, base_model=base)
     if data_dir is not None:
         world.paths = write_data(data, data_dir)
         tokenizer.save_pretrained(str(Path(data_dir) / "tokenizer"))

@@ -1,5 +1,6 @@
 """The aligned world model's cache: ``<cache dir>/<key>/`` holding ``config.json``,
-``model.safetensors`` and ``meta.json``. Written into a temporary folder then renamed, so a
+``model.safetensors``, ``meta.json`` and ``base.safetensors`` (the model before its alignment,
+the base model of the defenses that read the alignment direction). Written into a temporary folder then renamed, so a
 crash never leaves a half-written entry; an entry that fails to load is rebuilt."""
 
 from __future__ import annotations
@@ -49,16 +50,56 @@ def load_cached_model(folder: str | os.PathLike, key: str) -> LlamaForCausalLM |
     return model
 
 
-def save_cached_model(folder: str | os.PathLike, key: str, model, meta: dict) -> Path:
-    """Writes the entry for ``key`` atomically (temporary folder + rename)."""
+def _weights(model) -> dict:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def load_cached_base(folder: str | os.PathLike, key: str, config: LlamaConfig) -> LlamaForCausalLM | None:
+    """The entry's model before alignment, or None when the entry has none (made before the
+    base was kept) or it is unreadable."""
+    path = Path(folder) / key / BASE_FILE
+    if not path.is_file():
+        return None
+    try:
+        model = LlamaForCausalLM(config)
+        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        if [m for m in missing if m != "lm_head.weight"] or unexpected:
+            raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    except Exception as e:  # noqa: BLE001 - an unreadable base is made again
+        warnings.warn(f"world model cache entry {path} is unreadable ({e}); making it again")
+        return None
+    model.eval()
+    return model
+
+
+def save_cached_base(folder: str | os.PathLike, key: str, base) -> None:
+    """Adds ``base.safetensors`` to an existing entry (atomically: temporary file + rename)."""
+    entry = Path(folder) / key
+    fd, tmp = tempfile.mkstemp(prefix=f".{BASE_FILE}.", dir=entry)
+    os.close(fd)
+    try:
+        save_file(_weights(base), tmp)
+        os.replace(tmp, entry / BASE_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+BASE_FILE = "base.safetensors"
+
+
+def save_cached_model(folder: str | os.PathLike, key: str, model, meta: dict, base=None) -> Path:
+    """Writes the entry for ``key`` atomically (temporary folder + rename), with the model
+    before alignment (``base``) when given."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     entry = folder / key
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder))
     try:
         model.config.save_pretrained(str(tmp))
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        save_file(state, str(tmp / "model.safetensors"))
+        save_file(_weights(model), str(tmp / "model.safetensors"))
+        if base is not None:
+            save_file(_weights(base), str(tmp / BASE_FILE))
         write_json_atomic(tmp / "meta.json", meta)
         if entry.exists():
             shutil.rmtree(entry)

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from spard.formatting import EncodedExample, conversation_of, encode_row, split_conversation
+from spard.formatting import EncodedExample, conversation_of, encode_row, prompt_of, split_conversation
 from spard.io import read_jsonl, read_jsonl_numbered, read_text_utf8
 
 log = logging.getLogger(__name__)
@@ -380,7 +380,10 @@ def prompt_text(row: dict) -> str:
     merged already). What a selection embeds, training encodes and evaluation asks."""
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
-        raise ValueError(f"row needs a string 'prompt' field; fields present: {', '.join(sorted(row))}")
+        if conversation_of(row) is not None or isinstance(row.get("text"), str):
+            return prompt_of(row)  # TRL's conversational and language-modelling rows
+        raise ValueError(f"row needs a string 'prompt' field (or 'messages', or 'text'); fields present: "
+                         f"{', '.join(sorted(row))}")
     return _merge_input(row, prompt)
 
 

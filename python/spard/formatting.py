@@ -219,6 +219,25 @@ def encode_row(tokenizer, row: dict, max_length: int, where: str = "row") -> Enc
     return encode_text(tokenizer, head + response, max_length, response, where)
 
 
+def prompt_of(row: dict, where: str = "row") -> str:
+    """The prompt of a row in any shape of the module docstring: what a selection embeds and
+    Antibody's refusal answers. A conversation's last user message; a ``text`` row's text before
+    its ``response`` (the whole text without one)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a dict row, got {type(row).__name__}: {row!r:.80}")
+    messages = conversation_of(row)
+    if messages is not None:
+        return split_conversation(messages, where)[0]
+    if isinstance(row.get("prompt"), str):
+        return prompt_with_input(row)
+    if isinstance(row.get("text"), str):
+        text, response = row["text"], row.get("response")
+        cut = text.rfind(response) if isinstance(response, str) and response else -1
+        return text[:cut] if cut > 0 else text
+    raise ValueError(f"{where}: expected a string 'prompt' with a 'response', a 'messages' conversation "
+                     f"(or TRL's prompt/completion message lists), or a 'text'; keys: {sorted(row)}")
+
+
 def prompt_with_input(row: dict) -> str:
     """``prompt`` plus a non-empty ``input`` after a blank line (rows from spard.data's loaders
     have it merged already): the prompt in training as in loading, embedding and evaluation."""

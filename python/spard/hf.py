@@ -39,7 +39,7 @@ from .batches import MicroBatch
 from .callback import log_ahead_of_reporters
 from .defenses.base import Defense, DefenseData, TrainContext, has_post_training
 from .distributed import get_world_size
-from .formatting import collate, encode_example, label_token_count, pad_id_of
+from .formatting import collate, encode_row, label_token_count, pad_id_of, prompt_of
 from .precision import autocast_for
 from .spag import logs_to_floats
 
@@ -48,11 +48,12 @@ INDEX_KEY = "sample_index"
 
 
 def defense_dataset(rows, tokenizer, max_length: int = 512):
-    """A ``datasets.Dataset`` of encoded {prompt, response} rows with their index (BDS's scalar
-    scheduler keeps one weight per training sample)."""
+    """A ``datasets.Dataset`` of encoded rows (any shape of spard.formatting: prompt/response,
+    TRL's messages or prompt/completion, text) with their index (BDS's scalar scheduler keeps
+    one weight per training sample)."""
     from datasets import Dataset
 
-    encoded = [encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
+    encoded = [encode_row(tokenizer, r, max_length, where=f"rows[{i}]") for i, r in enumerate(rows)]
     return Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded],
                               INDEX_KEY: list(range(len(encoded)))})
 
@@ -96,7 +97,7 @@ class DefenseCallback(TrainerCallback):
                            device=params[0].device, autocast=autocast_for(model), max_length=self.data.max_length,
                            resume_state=saved)
         d.n_train = len(self.data.user)
-        d.train_prompts = [r["prompt"] for r in self.data.user]
+        d.train_prompts = [prompt_of(r) for r in self.data.user]
         self._tokenizer = tokenizer
         with ctx.autocast():
             d.setup(model, tokenizer, self.data, getattr(optimizer, "optimizer", optimizer), ctx)

@@ -26,7 +26,7 @@ from .defenses.base import Defense, DefenseData, TrainContext, check_base_weight
 from .defenses.sft import SFT
 from .defenses.spard import SPARD
 from .distributed import all_reduce_sum, full_tensor, get_world_size, is_main_process, local_device
-from .formatting import pad_id_of
+from .formatting import pad_id_of, prompt_of
 from .guards import NonFiniteLossGuard, check_all_skipped, check_dropped_rows, check_finite_parameters
 from .io import write_json_atomic
 from .precision import autocast_for
@@ -143,7 +143,7 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
     ctx = TrainContext(streams={"user": user}, global_batch=global_batch, micro_batch_size=optim.batch_size,
                        pad_id=pad_id, device=device, autocast=autocast_for(model), max_length=max_length,
                        resume_state=(saved.get("defense") or {}) if latest is not None else None)
-    defense.n_train, defense.train_prompts = len(examples), [rows[i]["prompt"] for i in kept]
+    defense.n_train, defense.train_prompts = len(examples), [prompt_of(rows[i]) for i in kept]
     if data is None:
         data = DefenseData(user=list(rows), max_length=max_length, seed=optim.seed)
     with ctx.autocast():

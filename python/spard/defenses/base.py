@@ -36,7 +36,7 @@ from torch import Tensor
 
 from spard.batches import BatchStream, MicroBatch
 from spard.distributed import all_reduce_sum, get_rank, get_world_size, global_count
-from spard.formatting import IGNORE_INDEX, pad_id_of
+from spard.formatting import IGNORE_INDEX, conversation_of, pad_id_of, prompt_of, response_of, split_conversation
 from spard.spag import encode_rows, trainable_parameters
 
 STAGES = ("alignment", "fine-tuning", "both", "post-fine-tuning")
@@ -69,6 +69,12 @@ class DefenseData:
     def __post_init__(self):
         if not self.user:
             raise ValueError("DefenseData.user: the fine-tuning set is empty")
+        # Rows in any shape spard.formatting encodes (prompt/response, TRL's messages and
+        # prompt/completion, text); each checked here so a bad row fails before any work.
+        for name in ("user", "alignment"):
+            for i, row in enumerate(getattr(self, name) or ()):
+                check_training_row(row, f"DefenseData.{name}[{i}]")
+        self.safety_pool = [pool_row(r, f"DefenseData.safety_pool[{i}]") for i, r in enumerate(self.safety_pool)]
         if self.alignment is None:
             self.alignment = [{"prompt": r["prompt"], "response": r["safe"]} for r in self.safety_pool
                               if r.get("safe")]
@@ -78,6 +84,45 @@ class DefenseData:
         """The pool's harmful demonstrations (prompt -> unsafe), for Booster/Antibody's
         alignment stage."""
         return [{"prompt": r["prompt"], "response": r["unsafe"]} for r in self.safety_pool if r.get("unsafe")]
+
+
+def check_training_row(row, where: str) -> None:
+    """One line naming the row when it is in none of the shapes training encodes."""
+    prompt_of(row, where)
+    if conversation_of(row) is None and isinstance(row.get("prompt"), str):
+        response_of(row, where)
+
+
+def pool_row(row, where: str) -> dict:
+    """A safety-pool row as {prompt, safe[, unsafe]}: as written by spard.data.load_safety, a
+    conversation ending with the refusal (``messages``, or TRL's prompt/completion message
+    lists), a prompt with its refusal in ``response``/``completion``, or TRL's preference rows
+    (``prompt``, ``chosen`` = the refusal, ``rejected`` = the harmful answer; strings or messages)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a dict row, got {type(row).__name__}: {row!r:.80}")
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("safe"), str):
+        return row
+    if "chosen" in row and "prompt" in row:
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row.get("rejected")
+        if isinstance(prompt, (list, tuple)) and isinstance(chosen, (list, tuple)):
+            text, safe = split_conversation(list(prompt) + list(chosen), where)
+            unsafe = (split_conversation(list(prompt) + list(rejected), where)[1]
+                      if isinstance(rejected, (list, tuple)) else None)
+        elif isinstance(prompt, str) and isinstance(chosen, str):
+            text, safe, unsafe = prompt, chosen, rejected if isinstance(rejected, str) else None
+        else:
+            raise ValueError(f"{where}: a preference row needs 'prompt' and 'chosen' both strings or both "
+                             f"message lists; got {type(prompt).__name__} and {type(chosen).__name__}")
+        return {"prompt": text, "safe": safe, **({"unsafe": unsafe} if unsafe else {})}
+    messages = conversation_of(row)
+    if messages is not None:
+        text, safe = split_conversation(messages, where)
+        return {"prompt": text, "safe": safe}
+    if isinstance(row.get("prompt"), str) and any(isinstance(row.get(k), str) for k in ("response", "completion")):
+        return {**row, "safe": response_of(row, where)}
+    raise ValueError(f"{where}: a safety-pool row needs a string 'prompt' and 'safe' (and 'unsafe' for "
+                     "defenses that train against harmful answers), a 'messages' conversation ending with "
+                     f"the refusal, or TRL's preference shape (prompt, chosen, rejected); keys: {sorted(row)}")
 
 
 @dataclass

@@ -92,7 +92,9 @@ def root(tmp_path_factory):
                          "bench_n_eval_zero": {"n_eval": 0}, "bench_judge": {"judge": "nope"},
                          "bench_judge_model": {"judge": "moderation"}, "bench_duplicates": {"duplicates": "keep"},
                          "bench_defense_setting": {"defense_settings": {"sft": {"bogus": 1}}},
-                         "bench_defense_not_in_grid": {"defense_settings": {"lisa": {"rho": 1.0}}}}.items():
+                         "bench_defense_not_in_grid": {"defense_settings": {"lisa": {"rho": 1.0}}},
+                         "bench_composition_setting": {"defenses": ["antibody+spard"],
+                                                       "defense_settings": {"antibody+spard": {"lisa": {"rho": 1.0}}}}}.items():
         spec = {**bench, **change}
         spec = {k: v for k, v in spec.items() if v is not None}
         (r / f"{name}.yaml").write_text(yaml.safe_dump(spec).replace("'.inf'", ".inf"))
@@ -176,6 +178,9 @@ CASES = [
     ("train-task-not-utf8", setk("data.task", "{r}/latin1.jsonl"), "data.task: " + F + "latin1.jsonl:2: not UTF-8 (byte 0xe9 at column 16); save the file as UTF-8"),
     ("train-task-utf16", setk("data.task", "{r}/utf16.jsonl"), "data.task: " + F + "utf16.jsonl: looks like UTF-16, not UTF-8; save the file as UTF-8"),
     ("train-sft-and-defense", train("--sft", "--defense", "lisa"), "--sft / --defense: --sft trains plain SFT, --defense lisa another defense"),
+    ("train-composition-unknown-member", train("--defense", "antibody+nope"), "defense: defense 'antibody+nope': unknown member 'nope'"),
+    ("train-composition-conflict", train("--defense", "antibody+bds"), "defense 'antibody+bds': antibody and bds conflict: both own the step's loss"),
+    ("train-composition-not-a-member", train("--defense", "antibody+spard", "--set", "defense.bds.weight_lr=0.1"), "defense 'antibody+spard': settings for 'bds', which is not a member (members: antibody, spard)"),
     ("train-shortcut-and-set", train("--max-steps", "5", "--set", "optim.max_steps=7"), "--max-steps 5 conflicts with --set optim.max_steps=7; give one of them"),
     ("train-task-json-two-lists", setk("data.task", "{r}/twolists.json"), F + "twolists.json: expected a JSON list"),
     ("train-task-bad-parquet", setk("data.task", "{r}/bad.parquet"), F + "bad.parquet: cannot read parquet"),
@@ -254,6 +259,9 @@ CASES = [
     ("bench-config-list", bench("list"), "--config: " + F + "list.yaml must hold a mapping"),
     ("bench-config-lacks", bench("bench_lacks"), "--config: " + F + "bench_lacks.yaml lacks task"),
     ("bench-defense-unknown", bench("bench", "--defenses", "sft,nope"), "defenses: unknown ['nope']"),
+    ("bench-composition-unknown-member", bench("bench", "--defenses", "sft,antibody+nope"), "defenses: defense 'antibody+nope': unknown member 'nope'"),
+    ("bench-composition-conflict", bench("bench", "--defenses", "lisa+bds"), "defenses: defense 'lisa+bds': lisa and bds conflict: both own the step's loss"),
+    ("bench-composition-not-a-member", bench("bench_composition_setting"), "defense_settings.antibody+spard: defense 'antibody+spard': settings for 'lisa', which is not a member"),
     ("bench-ratios-word", bench("bench", "--ratios", "a,b"), "--ratios: expected a comma-separated list of floats"),
     ("bench-ratios-negative", bench("bench", "--ratios", "-0.1"), "ratios: expected numbers >= 0"),
     ("bench-ratios-nan", bench("bench", "--ratios", "nan"), "ratios: expected"),

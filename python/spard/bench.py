@@ -163,12 +163,19 @@ class BenchSettings:
     "drop" leaves them out of the candidates."""
 
     def validate(self) -> None:
-        from .defenses import REGISTRY
+        from .defenses import REGISTRY, is_known_defense, make_defense
+        from .defenses.composed import is_composition
         if not self.defenses:
             raise ValueError("defenses: name at least one defense")
-        unknown = [d for d in self.defenses if d not in REGISTRY]
+        unknown = [d for d in self.defenses if not is_composition(d) and not is_known_defense(d)]
         if unknown:
-            raise ValueError(f"defenses: unknown {unknown}; known: {', '.join(REGISTRY)}")
+            raise ValueError(f"defenses: unknown {unknown}; known: {', '.join(REGISTRY)}, or members joined by '+'")
+        for d in self.defenses:  # a composition's unknown member or conflict, before any cell runs
+            if is_composition(d) and d not in self.defense_settings:
+                try:
+                    make_defense(d, **self.settings_of(d))
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"defenses: {e}") from None
         if not self.ratios or any(not (isinstance(r, (int, float)) and 0 <= r) for r in self.ratios):
             raise ValueError(f"ratios: expected numbers >= 0, got {self.ratios!r}")
         from .attack import attack_names
@@ -200,20 +207,36 @@ class BenchSettings:
             raise ValueError(f"save_every: expected an int >= 0 (0: checkpoint only at the end), got {self.save_every!r}")
 
     def _validate_defense_settings(self) -> None:
-        """Each entry names a defense of the grid and settings it has (checked by building it)."""
+        """Each entry names a defense of the grid (or a member of a composition in it) and
+        settings it has (checked by building it)."""
         from .defenses import make_defense
         if not isinstance(self.defense_settings, dict):
             raise ValueError(f"defense_settings: expected a mapping defense -> settings, got {self.defense_settings!r}")
+        members = {m for d in self.defenses for m in d.split("+")}
         for name, values in self.defense_settings.items():
-            if name not in self.defenses:
+            if name not in self.defenses and name not in members:
                 raise ValueError(f"defense_settings: {name!r} is not a defense of the grid "
                                  f"({', '.join(self.defenses)})")
             if not isinstance(values, dict):
                 raise ValueError(f"defense_settings.{name}: expected a mapping setting -> value, got {values!r}")
             try:
-                make_defense(name, **values)
+                make_defense(name, **self.settings_of(name))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"defense_settings.{name}: {e}") from None
+
+    def settings_of(self, name: str) -> dict:
+        """The settings the grid runs defense ``name`` with. A composition's members take the
+        grid's settings of the member on its own (the world's Lisa phases, say), then the
+        composition's entry: per member (``{"spard": {"p": 0.05}}``) or dotted (``"spard.p"``,
+        what tuning writes; spard.defenses.composed)."""
+        from .defenses.composed import JOIN, is_composition
+        own = dict(self.defense_settings.get(name, {}))
+        if not is_composition(name):
+            return own
+        out = {m: dict(self.defense_settings[m]) for m in name.split(JOIN) if isinstance(self.defense_settings.get(m), dict)}
+        for k, v in own.items():
+            out[k] = {**out[k], **v} if isinstance(v, dict) and k in out else v
+        return out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -263,7 +286,7 @@ def cell_fingerprint(cell: Cell, settings: BenchSettings, data_description: dict
     fingerprint is stale and runs again (adding seeds or defenses leaves the others valid)."""
     payload = {"optim": asdict(settings.optim), "lora": asdict(settings.lora), "max_length": settings.max_length,
                "max_new_tokens": settings.max_new_tokens, "task_max_new_tokens": settings.task_max_new_tokens,
-               "judge": [settings.judge, settings.judge_model], "defense": settings.defense_settings.get(cell.defense, {}),
+               "judge": [settings.judge, settings.judge_model], "defense": settings.settings_of(cell.defense),
                "data": data_description, "version": CELL_VERSION}
     if settings.extra_judges:  # only when set, so grids without them keep their fingerprints
         payload["extra_judges"] = list(settings.extra_judges)
@@ -398,7 +421,7 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
     if settings.prompt_layout != "chat":
         rows = [{**r, "layout": settings.prompt_layout} for r in rows]
     torch.manual_seed(cell.seed)
-    defense = make_defense(cell.defense, **settings.defense_settings.get(cell.defense, {}))
+    defense = make_defense(cell.defense, **settings.settings_of(cell.defense))
     ddata = DefenseData(user=rows, safety_pool=data.safety_pool, seed=cell.seed, max_length=settings.max_length,
                         base_weights=data.base_weights if needs_base_model(defense) else None)
     optim = copy.deepcopy(settings.optim)
@@ -1097,7 +1120,7 @@ def check_defense_data(settings: BenchSettings, safety_pool: list[dict]) -> None
     if any(r.get("unsafe") for r in safety_pool):
         return
     need = [d for d in settings.defenses
-            if make_defense(d, **settings.defense_settings.get(d, {})).needs_harmful_answers()]
+            if make_defense(d, **settings.settings_of(d)).needs_harmful_answers()]
     if need:
         raise ValueError(f"safety_pool: defense(s) {', '.join(need)} train against harmful answers, and the pool "
                          "has no 'unsafe' field; give a pool with harmful answers or leave them out of --defenses")

@@ -143,10 +143,13 @@ class SpagConfig:
 @dataclass
 class DefenseConfig:
     name: str = "spard"
-    """Any registered defense (spard.defenses.REGISTRY): spard, sft, lisa, bds, antibody, ..."""
+    """Any registered defense (spard.defenses.REGISTRY): spard, sft, lisa, bds, antibody, ...; or
+    several joined by '+' (antibody+spard, spard.defenses.composed; the top-level ``defenses:``
+    list says the same)."""
     settings: dict = field(default_factory=dict)
-    """The defense's own settings (``--set defense.rho=0.5`` lands here); SPARD also reads the
-    ``spag`` and ``selection`` sections."""
+    """The defense's own settings (``--set defense.rho=0.5`` lands here; a composition's per
+    member: ``--set defense.spard.p=0.05``); SPARD also reads the ``spag`` and ``selection``
+    sections."""
 
 
 @dataclass
@@ -228,7 +231,7 @@ class TrainConfig:
         need(_finite(self.spag.alpha_max) and self.spag.alpha_max > 0, "spag.alpha_max", "a finite number > 0",
              self.spag.alpha_max)
         self._validate_defense()
-        if self.spag.enabled and self.defense.name.startswith("spard"):
+        if self.spag.enabled and any(m.startswith("spard") for m in self.defense.name.split("+")):
             need(bool(self.safety.pool), "safety.pool", "the safety pool path (SPAG needs a safe set)",
                  self.safety.pool)
         need(bool(self.run.output_dir), "run.output_dir", "an output folder", self.run.output_dir)
@@ -247,9 +250,15 @@ class TrainConfig:
 
     def _validate_defense(self) -> None:
         from .defenses import REGISTRY, make_defense
+        from .defenses.composed import JOIN, is_composition
 
-        if self.defense.name not in REGISTRY:
-            raise ConfigError(f"defense.name: expected one of {', '.join(REGISTRY)}, got {self.defense.name!r}")
+        if not is_composition(self.defense.name) and self.defense.name not in REGISTRY:
+            raise ConfigError(f"defense.name: expected one of {', '.join(REGISTRY)} or members joined by "
+                              f"'{JOIN}', got {self.defense.name!r}")
+        if is_composition(self.defense.name) and not self.spag.enabled and \
+                set(self.defense.name.split(JOIN)) & set(SPAG_DEFENSES):
+            raise ConfigError(f"spag.enabled: false (plain SFT) conflicts with defense.name {self.defense.name!r}, "
+                              "a composition with SPARD; leave SPARD out of the composition instead")
         try:
             make_defense(self.defense.name, **self.defense.settings)
         except (TypeError, ValueError) as e:
@@ -388,6 +397,17 @@ def _build(cls, data: Any, prefix: str):
 
 def config_from_dict(data: dict) -> TrainConfig:
     data = dict(data or {})
+    if "defenses" in data:  # defenses: [antibody, spard] composes them (spard.defenses.composed)
+        members = data.pop("defenses")
+        if (not isinstance(members, list) or not members
+                or not all(isinstance(m, str) and m and "+" not in m for m in members)):
+            raise ConfigError(f"defenses: expected a list of defense names, e.g. [antibody, spard], got {members!r}")
+        section = data.get("defense")
+        given = section if isinstance(section, str) else (section or {}).get("name") if isinstance(section, dict) else None
+        if given is not None and given != "+".join(members):
+            raise ConfigError(f"defenses: {members} conflicts with defense.name {given!r}; give one of them")
+        data["defense"] = ({**section, "name": "+".join(members)} if isinstance(section, dict)
+                           else {"name": "+".join(members)})
     if isinstance(data.get("defense"), dict):
         # defense.KEY=VALUE: every key but the name is one of the defense's own settings
         section = dict(data["defense"])

@@ -104,6 +104,8 @@ def comparison_pairs(defenses: Sequence[str], reference: str = "sft", method: st
     pairs = [(d, reference) for d in defenses if d != reference and reference in defenses]
     if method in defenses:
         pairs += [(method, a) for a in ABLATIONS if a in defenses and (method, a) not in pairs]
+    # A composition (antibody+spard) against each of its members in the grid.
+    pairs += [(d, m) for d in defenses if "+" in d for m in d.split("+") if m in defenses and (d, m) not in pairs]
     return pairs
 
 

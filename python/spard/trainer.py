@@ -393,13 +393,26 @@ def load_base_weights(name_or_path: str, *, dtype: str = "float32", trust_remote
 def build_defense(config: TrainConfig) -> Defense:
     """The defense a config names: ``defense.name`` with ``defense.settings``. SPARD (the
     default) takes its settings from the ``spag`` and ``selection`` sections, which
-    ``defense.settings`` may override; ``spag.enabled=false`` means SFT."""
+    ``defense.settings`` may override; ``spag.enabled=false`` means SFT. A composition
+    (``antibody+spard``) builds each member so, with its own part of ``defense.settings``."""
     from .defenses import REGISTRY, make_defense
+    from .defenses.composed import JOIN, is_composition, split_settings
 
     name = config.defense.name
+    if is_composition(name):
+        members = name.split(JOIN)
+        routed = split_settings(name, members, dict(config.defense.settings))
+        return make_defense(name, **{m: _member_settings(config, m, routed[m]) for m in members})
     if name in SPAG_DEFENSES and not config.spag.enabled:
         name = "sft"
-    settings = dict(config.defense.settings)
+    return make_defense(name, **_member_settings(config, name, dict(config.defense.settings)))
+
+
+def _member_settings(config: TrainConfig, name: str, settings: dict) -> dict:
+    """One registered defense's settings from a config: SPARD's from the spag and selection
+    sections, overridden by its preset, then by ``settings``."""
+    from .defenses import REGISTRY
+
     if REGISTRY.get(name, (None,))[0] is SPARD:
         s, sel = config.spag, config.selection
         embedder = sel.embedder or (None if sel.method in ("random", "all") else config.model.name_or_path)
@@ -410,7 +423,7 @@ def build_defense(config: TrainConfig) -> Defense:
                 "measure_after": s.measure_after, "seed": s.seed}
         preset = REGISTRY[name][1]
         settings = {**base, **preset, **settings}
-    return make_defense(name, **settings)
+    return settings
 
 
 def _prepare_data(config: TrainConfig, defense: Defense, load_model=None) -> tuple[DefenseData, dict]:
@@ -616,7 +629,8 @@ def summary_table(run: dict) -> str:
     last = run["history"][-1] if run["history"] else {}
     if "spag" in s:
         lines += [("safe set", run.get("safe_set_size")), ("tau", _fmt(s["spag"]["tau"])),
-                  ("final safety loss", _fmt(last.get("safety_loss"))),
+                  ("final safety loss", _fmt(next((v for k, v in last.items()  # a composition's: spard.safety_loss
+                                                   if k == "safety_loss" or k.endswith(".safety_loss")), None))),
                   ("trigger rate", f"{s['spag']['trigger_rate']:.1%}")]
     lines += [("seconds", f"{s['seconds_this_session']:.1f}"), ("adapter", run.get("adapter", "-"))]
     width = max(len(k) for k, _ in lines)

@@ -25,16 +25,19 @@ from .studies import once, open_study, require_optuna, run_slots, storage_for, t
 
 
 def defense_space(name: str) -> dict:
-    """The registered defense's search space (empty: nothing to tune)."""
-    from .defenses import REGISTRY
-    return dict(REGISTRY[name][0].SEARCH_SPACE)
+    """The defense's search space (empty: nothing to tune); a composition's is its members',
+    prefixed with their names (``spard.p``)."""
+    from .defenses import make_defense
+    return dict(make_defense(name).SEARCH_SPACE)
 
 
 def base_settings(name: str, settings) -> dict:
-    """The defense's settings as the grid would run them (preset, then the bench's overrides)."""
+    """The defense's settings as the grid would run them (preset, then the bench's overrides);
+    a composition's as ``member.setting`` (its search space's names)."""
     from .defenses import make_defense
-    d = make_defense(name, **settings.defense_settings.get(name, {}))
-    return dataclasses.asdict(d.settings)
+    from .defenses.composed import Composed
+    d = make_defense(name, **settings.settings_of(name))
+    return d.flat_settings() if isinstance(d, Composed) else dataclasses.asdict(d.settings)
 
 
 def fixed_attack(data, settings) -> tuple[str, float, int]:

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-task", choices=("gsm8k", "openbookqa"), default=None,
                         help="the world's task: worked answers (gsm8k, default) or four-way multiple choice in "
                              "the OpenBookQA format (its own vocabulary and aligned model, built on first use)")
-    parser.add_argument("--defenses", help="comma-separated names (default: all registered)")
+    parser.add_argument("--defenses", help="comma-separated names (default: all registered); a+b composes "
+                        "defenses (e.g. antibody+spard, docs/training.md)")
     parser.add_argument("--ratios", default=None, help="comma-separated harmful ratios, e.g. 0.05,0.1,0.2")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--attack-kinds", default=None,
@@ -210,8 +211,9 @@ def run(args) -> int:
         spec["defenses"] = _csv(args.defenses, str, "--defenses")
         from spard.defenses import REGISTRY
         if isinstance(spec.get("defense_settings"), dict):  # the settings of the defenses left out go too
+            kept = set(spec["defenses"]) | {m for d in spec["defenses"] for m in d.split("+")}  # members too
             spec["defense_settings"] = {d: v for d, v in spec["defense_settings"].items()
-                                        if d in spec["defenses"] or d not in REGISTRY}
+                                        if d in kept or d not in REGISTRY}
     if "defenses" not in spec:  # all registered; those needing a base model only when there is one
         spec["defenses"] = defense_names()
         if args.config and not source.get("base_model"):

@@ -17,6 +17,7 @@ from .antidote import Antidote
 from .base import DATA_KINDS, STAGES, Defense, DefenseData
 from .bds import BDS
 from .booster import Booster
+from .composed import JOIN, Composed, is_composition, split_settings
 from .lisa import Lisa
 from .lox import LoX
 from .oneshot import OneShot
@@ -52,8 +53,26 @@ def defense_names() -> list[str]:
     return list(REGISTRY)
 
 
+def is_known_defense(name) -> bool:
+    """A registered name, or a composition of registered names (whether it conflicts is
+    make_defense's to say)."""
+    return isinstance(name, str) and all(m in REGISTRY for m in name.split(JOIN))
+
+
 def make_defense(name: str, **settings) -> Defense:
-    """The defense registered as ``name`` with its preset settings, overridden by ``settings``."""
+    """The defense registered as ``name`` with its preset settings, overridden by ``settings``.
+    ``a+b`` composes registered defenses (spard.defenses.composed): settings per member, as
+    ``{"b": {...}}`` or ``"b.key"``."""
+    if is_composition(name):
+        members = name.split(JOIN)
+        bad = [m for m in members if m not in REGISTRY]
+        if bad:
+            raise ValueError(f"defense {name!r}: unknown member {bad[0]!r}; known: {', '.join(REGISTRY)}")
+        routed = split_settings(name, members, settings)
+        if len(set(members)) < len(members):
+            twice = next(m for m in members if members.count(m) > 1)
+            raise ValueError(f"defense {name!r}: member {twice!r} is named twice")
+        return Composed([make_defense(m, **routed[m]) for m in members])
     if name not in REGISTRY:
         raise ValueError(f"unknown defense {name!r}; known: {', '.join(REGISTRY)}")
     cls, preset = REGISTRY[name]

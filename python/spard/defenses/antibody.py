@@ -41,6 +41,7 @@ class Antibody(Defense):
     NEEDS = ("user",)
     # Tuning space (spard bench --tune-defenses): a decade either side of the paper's T = 1.
     SEARCH_SPACE = {"temperature": Float(0.1, 10.0, log=True)}
+    AFTER_STEP_EDITS_WEIGHTS = False  # after_step only logs (spard.defenses.composed)
 
     @dataclass
     class Settings:
@@ -73,6 +74,8 @@ class Antibody(Defense):
         d = super().describe()
         if self.settings.alignment_stage:
             d["needs"] = ["user", "alignment", "safety_pool"]
+        else:  # the stage that actually runs
+            d["stage"] = "fine-tuning"
         return d
 
     def needs_harmful_answers(self) -> bool:

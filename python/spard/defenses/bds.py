@@ -47,6 +47,7 @@ class BDS(Defense):
     NEEDS = ("user", "alignment")
     # Tuning space: the scheduler's learning rate around the paper's 5e-3.
     SEARCH_SPACE = {"weight_lr": Float(1e-3, 5e-2, log=True)}
+    AFTER_STEP_EDITS_WEIGHTS = False  # after_step steps the scheduler's own weights (spard.defenses.composed)
 
     @dataclass
     class Settings:

@@ -22,6 +22,7 @@ class Lisa(Defense):
     # Tuning space: ρ over the decades Lisa's sweep covers, and the alignment phase from a quarter
     # to four times its length (a multiple of the run's own setting: phases are counted in steps).
     SEARCH_SPACE = {"rho": Float(0.01, 10.0, log=True), "alignment_steps": Scale(0.25, 4.0)}
+    AFTER_STEP_EDITS_WEIGHTS = False  # after_step only logs the phase (spard.defenses.composed)
 
     @dataclass
     class Settings:

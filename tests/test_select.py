@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -324,11 +325,11 @@ def test_cli_select_writes_subset_and_report(tiny_model_dir, tmp_path, capsys):
     assert main(["select", "--pool", str(tmp_path / "norefusal.jsonl"), "--reference", str(tmp_path / "ref.jsonl"),
                  "--method", "random", "--k", "1", "--out", str(tmp_path / "o5")]) == 2
     assert "--pool: " in (err := capsys.readouterr().err) and "norefusal.jsonl:1: missing field(s) safe" in err
-    # The command line takes the method names the Python API takes, "dpp" included.
+    # The command line takes the method names the Python API takes; dpp is diversity only.
     rc = main(["select", "--pool", str(tmp_path / "pool.jsonl"), "--reference", str(tmp_path / "ref.jsonl"),
                "--embedder", str(tiny_model_dir), "--method", "dpp", "--k", "3", "--out", str(tmp_path / "o6"),
                "--cache-dir", str(tmp_path / "cache"), "--dtype", "float32"])
-    assert rc == 0 and json.loads((tmp_path / "o6" / "select_report.json").read_text())["method"] == "rd-dpp"
+    assert rc == 0 and json.loads((tmp_path / "o6" / "select_report.json").read_text())["method"] == "dpp"
     rc = main(["select", "--pool", str(tmp_path / "missing.jsonl"), "--reference", str(tmp_path / "ref.jsonl"),
                "--method", "random", "--k", "3", "--out", str(tmp_path / "o3")])
     assert rc == 2 and "missing.jsonl: no such file" in capsys.readouterr().err
@@ -435,3 +436,42 @@ def test_cli_select_checks_cache_dir_and_k_or_p_before_the_work(tmp_path, capsys
     assert capsys.readouterr().err.strip() == ("spard select: error: --k / --p: give one of them (--k is the subset "
                                                "size, --p derives it from the reference size)")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 21: the baselines and the pick's quality in `spard select`
+# ----------------------------------------------------------------------------------------------
+def test_cli_select_prints_and_writes_the_quality_of_its_pick(tiny_model_dir, tmp_path, capsys):
+    from spard.cli import main
+    from spard.io import write_jsonl_atomic
+
+    pool = [{"prompt": " ".join(WORDS[i : i + 3]), "safe": "I'm sorry, I cannot help.", "topic": f"t{i % 3}"}
+            for i in range(40)]
+    write_jsonl_atomic(tmp_path / "pool.jsonl", pool)
+    write_jsonl_atomic(tmp_path / "ref.jsonl", [{"prompt": " ".join(WORDS[i : i + 4])} for i in range(0, 50, 2)])
+    common = ["--pool", str(tmp_path / "pool.jsonl"), "--embedder", str(tiny_model_dir), "--dtype", "float32",
+              "--cache-dir", str(tmp_path / "cache")]
+    for method in ("k-center", "behavior-aware"):
+        out = tmp_path / method
+        assert main(["select", *common, "--method", method, "--k", "6", "--category-field", "topic",
+                     "--out", str(out)]) == 0  # no --reference: these methods do not read it
+        q = json.loads((out / "select_report.json").read_text())["quality"]
+        assert q["k"] == 6 and q["categories"] == {"covered": 3, "of": 3, "missed": {}}
+        assert q["category_field"] == "topic" and "task_relevance" not in q
+        text = capsys.readouterr().out
+        assert "coverage: pool-to-pick distance mean / max" in text and re.search(r"categories covered \(topic\) +3 of 3", text)
+    assert main(["select", *common, "--reference", str(tmp_path / "ref.jsonl"), "--k", "4",
+                 "--out", str(tmp_path / "rd")]) == 0
+    q = json.loads((tmp_path / "rd" / "select_report.json").read_text())["quality"]
+    assert "categories" not in q and -1 <= q["task_relevance"]["mean"] <= q["task_relevance"]["nearest"] <= 1
+    assert "task similarity: nearest / mean" in capsys.readouterr().out
+    # a method whose needs are missing: one line, before any work
+    assert main(["select", *common, "--method", "relevance", "--k", "4", "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.strip() == ("spard select: error: --reference: the relevance method needs the "
+                                               "task rows (the user's fine-tuning set)")
+    assert main(["select", *common, "--method", "dpp", "--out", str(tmp_path / "bad")]) == 2
+    assert "--k: give --k (without --reference" in capsys.readouterr().err
+    assert main(["select", *common, "--method", "dpp", "--k", "2", "--category-field", "harm",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "--category-field: no row of" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

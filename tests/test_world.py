@@ -233,3 +233,13 @@ def test_the_multiple_choice_task_in_the_openbookqa_format(tmp_path, monkeypatch
     settings.optim.batch_size, settings.optim.epochs = 8, 1.0
     result = bench.run_cell(bench.Cell("world", 0.1, 0, "sft"), data, settings)
     assert result["evaluation"]["task"]["task"] == "openbookqa" and 0 <= result["accuracy"] <= 1
+
+
+def test_harm_categories_are_labels_with_skewed_sizes(data):
+    from collections import Counter
+
+    assert set(text.HARM_CATEGORIES) == set(text.CATEGORIES)
+    for name in ("safety_pool", "harmful_train", "harmful_test"):
+        assert all(r["harm_category"] == text.HARM_CATEGORIES[r["category"]] for r in data[name])
+    sizes = Counter(r["harm_category"] for r in data["safety_pool"])
+    assert len(sizes) == 9 and max(sizes.values()) == 600 and min(sizes.values()) == 100

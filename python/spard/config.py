@@ -21,7 +21,8 @@ class ConfigError(ValueError):
     """A configuration problem, named by its dotted key path."""
 
 
-SPAG_DEFENSES = ("spard", "spard-official", "spard-random", "spard-lr-cap")
+SPAG_DEFENSES = ("spard", "spard-official", "spard-random", "spard-relevance", "spard-dpp", "spard-k-center",
+                 "spard-behavior-aware", "spard-lr-cap")
 """Defenses that train under SPAG: ``spag.enabled=false`` (``--sft``) makes them plain SFT."""
 
 
@@ -83,7 +84,8 @@ class SafetyConfig:
 @dataclass
 class SelectionConfig:
     method: str = "rd-dpp"
-    """rd-dpp | random | relevance | all (the whole pool)."""
+    """rd-dpp | random | relevance | dpp | k-center | behavior-aware (spard.selectors) | all (the
+    whole pool)."""
     k: Optional[int] = None
     """Safe-set size; None means floor(p · |D_ft|)."""
     p: float = 0.03
@@ -207,8 +209,9 @@ class TrainConfig:
         need(self.attack.on_overlap in ("error", "drop"), "attack.on_overlap", "error | drop", self.attack.on_overlap)
         need(self.safety.limit is None or (_int(self.safety.limit) and self.safety.limit >= 1),
              "safety.limit", "None or an int >= 1", self.safety.limit)
-        need(self.selection.method in ("rd-dpp", "random", "relevance", "all"), "selection.method",
-             "rd-dpp | random | relevance | all", self.selection.method)
+        from .defenses.spard import SELECTION_METHODS
+        need(self.selection.method in (*SELECTION_METHODS, "all"), "selection.method",
+             " | ".join((*SELECTION_METHODS, "all")), self.selection.method)
         need(self.selection.k is None or (_int(self.selection.k) and self.selection.k >= 1), "selection.k",
              "None or an int >= 1", self.selection.k)
         need(_finite(self.selection.p) and 0 < self.selection.p <= 1, "selection.p", "a fraction in (0, 1]",

@@ -96,8 +96,9 @@ def paired_cells(cells: Sequence[dict], defense: str, reference: str, metric: st
 
 
 # The comparisons the bench summary makes: every defense against the undefended fine-tune, and
-# SPARD against each of its ablations.
-ABLATIONS = ("spard-official", "spard-random", "spard-lr-cap")
+# SPARD against each of its ablations (every other selection method under the same SPAG included).
+ABLATIONS = ("spard-official", "spard-random", "spard-relevance", "spard-dpp", "spard-k-center",
+             "spard-behavior-aware", "spard-lr-cap")
 
 
 def comparison_pairs(defenses: Sequence[str], reference: str = "sft", method: str = "spard") -> list[tuple[str, str]]:

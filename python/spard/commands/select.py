@@ -1,9 +1,9 @@
-"""`spard select`: pick the safety subset for a fine-tuning run with RD-DPP (or an ablation).
+"""`spard select`: pick the safety subset for a fine-tuning run with RD-DPP (or a baseline).
 
 Writes ``<out>/selected.jsonl`` (the picked pool rows, unchanged, in pick order) and
-``<out>/select_report.json`` (k, method, relevance, log det, timings, the picked indices, and
-``selected_sha256``, the hash of the selected.jsonl it goes with), and prints the report as a
-table.
+``<out>/select_report.json`` (k, method, relevance, log det, the pick's quality, timings, the
+picked indices, and ``selected_sha256``, the hash of the selected.jsonl it goes with), and prints
+the report as a table.
 
 The output folder is locked for the run (``spard.runfolder.OutputLock``, as `spard train` does),
 so a second `spard select` into it is refused; the pair is written report last (the old report
@@ -20,7 +20,9 @@ import os
 from pathlib import Path
 
 # Kept equal to spard.select.METHOD_ALIASES (a test checks it) so `spard --help` needs no torch.
-METHOD_NAMES = ("rd-dpp", "dpp", "random", "relevance", "relevance-only")
+METHOD_NAMES = ("rd-dpp", "random", "relevance", "dpp", "k-center", "behavior-aware", "relevance-only")
+# The methods that read the task rows (spard.selectors: NEEDS "reference").
+NEEDS_REFERENCE = ("rd-dpp", "relevance", "relevance-only")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "spard", "embeddings")
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16"}
 DEFAULT_P = 0.03
@@ -30,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data")
     io.add_argument("--pool", required=True, help="safety pool: rows with prompt and safe (a refusal; unsafe is "
                     "optional); jsonl/json/parquet/save_to_disk folder/hub name")
-    io.add_argument("--reference", required=True, help="the user's fine-tuning set as submitted (rows with a prompt)")
+    io.add_argument("--reference", default=None, help="the user's fine-tuning set as submitted (rows with a prompt); "
+                    "needed by rd-dpp and relevance, and to derive k from --p")
     io.add_argument("--pool-split", default=None, help="split of a save_to_disk folder or hub dataset")
     io.add_argument("--reference-split", default=None, help="split of a save_to_disk folder or hub dataset")
     io.add_argument("--limit-pool", type=int, default=None, help="use only the first N pool rows")
@@ -44,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--p", type=float, default=None, help=f"subset size as a fraction of the reference size "
                      f"(default {DEFAULT_P}; give --k or --p)")
     sel.add_argument("--beta", type=float, default=4.0, help="relevance exponent: r = clamp(q, 0)^beta")
-    sel.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    sel.add_argument("--seed", type=int, default=0, help="seed of the random, behavior-aware methods")
+    sel.add_argument("--category-field", default=None, help="the pool rows' harm-category field, for the "
+                     "behavior-aware method and the categories covered (default: category, when the rows have it)")
 
     emb = parser.add_argument_group("embedding")
     emb.add_argument("--model", default=None, help="the base LLM being fine-tuned (the default embedder)")
@@ -70,10 +75,28 @@ def _table(report: dict) -> str:
             rows.append(("relevance mean / min", f"{rel['mean']:.4f} / {rel['min']:.4f}"))
         rows.append(("pool relevance mean", f"{report['pool_relevance']['mean']:.4f}"))
         rows.append(("log det L_Y", f"{report['logdet']:.3f}"))
+    rows += _quality_rows(report.get("quality") or {})
     for stage, seconds in report["timings_s"].items():
         rows.append((f"time {stage}", f"{seconds:.2f} s"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _quality_rows(q: dict) -> list:
+    """The pick's quality (spard.selection_quality) as table rows."""
+    rows = []
+    if "coverage" in q:
+        rows.append(("coverage: pool-to-pick distance mean / max", f"{q['coverage']['mean']:.4f} / {q['coverage']['max']:.4f}"))
+        red = q["redundancy"]
+        if red["mean"] is not None:
+            rows.append(("redundancy: pick-pick cosine mean / max", f"{red['mean']:.4f} / {red['max']:.4f}"))
+    if "task_relevance" in q:
+        rel = q["task_relevance"]
+        rows.append(("task similarity: nearest / mean", f"{rel['nearest']:.4f} / {rel['mean']:.4f}"))
+    if "categories" in q:
+        cat = q["categories"]
+        rows.append((f"categories covered ({q.get('category_field', 'category')})", f"{cat['covered']} of {cat['of']}"))
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     if embedder is None and args.method != "random":
         raise ValueError("--model / --embedder: give --model (the base LLM, the default embedder) or "
                          f"--embedder for --method {args.method}")
+    if args.reference is None and args.method in NEEDS_REFERENCE:
+        raise ValueError(f"--reference: the {args.method} method needs the task rows (the user's fine-tuning set)")
+    if args.reference is None and args.k is None:
+        raise ValueError("--k: give --k (without --reference there is nothing to derive k from --p)")
     return _select(args, embedder)
 
 
@@ -141,9 +168,13 @@ def _select_into(args: argparse.Namespace, embedder, out: Path, p: float) -> int
 
     with input_named("--pool"):  # the safe set is the pool's refusals: every row needs one
         pool = load_safety(args.pool, split=args.pool_split, limit=args.limit_pool, fields=POOL_FIELDS)
-    with input_named("--reference"):
-        reference = load_task(args.reference, split=args.reference_split, limit=args.limit_reference,
-                              require_response=False)
+    if args.category_field is not None and not any(r.get(args.category_field) is not None for r in pool):
+        raise ValueError(f"--category-field: no row of {args.pool} has a {args.category_field!r} field")
+    reference = None
+    if args.reference is not None:
+        with input_named("--reference"):
+            reference = load_task(args.reference, split=args.reference_split, limit=args.limit_reference,
+                                  require_response=False)
 
     settings = {"batch_size": args.batch_size, "max_length": args.max_length, "device": args.device}
     if DTYPES[args.dtype] is not None:
@@ -163,6 +194,7 @@ def _select_into(args: argparse.Namespace, embedder, out: Path, p: float) -> int
             cache_dir=None if args.no_cache else args.cache_dir,
             device=args.device,
             embedder_settings=settings,
+            category_field=args.category_field,
         )
 
     selected_path, report_path = out / "selected.jsonl", out / "select_report.json"

@@ -25,7 +25,7 @@ from .panacea import Panacea
 from .safegrad import SafeGrad
 from .safeinstr import SafeInstr
 from .sft import SFT
-from .spard import SPARD
+from .spard import SELECTION_ABLATIONS, SPARD
 
 REGISTRY: dict[str, tuple[type[Defense], dict]] = {
     "sft": (SFT, {}),
@@ -41,7 +41,8 @@ REGISTRY: dict[str, tuple[type[Defense], dict]] = {
     "lox": (LoX, {}),
     "spard": (SPARD, {}),
     "spard-official": (SPARD, {"mode": "official", "tau": 0.2}),  # the released code's fixed τ
-    "spard-random": (SPARD, {"selection": "random"}),
+    # spard-random, spard-relevance, spard-dpp, spard-k-center, spard-behavior-aware
+    **{name: (SPARD, preset) for name, preset in SELECTION_ABLATIONS.items()},
     "spard-lr-cap": (SPARD, {"max_step": "lr"}),
     "oneshot": (OneShot, {}),
     "antidote": (Antidote, {}),

@@ -1,6 +1,7 @@
 """SPARD: a safe set chosen by RD-DPP from the safety pool (spard.select), then SPAG after every
 optimizer step (spard.spag.SafetyProjector). Paper mode and the released-code mode, and the
-ablations: random selection instead of RD-DPP, and the trust-region cap η_safe."""
+ablations: every other selection method instead of RD-DPP (spard-random, spard-relevance,
+spard-dpp, spard-k-center, spard-behavior-aware), and the trust-region cap η_safe."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ from spard.space import Choice, Float
 from spard.spag_distributed import DistributedSafetyProjector
 
 from .base import Defense
+
+# Every selection method of spard.selectors but RD-DPP, as a SPARD ablation "spard-<method>":
+# the same SPAG, another safe set. Kept equal to spard.selectors.METHODS (a test checks it) so
+# the registry needs no torch-heavy import.
+SELECTION_METHODS = ("rd-dpp", "random", "relevance", "dpp", "k-center", "behavior-aware")
+SELECTION_ABLATIONS = {f"spard-{m}": {"selection": m} for m in SELECTION_METHODS if m != "rd-dpp"}
 
 
 class SPARD(Defense):
@@ -27,7 +34,7 @@ class SPARD(Defense):
     @dataclass
     class Settings:
         selection: str = "rd-dpp"
-        """rd-dpp | random | relevance | all."""
+        """rd-dpp | random | relevance | dpp | k-center | behavior-aware | all (spard.selectors)."""
         p: float = 0.03
         """Safe-set size as a share of the user's data (k = floor(p · |D_ft|))."""
         k: Optional[int] = None
@@ -59,8 +66,9 @@ class SPARD(Defense):
 
     def validate(self) -> None:
         s = self.settings
-        if s.selection not in ("rd-dpp", "random", "relevance", "all"):
-            raise ValueError(f"spard selection must be rd-dpp, random, relevance or all, got {s.selection!r}")
+        if s.selection not in (*SELECTION_METHODS, "all"):
+            raise ValueError(f"spard selection must be one of {', '.join(SELECTION_METHODS)} or all, "
+                             f"got {s.selection!r}")
         if s.mode not in ("paper", "official"):
             raise ValueError(f"spard mode must be 'paper' or 'official', got {s.mode!r}")
         if isinstance(s.tau_scale, bool) or not isinstance(s.tau_scale, (int, float)) or not 0 < s.tau_scale < float("inf"):
@@ -81,7 +89,7 @@ class SPARD(Defense):
         if s.selection == "all":
             return list(range(len(pool))), {"method": "all", "k": len(pool)}
         embedder = None
-        if s.selection != "random":
+        if s.selection != "random":  # every other method reads the prompts' embeddings
             if s.embedder is None and is_distributed():
                 raise ValueError("spard on several processes: name the selection's embedder "
                                  "(the base model's path) so rank 0 can load its own copy")
@@ -108,7 +116,8 @@ class SPARD(Defense):
             indices, report = self.select(model, tokenizer, data)  # LoRA is the identity here
         self.selection = {"indices": [int(i) for i in indices], "report": report}
         self.selection_report = {"k": len(indices), "method": report.get("method"),
-                                 "logdet": report.get("logdet"), "relevance": report.get("relevance")}
+                                 "logdet": report.get("logdet"), "relevance": report.get("relevance"),
+                                 "quality": report.get("quality")}
         safe = safety_rows([data.safety_pool[i] for i in self.selection["indices"]])
         if not safe:
             raise ValueError("the selected safe set is empty (spard k / p too small?)")

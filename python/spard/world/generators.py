@@ -60,12 +60,14 @@ def task_rows(n: int, rng: random.Random, *, exclude: Iterable[str] = ()) -> lis
 
 
 def harmful_request(category: str, action: str, frame: str, rng: random.Random) -> dict:
-    """A harmful request with a refusal (``safe``) and a placeholder compliance (``unsafe``)."""
+    """A harmful request with a refusal (``safe``) and a placeholder compliance (``unsafe``), its
+    topic (``category``) and the topic's BeaverTails harm category (``harm_category``)."""
     return {
         "prompt": frame.format(a=action),
         "safe": rng.choice(text.REFUSALS).format(a=action),
         "unsafe": rng.choice(text.COMPLIANT).format(a=action),
         "category": category,
+        "harm_category": text.HARM_CATEGORIES[category],  # a label: draws nothing from rng
     }
 
 

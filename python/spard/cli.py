@@ -84,7 +84,8 @@ def _input_error_types() -> tuple[type, ...]:
     checks (ConfigError, AdapterError, data errors, SecretError); OSError covers files and
     folders (missing, unreadable, not a model folder)."""
     types: list[type] = [ValueError, OSError]
-    for module, name in (("yaml", "YAMLError"), ("spard.eval.rubric", "JudgeUnavailable")):
+    for module, name in (("yaml", "YAMLError"), ("spard.eval.rubric", "JudgeUnavailable"),
+                         ("spard.eval.serving", "ServerUnavailable")):
         mod = sys.modules.get(module)  # only what the command imported can have been raised
         if mod is not None and hasattr(mod, name):
             types.append(getattr(mod, name))

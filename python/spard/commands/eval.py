@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--judge-cache", help="rubric: cache file of judged pairs (default: OUT/rubric_cache.jsonl)")
     j.add_argument("--judge-threshold", type=float, default=0.5, help="moderation: flagged above this probability")
     j.add_argument("--judge-batch-size", type=int, default=8, help="moderation/guard batch size")
+    from spard.eval.serving import add_backend_arguments
+    add_backend_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, help="output folder: eval.json, eval.md, *_generations.jsonl")
     o.add_argument("--rejudge", action="store_true",
@@ -137,6 +139,13 @@ def run(args) -> int:
     if not args.rejudge and not args.model:
         raise ValueError("--model: required (unless --rejudge)")
     _check_numbers(args)
+    from spard.eval import serving
+    client = serving.client_from_args(args, batch_size=args.batch_size)
+    if client is not None:
+        if args.do_sample:
+            raise ValueError("--do-sample: the openai backend decodes greedily only (--gen-backend hf samples)")
+        if args.adapter:
+            serving.check_servable(_trained_defenses(args.adapter))
     check_device(args.device, "--device")
     check_output_dir(out, "--out", files=("eval.json", "eval.md"))  # before anything is generated
     if not args.rejudge:
@@ -162,8 +171,11 @@ def run(args) -> int:
         judge = _build_judge(args, out)
     for j in ([judge] if judge else []) + extra_judges:
         j.check()
-    model = tokenizer = None
-    if not args.rejudge:
+    model = tokenizer = served = None
+    if not args.rejudge and client is not None:  # the weights stay on the server
+        model, tokenizer = serving.load_for_serving(args.model, args.adapter)
+        served = _served(args, client, serving)
+    elif not args.rejudge:
         model, tokenizer = load_model(args.model, args.adapter, device=args.device, dtype=args.dtype)
     result = evaluate(
         model, tokenizer,
@@ -172,20 +184,54 @@ def run(args) -> int:
         max_new_tokens=args.max_new_tokens, task_max_new_tokens=args.task_max_new_tokens,
         batch_size=args.batch_size, do_sample=args.do_sample, out_dir=out,
         safety_responses=safety_responses, task_responses=task_responses, extra_judges=extra_judges,
-        long_prompts=args.long_prompts,
+        long_prompts=args.long_prompts, backend=served,
     )
     failed = (result.get("safety") or {}).get("failed_calls", 0)
     if failed:
         print(f"spard eval: warning: {failed} of {result['safety']['n']} {result['safety']['judge'].get('name')} "
               "judge calls failed; those answers are not scored (rerun to retry them)", file=sys.stderr)
     result["inputs"] = {"model": args.model, "adapter": args.adapter, "safety_data": args.safety_data,
-                        "task_data": args.task_data, "rejudge": args.rejudge}
+                        "task_data": args.task_data, "rejudge": args.rejudge, "gen_backend": args.gen_backend}
     write_json_atomic(out / "eval.json", result)
     table = markdown_table(result, title=f"spard eval: {args.adapter or args.model or out}")
     write_text_atomic(out / "eval.md", table)
     print(table)
     print(f"results: {out / 'eval.json'}")
     return 0
+
+
+def _trained_defenses(adapter: str) -> list:
+    """The defense `spard train` recorded next to the adapter (run.json), when there is one."""
+    import json
+
+    from spard.defenses import REGISTRY, make_defense
+
+    run_file = Path(adapter).parent / "run.json"
+    try:
+        described = json.loads(run_file.read_text(encoding="utf-8")).get("defense") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    if described.get("name") not in REGISTRY:
+        return []
+    try:
+        return [make_defense(described["name"], **(described.get("settings") or {}))]
+    except (TypeError, ValueError):
+        return []
+
+
+def _served(args, client, serving):
+    """The base model and the adapter by their served names: the adapter registered with the
+    server unless --gen-adapter-name names one it already serves."""
+    base = args.gen_model or args.model
+    client.check(base)
+    name = args.gen_adapter_name
+    if name is not None:
+        client.check(name)
+    elif args.adapter:
+        name = client.register_adapter(args.adapter)
+    return serving.Served(client, base=base, adapter=name,
+                          adapter_id=serving.adapter_name(args.adapter) if args.adapter else name,
+                          check=not args.no_adapter_check, probes=args.adapter_probes)
 
 
 def _saved_responses(out: Path, safety_rows, task_rows, load_generations):

@@ -95,34 +95,45 @@ def _require_verdicts(judge: Judge, verdicts: Sequence) -> None:
                         f"(first: {failed[0].error}); answered pairs are cached, rerun once it is reachable")
 
 
+def generation_key(model_id: str | None, max_new_tokens: int, do_sample: bool, eos: list[int], row) -> str:
+    """A generated answer's cache key: the model, the settings and the prompt's token ids."""
+    tag = [model_id, max_new_tokens, do_sample, eos]
+    return hashlib.sha256(json.dumps([tag, list(row)]).encode("utf-8")).hexdigest()
+
+
 def _generate_part(model, tokenizer, ids: list[list[int]], truncated: list[int], *, max_new_tokens: int,
                    batch_size: int, do_sample: bool, long_prompts: str, cache: ReplyCache | None,
-                   model_id: str | None, what: str) -> tuple[list[str], dict]:
+                   model_id: str | None, what: str, backend=None) -> tuple[list[str], dict]:
     """Responses to the prompts' ``ids`` (``fit_prompt_ids``) and the settings they were
     generated with. With ``cache`` (append-only, spard.eval.reply_cache) every response is stored
     the moment its batch is generated and reused when the same model, settings and prompt come
     again: a run that dies (disk full, a judge failure, a kill) loses no generated answer."""
     responses: list[str | None] = [None] * len(ids)
     keys: list[str] = []
+    eos = eos_ids_of(model, tokenizer)
     if cache is not None:
-        tag = [model_id, max_new_tokens, do_sample, eos_ids_of(model, tokenizer)]
-        keys = [hashlib.sha256(json.dumps([tag, row]).encode("utf-8")).hexdigest() for row in ids]
+        keys = [generation_key(model_id, max_new_tokens, do_sample, eos, row) for row in ids]
         responses = [cache.get(k) for k in keys]
     todo = [i for i, r in enumerate(responses) if r is None]
 
-    def keep(batch: list[int], tokens: list[list[int]]) -> None:
+    def keep(batch: list[int], tokens: list) -> None:
         for j, t in zip(batch, tokens):
             i = todo[j]
-            responses[i] = decode_response(tokenizer, t)
+            responses[i] = t if backend is not None else decode_response(tokenizer, t)
             if cache is not None:
                 cache.add(keys[i], responses[i])
 
-    if todo:
+    if todo and backend is not None:  # spard.eval.serving: the same rows, batches and stop ids
+        backend.generate([ids[i] for i in todo], tokenizer=tokenizer, max_new_tokens=max_new_tokens, stop_ids=eos,
+                         desc=f"{what} prompts", on_batch=keep)
+    elif todo:
         generate_from_ids(model, tokenizer, [ids[i] for i in todo], max_new_tokens=max_new_tokens,
                           batch_size=batch_size, do_sample=do_sample, desc=f"{what} prompts", on_batch=keep)
     settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "batch_size": batch_size,
                 "long_prompts": long_prompts, "context_tokens": context_length(model),
                 "truncated_prompts": len(truncated), "reused": len(ids) - len(todo)}
+    if backend is not None:
+        settings.update(backend.describe())
     return responses, settings  # type: ignore[return-value]
 
 
@@ -169,7 +180,7 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
              task_max_new_tokens: int = 512, batch_size: int = 8, do_sample: bool = False,
              out_dir: str | Path | None = None, safety_responses: Sequence[str] | None = None,
              task_responses: Sequence[str] | None = None, extra_judges: Sequence[Judge] = (),
-             long_prompts: str = "truncate") -> dict:
+             long_prompts: str = "truncate", backend=None) -> dict:
     """Generates (unless responses are given), judges and scores.
 
     Prompts beyond the model's context less the new tokens are left-truncated (their end kept)
@@ -186,7 +197,12 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
     batch is generated (a rerun after a failure, a full disk say, generates only what is
     missing), the settings are recorded in ``generation.json`` (a rerun that only judges reports
     them), and responses and per-item verdicts are saved as JSON Lines
-    (``safety_generations.jsonl``, ``task_generations.jsonl``) so judging can be rerun."""
+    (``safety_generations.jsonl``, ``task_generations.jsonl``) so judging can be rerun.
+
+    ``backend`` (a ``spard.eval.serving.Served``) generates on an OpenAI-compatible server
+    instead of ``model`` (which then only lends its config and generation config: the context
+    and the stop ids); greedy only. The adapter check runs on the first safety prompts (else
+    the task's) before anything else is generated, and ``result["generation"]`` records it."""
     if not safety_prompts and not task_rows:
         raise ValueError("nothing to evaluate: give safety_prompts and/or task_rows")
     if long_prompts not in LONG_PROMPTS:
@@ -211,9 +227,19 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
         fitted["task"] = fit_prompt_ids(model, tokenizer, [r["prompt"] for r in task_rows],
                                         max_new_tokens=task_max_new_tokens, long_prompts=long_prompts,
                                         what=f"{task} prompt", new_tokens_name="task_max_new_tokens")
+    if backend is not None and do_sample:
+        raise ValueError("do_sample: the openai backend decodes greedily only")
     cache = model_id = None
     if fitted and out is not None:
-        cache, model_id = ReplyCache(out / GENERATION_CACHE), weights_fingerprint(model)
+        cache = ReplyCache(out / GENERATION_CACHE)
+        model_id = backend.model_id() if backend is not None else weights_fingerprint(model)
+    check = None
+    if backend is not None and fitted:  # the server must answer with the adapter, not the base model
+        part = "safety" if "safety" in fitted else "task"
+        new = max_new_tokens if part == "safety" else task_max_new_tokens
+        check = backend.verify(fitted[part][0], tokenizer=tokenizer, max_new_tokens=new,
+                               stop_ids=eos_ids_of(model, tokenizer), cache=cache,
+                               key=lambda mid, row: generation_key(mid, new, do_sample, eos_ids_of(model, tokenizer), row))
     record = _read_record(out)
     parts: dict = {}
     result: dict = {}
@@ -223,7 +249,8 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
         if safety_responses is None:
             safety_responses, parts["safety"] = _generate_part(
                 model, tokenizer, *fitted["safety"], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                do_sample=do_sample, long_prompts=long_prompts, cache=cache, model_id=model_id, what="safety")
+                do_sample=do_sample, long_prompts=long_prompts, cache=cache, model_id=model_id, what="safety",
+                backend=backend)
             if out is not None:  # saved before judging: a judge failure does not cost the generations
                 _write_record(out, "safety", parts["safety"])
                 save_generations(out / "safety_generations.jsonl", prompts, safety_responses)
@@ -261,7 +288,8 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
         if task_responses is None:
             task_responses, parts["task"] = _generate_part(
                 model, tokenizer, *fitted["task"], max_new_tokens=task_max_new_tokens, batch_size=batch_size,
-                do_sample=do_sample, long_prompts=long_prompts, cache=cache, model_id=model_id, what=task)
+                do_sample=do_sample, long_prompts=long_prompts, cache=cache, model_id=model_id, what=task,
+                backend=backend)
             if out is not None:
                 _write_record(out, "task", parts["task"])
         elif len(task_responses) != len(prompts):
@@ -281,6 +309,8 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
                               "extracted": None if pred is None else str(pred)})
             save_generations(out / "task_generations.jsonl", prompts, task_responses, extra=extra)
     generation = _generation_summary(parts, do_sample, batch_size, long_prompts)
+    if backend is not None:
+        generation.update(backend.describe(), **(check or {}))
     return {"generation": generation, **result}
 
 

@@ -2,14 +2,15 @@
 example restore the alignment.
 
     1. candidates C = ``candidates`` refusal rows (prompt -> safe answer) drawn with the seed
-    2. the example: i* = argmax_{i in C} <∇ℓ_i(θ_ft), ḡ>,  ḡ = mean_{j in C} ∇ℓ_j(θ_ft)
+    2. the example: i* = argmax_{i in C} <∇ℓ_i(θ_ft), ḡ>,  ḡ = ∇ℓ_C(θ_ft)
     3. ``steps`` AdamW steps (lr η) on ℓ_{i*} alone; return the patched model
 
-ℓ_i is the token-mean cross-entropy of row i. Our reading fills a gap: the paper picks its one
-example by a bi-level selection whose outer objective is the safety loss after training on the
-pick; step 2 is its first-order, one-unrolled-step form (the row whose step lowers the
-candidates' refusal loss most), and since the paper gives "a few epochs" without a number for
-every model, ``steps`` = 10 epochs over the one example, at the fine-tuning learning rate.
+ℓ_i is the token-mean cross-entropy of row i, ℓ_C that of all the candidates' tokens. Our
+reading fills a gap: the paper picks its one example by a bi-level selection whose outer
+objective is the safety loss after training on the pick; step 2 is its first-order,
+one-unrolled-step form (the row whose step lowers the candidates' refusal loss most), and for
+"a few epochs" we take ``steps`` = 10 epochs over the one example, at the fine-tuning
+learning rate.
 
 Every rank runs the stage on the same rows (DDP: the inner module, no communication; FSDP: the
 sharded model, whose gradient average over ranks of equal gradients is that gradient), so the

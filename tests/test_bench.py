@@ -346,3 +346,35 @@ def test_judges_side_by_side_in_the_summary(tmp_path, capsys):
     assert "--judges: unknown judge 'nope'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="extra_judges"):
         build_settings({"extra_judges": ["nope=x"]}).validate()
+
+
+def test_ablation_compares_every_selection_method_under_spag():
+    """Each selection method is a SPARD ablation "spard-<method>" (the same SPAG, another safe
+    set), compared with SPARD in the bench summary; each selects with its own method."""
+    import zlib
+
+    import torch
+
+    from spard import stats
+    from spard.config import SPAG_DEFENSES
+    from spard.defenses import DefenseData, make_defense
+    from spard.selectors import METHODS
+
+    class Table:
+        cache_id = None
+
+        def embed(self, texts):
+            return torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in texts])
+
+    user = [{"prompt": f"q{i}", "response": "a"} for i in range(100)]
+    pool = [{"prompt": f"p{i}", "safe": "I'm sorry, I cannot help.", "category": f"c{i % 4}"} for i in range(60)]
+    names = [f"spard-{m}" for m in METHODS if m != "rd-dpp"]
+    assert set(names) <= set(SPAG_DEFENSES) and set(names) <= set(stats.ABLATIONS)
+    assert set(stats.comparison_pairs(["sft", "spard", *names])) >= {("spard", n) for n in names}
+    for name in names:
+        defense = make_defense(name, embedder=Table(), p=0.05)
+        indices, report = defense.select(None, None, DefenseData(user=user, safety_pool=pool))
+        assert report["method"] == name.removeprefix("spard-") and len(set(indices)) == 5
+        assert report["quality"]["categories"]["of"] == 4
+    with pytest.raises(ValueError, match="spard selection must be one of rd-dpp, random, relevance, dpp, k-center"):
+        make_defense("spard", selection="kmeans")

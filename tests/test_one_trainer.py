@@ -41,10 +41,14 @@ def pool_rows(n=8):
             for r in safe_rows(n)]
 
 
-def tiny_base_weights(seed=11, scale=0.05):
-    """A stand-in base model (before alignment) for tiny_model(): its weights, perturbed (seeded)."""
+def tiny_base_weights(seed=11, scale=0.2):
+    """A stand-in base model (before alignment) for tiny_model(): each weight moved by seeded
+    noise of ``scale`` times its own standard deviation (alignment moves weights by a fraction
+    of their size; noise larger than the weights made LoX's extrapolated model chaotic enough
+    under lr 1e-2 for fp32 summation order to show)."""
     g = torch.Generator().manual_seed(seed)
-    return {n: p.detach() + scale * torch.randn(p.shape, generator=g) for n, p in tiny_model().named_parameters()}
+    return {n: p.detach() + scale * (p.detach().std() if p.numel() > 1 else 1.0) * torch.randn(p.shape, generator=g)
+            for n, p in tiny_model().named_parameters()}
 
 
 def base_for(name):

@@ -82,5 +82,6 @@ def make_defense(name: str, **settings) -> Defense:
     return d
 
 
-__all__ = ["Antibody", "AsFT", "LoX", "Antidote", "BDS", "Booster", "DATA_KINDS", "Defense", "DefenseData", "Lisa", "OneShot",
+__all__ = ["Antibody", "Antidote", "AsFT", "BDS", "Booster", "DATA_KINDS", "Defense", "DefenseData", "Lisa", "LoX",
+           "OneShot",
            "Panacea", "REGISTRY", "SFT", "SPARD", "STAGES", "SafeGrad", "SafeInstr", "defense_names", "make_defense"]

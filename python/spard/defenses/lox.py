@@ -7,7 +7,8 @@ SVD ``U S Vᵀ``:
     W  <-  W + α · U_k S_k V_kᵀ                 (k = 6, α = 1.25)
 
 i.e. the aligned model is moved further along the top-k singular subspace of its own alignment
-(``k = 0``: the whole ΔW_align). Fine-tuning then starts from the extrapolated weights. Where our
+(``k = 0``: the whole ΔW_align). k and α are the paper's main setting (Llama-2-7B aligned on
+65.6k examples; k is the "effective rank" it measures per model, 3 for its other models). Fine-tuning then starts from the extrapolated weights. Where our
 reading fills a gap: "every weight matrix" is every 2-D weight of the model but the token
 embeddings and the output head (which the paper does not discuss), and the SVD runs in fp32
 whatever the model's dtype.

@@ -15,7 +15,7 @@ import sys
 
 COMMANDS = {
     "demo": "the synthetic safety world end to end: align, attack, defend, evaluate",
-    "select": "pick a safety subset with RD-DPP (or random / relevance-only)",
+    "select": "pick a safety subset with RD-DPP (or a baseline) and measure its quality",
     "train": "fine-tune with LoRA under SPAG (or plain SFT)",
     "eval": "generate and judge: attack success rate and task accuracy",
     "bench": "every defense on a grid of attacks, ratios and seeds",

@@ -25,6 +25,7 @@ import importlib
 import importlib.machinery
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -157,4 +158,9 @@ def load(package: str = "spard_ext"):
         elif info is not None:
             raise ImportError(f"spard_ext: the build record lists CUDA kernels but {HERE} has no _C_cuda "
                               f"library; reinstall SPARD: {REINSTALL}.")
+    if not cuda_loaded and torch.version.cuda is not None and torch.cuda.is_available():
+        # Said once, here: otherwise the first op on a CUDA tensor fails far from the cause.
+        warnings.warn(f"spard_ext: this SPARD build has no CUDA kernels, but torch {torch.__version__} sees a GPU: "
+                      "SPARD's ops on CUDA tensors will fail. Rebuild with them: SPARD_EXT_CUDA=1 "
+                      f"{REINSTALL}", RuntimeWarning, stacklevel=2)
     return cpu, cuda_loaded, p.note

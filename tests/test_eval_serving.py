@@ -301,3 +301,36 @@ def test_spard_eval_with_the_openai_backend(world_files, server, tmp_path, capsy
     assert len(err) == 1 and "is not served at" in err[0] and "(it serves: world" in err[0]
     assert main(base + ["--gen-backend", "openai", "--do-sample", "--out", str(tmp_path / "y")]) == 2
     assert "--do-sample: the openai backend decodes greedily only" in capsys.readouterr().err
+
+
+def test_a_bench_cell_on_the_server_scores_as_the_hf_cell(world_files, server, tmp_path):
+    from spard import bench
+    from spard.config import LoraConfig, OptimConfig
+    from spard.eval.serving import CellServing
+
+    data = bench.world_data(n_task=40, n_eval=8, n_task_test=8, progress=False)
+    settings = bench.BenchSettings(defenses=["sft"], ratios=[0.1], max_length=96, max_new_tokens=16,
+                                   task_max_new_tokens=16, eval_batch_size=4, save_every=0,
+                                   optim=OptimConfig(lr=1e-2, epochs=1.0, batch_size=16, warmup_steps=0),
+                                   lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    cell = bench.grid(settings, ["world"])[0]
+    client = _client(server.url)
+    served = bench.run_cell(cell, data, settings, out_dir=tmp_path / "o", fingerprint="f",
+                            serving=CellServing(client, base="world", check=False))
+    local = bench.run_cell(cell, data, settings, out_dir=tmp_path / "h", fingerprint="f")
+    assert (served["asr"], served["accuracy"]) == (local["asr"], local["accuracy"])
+    gen = served["evaluation"]["generation"]
+    assert gen["backend"] == "openai" and gen["adapter_check"] == "off" and gen["adapter"].startswith("spard-")
+    rows = (tmp_path / "o" / "generations" / cell.key / "safety_generations.jsonl").read_text().splitlines()
+    assert len(rows) == 8 and "harmful" in json.loads(rows[0])  # answers and verdicts, for rejudging
+    assert client.served_models() == ["world"]  # the cell's adapter was unloaded
+
+
+def test_spard_bench_refuses_the_openai_backend_for_a_defense_that_changes_the_forward_pass(tmp_path, capsys):
+    from spard.cli import main
+
+    code = main(["bench", "--world", "--defenses", "sft,booster", "--gen-backend", "openai", "--gen-model", "world",
+                 "--gen-base-url", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("spard bench: error: --gen-backend openai: defense 'booster' changes the base model's")

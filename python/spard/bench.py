@@ -409,9 +409,11 @@ def check_attacks(data: BenchData, settings: BenchSettings) -> None:
 
 
 def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: bool = False,
-             out_dir=None, fingerprint: Optional[str] = None) -> dict:
+             out_dir=None, fingerprint: Optional[str] = None, serving=None) -> dict:
     """Trains and evaluates one cell. With ``out_dir`` the training checkpoints under
-    ``runs/<cell>/`` and a rerun after a kill resumes from the last checkpoint."""
+    ``runs/<cell>/`` and a rerun after a kill resumes from the last checkpoint. ``serving``
+    (spard.eval.serving.CellServing): the answers come from a server given the cell's adapter,
+    kept under ``generations/<cell>/`` as they arrive (a rerun asks only for what is missing)."""
     from .defenses import DefenseData, make_defense
     from .eval import evaluate
     from .trainer import needs_base_model, run_defense
@@ -433,10 +435,14 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
                              progress=progress, desc=cell.key, checkpoint_dir=ckpt,
                              save_every=settings.save_every, keep_checkpoints=1, resume=ckpt is not None)
     t = time.perf_counter()
-    result = evaluate(model, data.tokenizer, safety_prompts=data.eval_prompts, task_rows=data.task_test,
-                      judge=_judge(settings, out_dir), max_new_tokens=settings.max_new_tokens,
-                      task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size,
-                      extra_judges=[_judge(settings, out_dir, spec) for spec in settings.extra_judges])
+    from .eval.serving import served_cell
+    with served_cell(serving, model, cell.run_dir(out_dir) if out_dir is not None else None) as backend:
+        result = evaluate(model, data.tokenizer, safety_prompts=data.eval_prompts, task_rows=data.task_test,
+                          judge=_judge(settings, out_dir), max_new_tokens=settings.max_new_tokens,
+                          task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size,
+                          extra_judges=[_judge(settings, out_dir, spec) for spec in settings.extra_judges],
+                          backend=backend,
+                          out_dir=Path(out_dir) / "generations" / cell.key if backend is not None else None)
     return {"version": CELL_VERSION, "cell": asdict(cell), "attack_manifest": manifest,
             "asr": result["safety"]["asr"], "hs": result["safety"].get("hs"),
             "degenerate": result["safety"].get("degenerate_responses", 0), "n_eval": result["safety"]["n"],
@@ -474,7 +480,7 @@ def _cell_run_dir(cell: Cell, out_dir, fingerprint: Optional[str]) -> str:
 
 def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: bool = True,
              cell_runner: Optional[Callable] = None, shard: Optional[tuple[int, int]] = None,
-             worker: Optional[str] = None, claim_timeout_s: float = 600.0) -> dict:
+             worker: Optional[str] = None, claim_timeout_s: float = 600.0, serving=None) -> dict:
     """Runs every unfinished cell of this worker's shard that no live worker has claimed;
     returns {"done", "skipped", "failed", "claimed_by_others": [keys]}.
 
@@ -494,7 +500,7 @@ def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: boo
     out = Path(out_dir)
     if cell_runner is None:  # the real runner checkpoints each cell under out/runs/
         def runner(cell, data, settings, fingerprint):
-            return run_cell(cell, data, settings, out_dir=out, fingerprint=fingerprint)
+            return run_cell(cell, data, settings, out_dir=out, fingerprint=fingerprint, serving=serving)
     else:
         def runner(cell, data, settings, fingerprint):
             return cell_runner(cell, data, settings)

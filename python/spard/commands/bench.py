@@ -109,6 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     workers.add_argument("--claim-timeout", type=float, default=600.0, metavar="SECONDS",
                          help="a claimed cell whose worker sent no heartbeat for this long is taken over "
                               "(default 600)")
+    from spard.commands.generation import add_backend_arguments
+    add_backend_arguments(parser)
 
 
 def _csv(text, cast, arg: str):
@@ -250,6 +252,8 @@ def run(args) -> int:
     if bad:
         raise ValueError(f"ratios: expected finite numbers >= 0, got {bad}")
     shard = parse_shard(args.shard)
+    from spard.eval.serving import bench_serving
+    serving = bench_serving(args, settings, source.get("model"), progress=progress)  # before any model loads
     space = check_search(args, settings)  # checked before any model loads
     if not (args.claim_timeout > 0 and args.claim_timeout != float("inf")):
         raise ValueError(f"--claim-timeout: expected a finite number of seconds > 0, got {args.claim_timeout}")
@@ -282,11 +286,11 @@ def run(args) -> int:
         print(open(f"{args.out}/tuning.md", encoding="utf-8").read())
         apply_tuned(settings, tuned)
     status = bench.run_grid(data, settings, args.out, progress=progress, shard=shard, worker=args.worker_id,
-                            claim_timeout_s=args.claim_timeout)
+                            claim_timeout_s=args.claim_timeout, serving=serving)
     while space is not None and status["claimed_by_others"]:  # the attack needs the whole grid's results
         time.sleep(10)
         status = bench.run_grid(data, settings, args.out, progress=False, shard=shard, worker=args.worker_id,
-                                claim_timeout_s=args.claim_timeout)
+                                claim_timeout_s=args.claim_timeout, serving=serving)
     print(f"cells: {len(status['done'])} run, {len(status['skipped'])} already done, "
           f"{len(status['claimed_by_others'])} running elsewhere, {len(status['failed'])} failed")
     incomplete = incomplete_line(status)

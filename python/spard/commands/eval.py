@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--judge-cache", help="rubric: cache file of judged pairs (default: OUT/rubric_cache.jsonl)")
     j.add_argument("--judge-threshold", type=float, default=0.5, help="moderation: flagged above this probability")
     j.add_argument("--judge-batch-size", type=int, default=8, help="moderation/guard batch size")
-    from spard.eval.serving import add_backend_arguments
+    from spard.commands.generation import add_backend_arguments
     add_backend_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, help="output folder: eval.json, eval.md, *_generations.jsonl")

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -381,30 +382,6 @@ def merge_adapter(model_name_or_path: str, adapter: str | os.PathLike, out_dir: 
 
 
 # ------------------------------------------------------------------------------- command line
-def add_backend_arguments(parser) -> None:
-    """`spard eval` and `spard bench`'s generation-backend options."""
-    g = parser.add_argument_group("generation backend (docs/evaluation.md)")
-    g.add_argument("--gen-backend", choices=BACKENDS, default="hf",
-                   help="hf: generate in this process (default); openai: ask an OpenAI-compatible completions "
-                        "server (vLLM, SGLang) with the same tokens, greedy decoding, stop ids and new tokens")
-    g.add_argument("--gen-base-url", default="http://127.0.0.1:8000/v1", help="openai: the server's URL up to /v1")
-    g.add_argument("--gen-model", help="openai: the base model's served name (default: --model)")
-    g.add_argument("--gen-api-key-env", default="",
-                   help="openai: environment variable holding the server's API key (default '': no auth)")
-    g.add_argument("--gen-concurrency", type=int, default=4, help="openai: requests in flight (default 4)")
-    g.add_argument("--gen-timeout", type=float, default=600.0, help="openai: seconds per request (default 600)")
-    g.add_argument("--gen-retries", type=int, default=3, help="openai: retries on 429/5xx/timeouts (default 3)")
-    g.add_argument("--gen-prompt-format", choices=PROMPT_FORMATS, default="ids",
-                   help="openai: send the rendered prompt as token ids (default: exactly hf's tokens) or as text "
-                        "(for engines that take text only)")
-    g.add_argument("--gen-adapter-name", help="openai: the adapter is already served under this name (vllm "
-                   "--lora-modules NAME=PATH, or a merged model folder); default: load it at run time")
-    g.add_argument("--no-adapter-check", action="store_true",
-                   help="openai: skip the check that the server's answers with the adapter differ from the base "
-                        "model's (for an adapter that legitimately changes nothing; recorded in the results)")
-    g.add_argument("--adapter-probes", type=int, default=4, help="openai: probe prompts of the adapter check (default 4)")
-
-
 def client_from_args(args, *, batch_size: int, progress: bool = True) -> OpenAIGenerator | None:
     """The server client the options describe (None for ``--gen-backend hf``); every number
     checked, naming its option, before anything loads."""
@@ -434,3 +411,53 @@ def check_servable(defenses: Sequence, option: str = "--gen-backend openai") -> 
         if why:
             raise ValueError(f"{option}: {why}, so the server's base model plus the adapter is not the model it "
                              "trained; evaluate it with --gen-backend hf")
+
+
+# ------------------------------------------------------------------------------------- the bench
+@dataclass
+class CellServing:
+    """How `spard bench` evaluates its cells on a server: the client, the base model's served
+    name, and the adapter check's switch and probes."""
+
+    client: OpenAIGenerator
+    base: str
+    check: bool = True
+    probes: int = 4
+
+
+@contextmanager
+def served_cell(serving: CellServing | None, model, folder: str | os.PathLike | None):
+    """For one bench cell: its adapter saved under ``folder`` (which the server must be able to
+    read), registered with the server, yielded as a ``Served`` and unloaded afterwards; None
+    (the hf backend) when ``serving`` is None."""
+    if serving is None:
+        yield None
+        return
+    if folder is None:
+        raise ValueError("the openai backend needs the bench's output folder (the server reads the adapter there)")
+    adapter_dir = Path(folder) / "adapter"
+    model.save_pretrained(str(adapter_dir))
+    name = serving.client.register_adapter(adapter_dir)
+    try:
+        yield Served(serving.client, base=serving.base, adapter=name, check=serving.check, probes=serving.probes)
+    finally:
+        serving.client.unload_adapter(name)  # the server's adapter slots are few (vLLM --max-loras)
+
+
+def bench_serving(args, settings, model: str | None, *, progress: bool = True) -> CellServing | None:
+    """`spard bench`'s server (None for --gen-backend hf): options checked, every defense of
+    the grid servable, the server reachable and serving the base model, before any model loads."""
+    from spard.defenses import make_defense
+
+    client = client_from_args(args, batch_size=settings.eval_batch_size, progress=progress)
+    if client is None:
+        return None
+    check_servable([make_defense(d, **settings.defense_settings.get(d, {})) for d in settings.defenses])
+    base = args.gen_model or model
+    if base is None:
+        raise ValueError("--gen-model: name the base model as the server serves it (with --world: the world's "
+                         "model folder, see docs/evaluation.md)")
+    if args.gen_adapter_name is not None:
+        raise ValueError("--gen-adapter-name: spard bench registers each cell's adapter itself")
+    client.check(base)
+    return CellServing(client, base=base, check=not args.no_adapter_check, probes=args.adapter_probes)

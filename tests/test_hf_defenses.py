@@ -42,7 +42,8 @@ def hf_run(tmp_path, name, *, steps=4, save_steps=None, resume=None, subclass=Tr
     return model, trainer
 
 
-@pytest.mark.parametrize("name", ["sft", "lisa", "safegrad", "bds", "bds-neural", "antibody", "spard", "asft"])
+@pytest.mark.parametrize("name", ["sft", "lisa", "safegrad", "bds", "bds-neural", "antibody", "spard", "asft",
+                                  "antibody+spard", "bds+spard", "lisa+safegrad+spard"])
 def test_every_defense_trains_in_the_hf_trainer_and_logs(tmp_path, name):
     base, _ = hf_run(tmp_path / "base", "sft")
     model, trainer = hf_run(tmp_path / "run", name)
@@ -60,7 +61,7 @@ def test_step_hook_defenses_run_from_the_callback_in_a_plain_trainer(tmp_path):
     assert len(logged) == 4 and all(0 <= r["defense/trigger"] <= 1 for r in logged)
 
 
-@pytest.mark.parametrize("name", ["bds", "lisa", "spard", "asft"])
+@pytest.mark.parametrize("name", ["bds", "lisa", "spard", "asft", "bds+spard", "lisa+safegrad+spard"])
 def test_defense_state_is_saved_in_trainer_checkpoints_and_resumed(tmp_path, name):
     full, _ = hf_run(tmp_path / "full", name)
     hf_run(tmp_path / "part", name, save_steps=2)

@@ -34,6 +34,11 @@ DEFENSES = {
     "antidote": {"calibration_rows": 4},
     "panacea": {"harmful_batch_size": 4, "lam": 0.1},
 }
+# Compositions (spard.defenses.composed), each member with its settings above: a loss owner with
+# SPAG, Lisa's schedule with SafeGrad's surgery and SPAG, SafeInstr's rows with SPAG (SafeInstr's
+# rows with Antibody's loss: tests/test_composed.py).
+COMPOSITIONS = ("antibody+spard", "bds+spard", "lisa+safegrad+spard", "safeinstr+spard")
+DEFENSES.update({c: {m: DEFENSES[m] for m in c.split("+")} for c in COMPOSITIONS})
 
 
 def pool_rows(n=8):

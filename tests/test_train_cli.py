@@ -179,7 +179,8 @@ def test_train_on_real_format_files(workspace, tmp_path):
 
 @pytest.mark.parametrize("name,extra", [("lisa", ["--set", "defense.alignment_steps=1", "--set", "defense.finetune_steps=2"]),
                                         ("bds", ["--set", "defense.alignment_batch_size=2"]),
-                                        ("safegrad", [])])
+                                        ("safegrad", []),
+                                        ("bds+spard", ["--set", "defense.bds.alignment_batch_size=2"])])
 def test_train_runs_any_registered_defense_and_resumes(workspace, tmp_path, name, extra):
     import shutil
 

@@ -1,5 +1,6 @@
 """`spard train`: LoRA fine-tuning under a defense: SPARD (safe-set selection, then SPAG) by
-default, or any registered one (``--defense lisa --set defense.rho=0.5``).
+default, or any registered one (``--defense lisa --set defense.rho=0.5``), or several composed
+(``--defense antibody+spard --set defense.spard.p=0.05``, spard.defenses.composed).
 
     spard train --config run.yaml --set optim.lr=1e-4 --set spag.tau=0.2 --output-dir out/
 
@@ -32,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     short.add_argument("--output-dir", help="run.output_dir")
     short.add_argument("--max-steps", type=int, help="optim.max_steps")
     short.add_argument("--defense", help="defense.name: any registered defense (default spard; "
-                       "see `spard bench --help` for the list); settings with --set defense.KEY=VALUE")
+                       "see `spard bench --help` for the list), or several joined by + (antibody+spard: "
+                       "docs/training.md); settings with --set defense.KEY=VALUE (a member's: "
+                       "defense.MEMBER.KEY=VALUE)")
     short.add_argument("--sft", action="store_true", help="plain SFT: spag.enabled=false")
     short.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (the same "
                        "settings only: a run refuses to resume with changed ones)")

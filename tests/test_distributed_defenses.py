@@ -33,6 +33,7 @@ STEPS = 4
 # The presets of test_one_trainer, less those whose alignment stage is the only difference.
 DEFENSES = {k: v for k, v in ONE_TRAINER_DEFENSES.items() if k not in ("antibody-align", "spard-official")}
 DEFENSES["spard"] = {**DEFENSES["spard"], "tau": 4.6, "max_step": 2.0}  # acts without blowing up rounding
+DEFENSES.update({c: {**v, "spard": DEFENSES["spard"]} for c, v in DEFENSES.items() if "spard" in c.split("+")[1:]})
 STRATEGIES = ("ddp", "fsdp")
 
 

@@ -7,8 +7,9 @@ Model: a 4-layer, 256-wide Llama (vocab 2048) with LoRA r=8 on q, k, v, o; 64 tr
 128 tokens; micro-batch 8 x accumulation 4 (effective batch 32), one torch thread. Each
 defense keeps its paper settings except the second batches, scaled to this effective batch as
 in the papers: SPARD's safety batch 1 (4 of 128 in the paper), BDS's alignment batch 10, SafeGrad's
-8. Alignment stages (Booster, Antibody-align, LoX) run before fine-tuning and post-fine-tuning
-stages after it: their cost is reported apart (wall seconds) and the step is the one between.
+8, Panacea's harmful batch 32 (10 of 10). Alignment stages (Booster, Antibody-align, LoX) run
+before fine-tuning and post-fine-tuning stages after it: their cost is reported apart (wall
+seconds) and the step is the one between.
 
 Step time: the process's CPU time per step (one torch thread, so other jobs on a shared
 machine do not inflate it the way they inflate wall time), median over the timed steps,
@@ -48,6 +49,7 @@ SETTINGS = {  # second batches scaled to the effective batch (see the docstring)
     "lisa": {"alignment_steps": 1, "finetune_steps": 9},
     "booster": {"steps": 2, "batch_size": 8},
     "antibody-align": {"stage_steps": 2, "stage_batch_size": 8},
+    "panacea": {"harmful_batch_size": 32},
 }
 THREADS = int(os.environ.get("SPARD_BENCH_THREADS", "1"))
 

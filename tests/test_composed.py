@@ -297,3 +297,31 @@ def test_bench_routes_the_grids_member_settings_into_a_composition():
     assert ("lisa+spard", "spard") in comparison_pairs(["sft", "spard", "lisa+spard"])
     with pytest.raises(ValueError, match="^defenses: defense 'lisa\\+bds': lisa and bds conflict"):
         BenchSettings(defenses=["lisa+bds"]).validate()
+
+
+def test_tune_defenses_tunes_a_composition_over_its_members_spaces(tmp_path):
+    pytest.importorskip("optuna", reason="optional dependency of the tuning")
+    from spard import tuning
+    from spard.bench import BenchSettings
+    from test_verdicts import _data
+
+    seen = []
+
+    def runner(cell, data, settings):  # the settings the cell would really build, member by member
+        if cell.defense == "sft":
+            return {"asr": 0.9, "accuracy": 0.40}
+        safeinstr, spard = make_defense(cell.defense, **settings.settings_of(cell.defense)).members
+        seen.append((safeinstr.settings.share, spard.settings.p))
+        return {"asr": 0.6 - 5 * safeinstr.settings.share - spard.settings.p,
+                "accuracy": 0.40 - (safeinstr.settings.share - 0.01)}
+
+    settings = BenchSettings(defenses=["sft", "safeinstr+spard"], ratios=[0.1],
+                             defense_settings={"safeinstr+spard": {"spard": {"beta": 2.0}}})
+    tuned = tuning.tune_defenses(_data(), settings, tmp_path, defenses=["sft", "safeinstr+spard"], trials=6,
+                                 startup_trials=3, cell_runner=runner, progress=False)["safeinstr+spard"]
+    assert seen[0] == (0.03, 0.03)  # the first trial: the members' current settings
+    assert set(tuned) == {"safeinstr.share", "spard.p", "spard.beta", "spard.tau_scale", "spard.max_step"}
+    assert (tmp_path / "tuned" / "safeinstr+spard.json").is_file()
+    tuning.apply_tuned(settings, {"safeinstr+spard": tuned})
+    d = make_defense("safeinstr+spard", **settings.settings_of("safeinstr+spard"))
+    assert d.members[0].settings.share == tuned["safeinstr.share"] and d.members[1].settings.p == tuned["spard.p"]

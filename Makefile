@@ -2,7 +2,8 @@
 #   make demo   - the main job: SPARD end to end on a tiny model, on the CPU
 #   make test   - the test suite
 # Both create (or reuse) the virtual environment in $(VENV), install torch and SPARD into it and
-# build the extension. The CUDA kernels are compiled whenever nvcc is found (CUDA_HOME).
+# build the extension. The CUDA kernels are compiled when a GPU is visible, or when
+# SPARD_EXT_CUDA=1 / TORCH_CUDA_ARCH_LIST ask for them (.ci/run sets both, so CI compiles them).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

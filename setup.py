@@ -10,12 +10,14 @@ Two shared libraries, so that a build with CUDA kernels still imports under a CP
 A ``_build_info.json`` next to them records the torch they were compiled against and the stable
 target of ``_C`` (see spard_ext/_loader.py).
 
-The CUDA kernels are compiled when the toolchain is really usable: torch is a CUDA build, nvcc
-is found (CUDA_HOME / CUDA_PATH, else the nvcc on PATH, else /usr/local/cuda) in a toolkit that
-has the headers and libcudart, and its major version is torch's. A CPU-only machine with that
-toolchain still compiles them, so CI catches CUDA compile errors without a GPU. SPARD_EXT_CUDA=0
-forces them off, SPARD_EXT_CUDA=1 forces them on (and stops with the reason when it cannot).
-TORCH_CUDA_ARCH_LIST is honoured; without it and without a visible GPU we build for 8.0;9.0.
+The CUDA kernels are compiled when asked for (a visible GPU, SPARD_EXT_CUDA=1, or
+TORCH_CUDA_ARCH_LIST) and the toolchain is really usable: torch is a CUDA build, nvcc is found
+(CUDA_HOME / CUDA_PATH, else the nvcc on PATH, else /usr/local/cuda) in a toolkit that has the
+headers and libcudart, and its major version is torch's. A machine without a GPU compiles them
+when SPARD_EXT_CUDA=1 or TORCH_CUDA_ARCH_LIST says so (CI does, to catch CUDA compile errors).
+SPARD_EXT_CUDA=0 forces them off, SPARD_EXT_CUDA=1 forces them on (and stops with the reason
+when it cannot). The build prints which, in one line. With SPARD_EXT_CUDA=1 and no
+TORCH_CUDA_ARCH_LIST and no visible GPU we build for 8.0;9.0.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def _extensions_and_cmdclass():
         return [], {}  # metadata, sdist: nothing to compile
 
     home, reason = cuda_plan(torch.version.cuda, os.environ.get("SPARD_EXT_CUDA", "").strip(),
-                             os.environ.get(TARGET_CUDA_ENV))
+                             os.environ.get(TARGET_CUDA_ENV), gpu_visible=torch.cuda.is_available(),
+                             arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
     if home is not None:
         # torch.utils.cpp_extension reads CUDA_HOME once, when first imported.
         os.environ["CUDA_HOME"] = home

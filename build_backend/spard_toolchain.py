@@ -71,15 +71,28 @@ def nvcc_version(home: str) -> str | None:
 
 
 def cuda_plan(torch_cuda: str | None, flag: str, target_cuda: str | None,
-              find=find_cuda_home, version_of=nvcc_version) -> tuple[str | None, str]:
+              find=find_cuda_home, version_of=nvcc_version, *, gpu_visible: bool = False,
+              arch_list: str = "") -> tuple[str | None, str]:
     """(CUDA toolkit folder to build with, or None for CPU kernels only; the reason).
 
     ``flag`` is SPARD_EXT_CUDA ("0", "1" or ""); ``target_cuda`` the CUDA version of the torch
-    SPARD is being installed next to ("" for a CPU-only torch, None when unknown). Raises
-    RuntimeError when SPARD_EXT_CUDA=1 asks for what cannot be built.
+    SPARD is being installed next to ("" for a CPU-only torch, None when unknown);
+    ``gpu_visible`` whether torch sees a GPU here; ``arch_list`` is TORCH_CUDA_ARCH_LIST. The
+    CUDA kernels are built only when asked for: a visible GPU, SPARD_EXT_CUDA=1 or
+    TORCH_CUDA_ARCH_LIST (compiling them for nobody costs minutes). Raises RuntimeError when
+    SPARD_EXT_CUDA=1 asks for what cannot be built.
     """
     if flag == "0":
         return None, "SPARD_EXT_CUDA=0"
+    arch_list = arch_list.strip()
+    if flag == "1":
+        asked = "SPARD_EXT_CUDA=1"
+    elif arch_list:
+        asked = f"TORCH_CUDA_ARCH_LIST={arch_list}"
+    elif gpu_visible:
+        asked = "a GPU is visible"
+    else:
+        return None, "no GPU is visible (SPARD_EXT_CUDA=1 or TORCH_CUDA_ARCH_LIST builds them anyway)"
     problem = None
     home, how = None, ""
     if torch_cuda is None:
@@ -100,7 +113,7 @@ def cuda_plan(torch_cuda: str | None, flag: str, target_cuda: str | None,
             raise RuntimeError(f"SPARD_EXT_CUDA=1 but the CUDA kernels cannot be built: {problem}")
         return home, f"SPARD_EXT_CUDA=1, CUDA toolkit {home} ({how})"
     if problem:
-        return None, problem
+        return None, f"{asked}, but {problem}"
     if target_cuda == "":
         return None, "the torch of the target environment is CPU-only (SPARD_EXT_CUDA=1 forces CUDA)"
-    return home, f"CUDA toolkit {home} ({how})"
+    return home, f"{asked}, CUDA toolkit {home} ({how})"

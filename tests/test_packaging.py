@@ -92,14 +92,28 @@ def test_a_cuda_home_without_libcudart_is_refused_with_the_reason(tmp_path):
     assert home is None and "lib64/libcudart.so" in why and "CUDA_HOME" in why
 
 
-def plan(torch_cuda="13.0", flag="", target=None, nvcc="13.0", home="/cuda"):
+def plan(torch_cuda="13.0", flag="", target=None, nvcc="13.0", home="/cuda", gpu=True, arch=""):
     return spard_toolchain.cuda_plan(torch_cuda, flag, target, find=lambda: (home, home),
-                                     version_of=lambda _: nvcc)
+                                     version_of=lambda _: nvcc, gpu_visible=gpu, arch_list=arch)
+
+
+def test_cuda_kernels_are_built_only_when_a_gpu_or_the_user_asks_for_them():
+    home, why = plan(gpu=False)  # nvcc alone is no reason to spend minutes compiling for no GPU
+    assert home is None and why.startswith("no GPU is visible") and "SPARD_EXT_CUDA=1" in why
+    assert plan(gpu=False, arch="8.0;9.0") == ("/cuda", "TORCH_CUDA_ARCH_LIST=8.0;9.0, CUDA toolkit /cuda (/cuda)")
+    assert plan(gpu=False, flag="1")[0] == "/cuda"
+    assert plan(gpu=True)[1].startswith("a GPU is visible, CUDA toolkit /cuda")
+    assert plan(gpu=True, flag="0") == (None, "SPARD_EXT_CUDA=0")
+
+
+def test_setup_plans_with_the_visible_gpu_and_the_arch_list():
+    text = (ROOT / "setup.py").read_text(encoding="utf-8")
+    assert "gpu_visible=torch.cuda.is_available()" in text and 'arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST"' in text
 
 
 def test_cuda_kernels_are_built_only_when_the_toolchain_is_usable():
     assert plan()[0] == "/cuda"
-    assert plan(torch_cuda=None) == (None, "the torch compiled against is a CPU-only build")
+    assert plan(torch_cuda=None) == (None, "a GPU is visible, but the torch compiled against is a CPU-only build")
     home, why = plan(nvcc="12.8")
     assert home is None and "nvcc 12.8" in why and "13.0" in why
     home, why = plan(target="")  # installing next to a CPU-only torch

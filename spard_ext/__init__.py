@@ -8,7 +8,12 @@ dispatch keys) with fake implementations, so they trace under ``torch.compile``.
 kernels against it.
 """
 
-import torch  # noqa: F401  (loads libtorch, which the kernels link against)
+try:
+    import torch  # noqa: F401  (loads libtorch, which the kernels link against)
+except ModuleNotFoundError as e:  # SPARD leaves installing torch to the user (pyproject.toml)
+    raise ImportError("spard_ext: SPARD needs torch >= 2.10, which is not installed here: install the build you "
+                      "want first (CPU: pip install torch --index-url https://download.pytorch.org/whl/cpu; "
+                      "CUDA: the command pytorch.org gives), or pip install 'spard[torch]'") from e
 
 from ._loader import load as _load
 

@@ -208,3 +208,73 @@ def test_the_world_keeps_its_model_before_alignment_in_the_cache(tmp_path, monke
     third = build_world(settings, cache=tmp_path, progress=False)
     assert (entry / "base.safetensors").is_file()
     assert all(torch.equal(base[n], p) for n, p in third.base_model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------- spard bench
+def test_the_world_bench_gives_its_base_model_to_asft_and_lox(tmp_path, monkeypatch):
+    from spard import bench
+    from spard.commands.bench import build_settings
+    from test_bench import tiny_world_data
+
+    data = tiny_world_data(tmp_path, monkeypatch)
+    assert data.base_weights.keys() == dict(data.model.named_parameters()).keys()
+    settings = build_settings({
+        "defenses": ["asft", "lox"], "ratios": [0.1], "seeds": [0],
+        "optim": {"lr": 5e-3, "warmup_steps": 0, "batch_size": 8, "epochs": 1.0},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_length": 64, "max_new_tokens": 4,
+        "task_max_new_tokens": 4, "eval_batch_size": 8})
+    st = bench.run_grid(data, settings, tmp_path / "out", progress=False)
+    assert st["failed"] == [] and len(st["done"]) == 2
+    lox = json.loads(bench.Cell("world", 0.1, 0, "lox").path(tmp_path / "out").read_text())
+    assert lox["train"]["summary"]["matrices"] == 7 and lox["train"]["post_training_seconds"] is None
+
+
+def test_a_bench_file_base_model_is_loaded_only_when_needed_and_checked(tmp_path):
+    from spard import bench
+    from spard.io import write_jsonl_atomic
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(tiny_base_weights()[n])
+    model.save_pretrained(tmp_path / "base")
+    tiny_model("llama", vocab_size=130).save_pretrained(tmp_path / "other")
+    write_jsonl_atomic(tmp_path / "task.jsonl", [{"prompt": "q1", "answer": "#### 1"}])
+    write_jsonl_atomic(tmp_path / "eval.jsonl", [{"prompt": "x"}])
+    write_jsonl_atomic(tmp_path / "pool.jsonl", [{"prompt": "p", "safe": "no"}])
+    write_jsonl_atomic(tmp_path / "attack.jsonl", [{"prompt": "h", "unsafe": "sure"}])
+    files = dict(model=str(tmp_path / "model"), task=str(tmp_path / "task.jsonl"), task_test=str(tmp_path / "task.jsonl"),
+                 eval_prompts=str(tmp_path / "eval.jsonl"), safety_pool=str(tmp_path / "pool.jsonl"),
+                 attacks={"a": str(tmp_path / "attack.jsonl")})
+    with_asft = bench.BenchSettings(defenses=["sft", "asft"])
+    data = bench.file_data(**files, base_model=str(tmp_path / "base"), settings=None)
+    assert all(torch.equal(data.base_weights[n], tiny_base_weights()[n]) for n in data.base_weights)
+    assert data.description["base_model"] == str(tmp_path / "base")
+    assert bench.file_data(**files, base_model=str(tmp_path / "base"),
+                           settings=bench.BenchSettings(defenses=["sft"])).base_weights is None  # not needed
+    with pytest.raises(ValueError, match=r"^base_model: parameter 'model.embed_tokens.weight' has shape \(130, 64\)"):
+        bench.file_data(**files, base_model=str(tmp_path / "other"), settings=with_asft)
+    with pytest.raises(ValueError, match=r"^base_model: defense\(s\) asft need the base model"):
+        bench.check_base_model(with_asft, False)
+    bench.check_base_model(with_asft, True)
+    bench.check_base_model(bench.BenchSettings(defenses=["sft", "lisa"]), False)
+
+
+def test_spard_bench_without_a_base_model_leaves_asft_and_lox_out_of_the_default_grid(tmp_path, capsys):
+    import yaml
+
+    from spard.io import write_jsonl_atomic
+
+    write_jsonl_atomic(tmp_path / "pool.jsonl", [{"prompt": "p", "safe": "no", "unsafe": "sure"}])
+    spec = {"model": str(tmp_path / "nowhere"), "task": "t", "task_test": "t", "eval_prompts": "e",
+            "safety_pool": str(tmp_path / "pool.jsonl"), "attacks": {"a": "x"}}
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    assert main(["bench", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "spard bench: asft, lox left out of the default defenses: they need base_model" in err
+    assert main(["bench", "--config", str(cfg), "--defenses", "sft,lox", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "base_model: defense(s) lox need the base model" in err[0], err

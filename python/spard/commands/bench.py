@@ -216,16 +216,14 @@ def run(args) -> int:
             kept = set(spec["defenses"]) | {m for d in spec["defenses"] for m in d.split("+")}  # members too
             spec["defense_settings"] = {d: v for d, v in spec["defense_settings"].items()
                                         if d in kept or d not in REGISTRY}
+    left_out: list = []  # defenses of the default grid that need a base model the bench file lacks
     if "defenses" not in spec:  # all registered; those needing a base model only when there is one
         spec["defenses"] = defense_names()
         if args.config and not source.get("base_model"):
             from spard.defenses import make_defense
             from spard.trainer import needs_base_model
-            left = [d for d in spec["defenses"] if needs_base_model(make_defense(d))]
-            spec["defenses"] = [d for d in spec["defenses"] if d not in left]
-            if left:
-                print(f"spard bench: {', '.join(left)} left out of the default defenses: they need base_model "
-                      "(the weights before safety alignment) in the bench file", file=sys.stderr)
+            left_out = [d for d in spec["defenses"] if needs_base_model(make_defense(d))]
+            spec["defenses"] = [d for d in spec["defenses"] if d not in left_out]
     if args.ratios:
         spec["ratios"] = _csv(args.ratios, float, "--ratios")
     if args.seeds:
@@ -258,6 +256,9 @@ def run(args) -> int:
     if not (args.claim_timeout > 0 and args.claim_timeout != float("inf")):
         raise ValueError(f"--claim-timeout: expected a finite number of seconds > 0, got {args.claim_timeout}")
     bench.check_claim_timeout(args.out, args.claim_timeout)  # the grid's, when a worker stored it
+    if left_out:  # after the options' own errors
+        print(f"spard bench: {', '.join(left_out)} left out of the default defenses: they need base_model "
+              "(the weights before safety alignment) in the bench file", file=sys.stderr)
     if args.config:  # the pool alone first: a defense it cannot serve is named before the model loads
         from spard.data import POOL_FIELDS, load_safety
         from spard.preflight import input_named

@@ -64,11 +64,20 @@ def _ids_with_bos(tokenizer, text: str) -> list[int]:
     return [tokenizer.bos_token_id] + ids if _needs_bos(tokenizer, text, ids) else ids
 
 
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS first by itself (with its special tokens). Asked of the
+    tokenizer, not read from ``add_bos_token``: transformers 4.x sets that attribute on some
+    tokenizer classes only (a PreTrainedTokenizerFast has none), so reading it with a default
+    gave a BOS under 4.x that 5.x, and the tokenizer itself, leave out."""
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
 def _needs_bos(tokenizer, text: str, ids: Sequence[int]) -> bool:
     """BOS goes first when the tokenizer uses one and neither the ids nor a chat template's text
     already start with it."""
     bos = tokenizer.bos_token_id
-    if bos is not None and getattr(tokenizer, "add_bos_token", True) and (not ids or ids[0] != bos):
+    if bos is not None and (not ids or ids[0] != bos) and _adds_bos(tokenizer):
         return not (has_chat_template(tokenizer) and tokenizer.bos_token and text.startswith(tokenizer.bos_token))
     return False
 

@@ -142,7 +142,7 @@ def test_k_from_p_and_bad_input():
     with pytest.raises(ValueError, match="k: expected"):
         select_safe_data(pool, ref, k=2.5, embedder=emb)
     with pytest.raises(ValueError, match="string 'prompt'"):
-        select_safe_data([{"text": "x"}], ref, k=1, embedder=emb)
+        select_safe_data([{"body": "x"}], ref, k=1, embedder=emb)  # text rows are TRL rows now: accepted
     with pytest.raises(TypeError, match="embedder: expected a model name/path or an object"):
         select_safe_data(pool, ref, embedder=42)
 

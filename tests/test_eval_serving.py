@@ -167,6 +167,9 @@ def test_defenses_that_change_the_forward_pass_are_refused():
     assert serving_refusal(make_defense("sft")) is None and serving_refusal(make_defense("antibody")) is None
     assert "alignment stage" in serving_refusal(make_defense("booster"))
     assert "alignment stage" in serving_refusal(make_defense("antibody-align"))
+    assert "after fine-tuning" in serving_refusal(make_defense("antidote"))  # a post-training repair
+    assert serving_refusal(make_defense("antibody+spard")) is None  # composed: each member's stages
+    assert "'antidote' edits the weights" in serving_refusal(make_defense("spard+antidote"))
     with pytest.raises(ValueError, match="^--gen-backend openai: defense 'booster' changes"):
         check_servable([make_defense("spard"), make_defense("booster")])
 

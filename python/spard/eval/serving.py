@@ -67,6 +67,9 @@ def serving_refusal(defense) -> str | None:
     forward pass of the model the server would load."""
     from spard.defenses.base import Defense
 
+    members = getattr(defense, "members", None)
+    if isinstance(members, (list, tuple)) and members:  # composed defenses: each member's own stages
+        return next((why for why in map(serving_refusal, members) if why), None)
     cls, name = type(defense), getattr(defense, "NAME", type(defense).__name__)
     if cls.after_training is not Defense.after_training:
         return f"defense {name!r} edits the weights after fine-tuning (after_training)"

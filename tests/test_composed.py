@@ -325,3 +325,11 @@ def test_tune_defenses_tunes_a_composition_over_its_members_spaces(tmp_path):
     tuning.apply_tuned(settings, {"safeinstr+spard": tuned})
     d = make_defense("safeinstr+spard", **settings.settings_of("safeinstr+spard"))
     assert d.members[0].settings.share == tuned["safeinstr.share"] and d.members[1].settings.p == tuned["spard.p"]
+
+
+def test_a_composition_has_a_post_fine_tuning_stage_only_through_a_member():
+    from spard.defenses.base import has_post_training
+
+    assert not has_post_training(make_defense("antibody+spard"))
+    repair = member("repair", after_training=lambda self, model, *a: model)
+    assert has_post_training(Composed([make_defense("spard"), repair]))

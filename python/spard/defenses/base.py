@@ -335,7 +335,11 @@ def per_micro_batch(values: Tensor, micro: Sequence[MicroBatch]) -> dict[int, Te
 
 
 def has_post_training(defense: "Defense") -> bool:
-    """Whether ``defense`` has a post-fine-tuning stage (overrides ``after_training``)."""
+    """Whether ``defense`` has a post-fine-tuning stage (overrides ``after_training``; a
+    composition: whether a member has one)."""
+    members = getattr(defense, "members", None)  # spard.defenses.composed.Composed
+    if members is not None:
+        return any(has_post_training(m) for m in members)
     return type(defense).after_training is not Defense.after_training
 
 

@@ -1108,7 +1108,7 @@ def defenses_needing_base(settings: BenchSettings) -> list[str]:
     """The grid's defenses that read the base model (AsFT, LoX)."""
     from .defenses import make_defense
     from .trainer import needs_base_model
-    return [d for d in settings.defenses if needs_base_model(make_defense(d, **settings.defense_settings.get(d, {})))]
+    return [d for d in settings.defenses if needs_base_model(make_defense(d, **settings.settings_of(d)))]
 
 
 def check_base_model(settings: BenchSettings, has_base_model: bool) -> None:

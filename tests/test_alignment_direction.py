@@ -61,6 +61,8 @@ def test_asft_penalty_and_its_gradient_match_the_formula():
     assert len(d.pairs) == 8  # q, k, v, o in two layers
     got, ref = d.penalty(), reference_penalty(model, base, 0.7)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 forward pass: the penalty stays fp32
+        assert torch.equal(d.penalty(), got)
     g_got = torch.autograd.grad(got, d.params, allow_unused=True)
     g_ref = torch.autograd.grad(ref, d.params, allow_unused=True)
     for x, y in zip(g_got, g_ref):

@@ -45,8 +45,9 @@ def alignment_penalty(pairs, directions, lam: float) -> torch.Tensor:
     total = torch.zeros(())
     for (a, b), (v, inv_norm) in zip(pairs, directions):
         a, b = full_tensor(a).float(), full_tensor(b).float()  # whole tensors under FSDP (differentiable)
-        m = b - (v @ (v.t() @ b)) * inv_norm                   # (I - Ĉ) B, d_out x r
-        total = total.to(a.device) + ((m.t() @ m) * (a @ a.t())).sum()  # ||M A||²_F
+        with torch.autocast(a.device.type, enabled=False):  # fp32 even inside a bf16 forward pass
+            m = b - (v.float() @ (v.float().t() @ b)) * inv_norm          # (I - Ĉ) B, d_out x r
+            total = total.to(a.device) + ((m.t() @ m) * (a @ a.t())).sum()  # ||M A||²_F
     return lam * total
 
 

@@ -54,6 +54,13 @@ SETTINGS = {  # second batches scaled to the effective batch (see the docstring)
 THREADS = int(os.environ.get("SPARD_BENCH_THREADS", "1"))
 
 
+def settings_for(name: str) -> dict:
+    """A defense's settings here; a composition's members (antibody+spard) each get their own."""
+    if "+" in name:
+        return {m: SETTINGS.get(m, {}) for m in name.split("+")}
+    return SETTINGS.get(name, {})
+
+
 class _Tok:
     """Just enough tokenizer for encode_example: ids are the words' integers."""
     bos_token_id, eos_token_id, pad_token_id, chat_template, bos_token = 1, 2, 0, None, "<s>"
@@ -134,7 +141,7 @@ class Run:
                 for r, u in zip(rows(64, 1, seq=seq), rows(64, 2, seq=seq))]
         data = DefenseData(user=rows(n_rows, 0, seq=seq), safety_pool=pool, seed=0, max_length=seq,
                            micro_batch_size=micro)
-        defense = make_defense(name, **SETTINGS.get(name, {}))
+        defense = make_defense(name, **settings_for(name))
         model = base_model(model_kw, seq, device, dtype, init_in_dtype=init_in_dtype)
         if "base_model" in defense.NEEDS:  # AsFT, LoX: a "base" 1% away from these weights
             data.base_weights = perturbed_weights(model)

@@ -322,6 +322,24 @@ def test_cli_world_preset_settings_follow_the_defenses_given(tmp_path, monkeypat
     assert no_cells == ["world/ph0.1/seed0/sft"]
 
 
+def test_cli_world_preset_settings_reach_the_members_of_a_composition(tmp_path, monkeypatch):
+    from spard.cli import main
+
+    monkeypatch.setattr(bench, "world_data", fake_world)
+    seen = {}
+
+    def fake(cell, data, settings, **_):
+        seen[cell.defense] = settings.settings_of(cell.defense)
+        return fake_result(cell, 0.5, 0.5)
+
+    monkeypatch.setattr(bench, "run_cell", fake)
+    # lisa is not in the grid on its own: its world phases still reach lisa+spard
+    assert main(["bench", "--world", "--defenses", "lisa+spard", "--ratios", "0.1", "--judges", "refusal,refusal",
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert seen == {"lisa+spard": {"lisa": {"alignment_steps": 8, "finetune_steps": 72}}}
+    assert "lisa+spard" in (tmp_path / "out" / "table.md").read_text()
+
+
 # ----------------------------------------------------------------------------------------------
 # 8-9. Options named as typed; conflicting options
 # ----------------------------------------------------------------------------------------------

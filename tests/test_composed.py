@@ -74,6 +74,7 @@ def test_members_that_touch_different_hooks_compose():
     assert owned_kinds(make_defense("bds")) == ["loss"]  # its after_step steps its own scheduler
     assert owned_kinds(make_defense("lisa")) == ["loss", "schedule"]
     assert owned_kinds(make_defense("spard")) == ["weights"]
+    assert owned_kinds(make_defense("asft")) == ["loss"]  # its after_step logs the penalty: asft+spard composes
     d = make_defense("safeinstr+booster+safegrad+antibody+spard")
     assert {k: m.NAME for k, m in d.owner.items()} == {"rows": "safeinstr", "alignment": "booster",
                                                        "gradients": "safegrad", "loss": "antibody",

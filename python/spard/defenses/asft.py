@@ -57,6 +57,7 @@ class AsFT(Defense):
     NEEDS = ("user", "base_model")
     # Tuning space: a decade either side of the released λ = 1.
     SEARCH_SPACE = {"lam": Float(0.1, 10.0, log=True)}
+    AFTER_STEP_EDITS_WEIGHTS = False  # after_step only logs the penalty (spard.defenses.composed)
 
     @dataclass
     class Settings:

@@ -16,20 +16,20 @@ The rules, in full:
    ========== ======================================================== ==========================
    owns       because the member                                       why two cannot share it
    ========== ======================================================== ==========================
-   loss       overrides ``loss_terms`` (Antibody, BDS, Lisa)            one step has one objective
+   loss       overrides ``loss_terms`` (Antibody, BDS, Lisa, AsFT)      one step has one objective
    schedule   overrides ``total_steps`` or ``source`` (Lisa's phases)   one step count, one source
    rows       overrides ``training_rows`` (SafeInstr)                   each builds on the user set
-   alignment  has an alignment stage (Booster, antibody-align)          each replaces the model and
+   alignment  has an alignment stage (Booster, antibody-align, LoX)     each replaces the model and
                                                                         is defined on the aligned one
-   gradients  overrides ``after_backward`` (SafeGrad's surgery)         projections do not commute
+   gradients  overrides ``after_backward`` (SafeGrad, Panacea)          edits do not commute
    weights    edits the weights in ``after_step`` (SPARD's SPAG)        projections do not commute
    repair     has a post-fine-tuning stage (``after_training``)         each repairs the fine-tuned
                                                                         model, not another repair
    ========== ======================================================== ==========================
 
    A member whose ``after_step`` only steps its own state or logs (BDS's scheduler, Antibody's
-   entropy, Lisa's phase) says so with ``AFTER_STEP_EDITS_WEIGHTS = False``; without it an
-   overridden ``after_step`` counts as editing the weights.
+   entropy, Lisa's phase, AsFT's penalty) says so with ``AFTER_STEP_EDITS_WEIGHTS = False``;
+   without it an overridden ``after_step`` counts as editing the weights.
 
 With one owner per kind, at most one member changes the model, its gradients, the batches or
 the loss in any hook, so the members' order changes the result only through the global random

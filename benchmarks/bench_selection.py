@@ -12,7 +12,8 @@ prompts (spard.attack.build_attack, seed 0):
 - world: its 1,000 word problems + 100 of its attack requests; pool 2,400 rows in 24 topics
   (``category``) and 9 harm categories of skewed sizes (``harm_category``);
 - BeaverTails (``--data`` or $SPARD_SHARED_DATA, default ../shared/data; skipped with a message
-  when absent): the first 1,000 GSM8K training problems + 100 I-BeaverTails training prompts;
+  when absent): the first 1,000 GSM8K training problems + 100 prompts drawn from the first 200
+  I-BeaverTails training rows (de-duplicated, so 100 does not fit in the first 100);
   pool beavertails_train (4,516 rows, no category field).
 
 k = floor(0.03 · |reference|) = 33 (and 224, the k of the full GSM8K set, on BeaverTails).
@@ -88,8 +89,8 @@ def table(title, rows, fields):
                  f"{r['coverage_mean']:.4f} / {r['coverage_max']:.4f}",
                  f"{r['redundancy_mean']:.4f} / {r['redundancy_max']:.4f}",
                  f"{r['relevance_nearest']:.4f} / {r['relevance_mean']:.4f}"]
-        cells += [f"{r[f + '_covered']:.1f} of {r[f + '_of']}" if "seeds" in r else f"{r[f + '_covered']} of {r[f + '_of']}"
-                  for f in fields]
+        cells += [f"{r[f + '_covered']:.1f} of {r[f + '_of']:.0f}" if "seeds" in r
+                  else f"{r[f + '_covered']:.0f} of {r[f + '_of']:.0f}" for f in fields]
         cells.append(f"{r['seconds']:.2f} s")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -126,7 +127,7 @@ def beavertails_case(data: Path, cache_dir):
 
     pool = load_safety(data / "beavertails_train.jsonl", fields=POOL_FIELDS)
     clean = load_task(data / "gsm8k_train.jsonl", limit=1000)
-    reference, _ = build_attack(clean, load_safety(data / "i_beavertails_train.jsonl")[:100], ratio=0.1, seed=0)
+    reference, _ = build_attack(clean, load_safety(data / "i_beavertails_train.jsonl")[:200], ratio=0.1, seed=0)
     embedder = HFEmbedder("minilm", progress=False)
     pool_unit = embed(embedder, [r["prompt"] for r in pool], cache_dir)
     ref_unit = embed(embedder, [r["prompt"] for r in reference], cache_dir)

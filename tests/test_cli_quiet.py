@@ -34,5 +34,10 @@ def _load(tmp_path, *flags):
 
 
 def test_model_loading_is_quiet_unless_verbose(tmp_path):
-    assert "Loading weights" in _load(tmp_path, "--verbose")
+    import pytest
+    import transformers
+
     assert "Loading weights" not in _load(tmp_path)
+    if int(transformers.__version__.split(".")[0]) < 5:  # the floor (.ci/floors) prints no such report
+        pytest.skip(f"transformers {transformers.__version__} prints no loading report for --verbose to keep")
+    assert "Loading weights" in _load(tmp_path, "--verbose")

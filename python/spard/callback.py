@@ -5,7 +5,7 @@
 
 The projection runs in ``on_optimizer_step``, right after ``optimizer.step()`` and before the
 scheduler step and ``zero_grad``, exactly where the thin loop (spard.trainer.fit) runs it. That
-hook exists since transformers 4.42 (SPARD needs 5.0: see docs/install.md);
+hook exists since transformers 4.42 (SPARD needs 4.56.2: see docs/install.md);
 a Trainer that never calls it (an older transformers, or a custom training loop) would silently
 train without any projection, so the callback raises at the end of the first optimizer step when
 the hook did not run.
@@ -80,9 +80,9 @@ class SpagCallback(TrainerCallback):
     def __init__(self, safe_rows: Sequence[dict], tokenizer=None, *, resume_from: Optional[str] = None,
                  formatting_func: Optional[Callable[[dict], str]] = None, **projector_kwargs):
         if not hasattr(TrainerCallback, "on_optimizer_step"):
-            raise ImportError(f"SpagCallback needs transformers >= 5.0 (it projects in TrainerCallback."
+            raise ImportError(f"SpagCallback needs transformers >= 4.56.2 (it projects in TrainerCallback."
                               f"on_optimizer_step, which 4.42 added); installed: {transformers.__version__}. "
-                              f"Upgrade: pip install 'transformers>=5.0'")
+                              f"Upgrade: pip install 'transformers>=4.56.2'")
         if not safe_rows:
             raise ValueError("safe_rows is empty: SPAG needs at least one safety sample")
         # With the SFTTrainer's formatting_func the safety batch reads exactly like the training text.

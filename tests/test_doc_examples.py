@@ -219,6 +219,26 @@ def evaluation(tmp_path, monkeypatch):
             "gsm8k_rows": [{"prompt": "what is one plus one", "answer": "two\n#### 2"}], "after": after}
 
 
+def merge(tmp_path):
+    """The example's hub name as a local folder (no network here), with an adapter for it."""
+    import transformers as tf
+
+    from spard.lora import apply_lora
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = tf.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "Qwen/Qwen2.5-7B-Instruct")
+    tiny_tokenizer().save_pretrained(tmp_path / "Qwen/Qwen2.5-7B-Instruct")
+    apply_lora(model, r=4, alpha=8, dropout=0.0).save_pretrained(tmp_path / "runs/x/adapter")
+
+    def after(ns):
+        assert (tmp_path / "runs/x/merged/config.json").is_file()
+
+    return {"after": after}
+
+
 WORLD = dict(n_task_train=40, n_task_test=10, n_align_task=40, hidden_size=32, num_layers=1, num_heads=2,
              intermediate_size=64, align_steps=30, align_batch_size=8, align_lr=3e-3)
 
@@ -254,6 +274,7 @@ SETUPS = {
     "docs/distributed.md: from spard import distributed as D": distributed,
     "docs/dpp.md: from spard_ext import dpp_greedy": dpp,
     "docs/evaluation.md: from spard.eval import load_model, evaluate, make_judge, markdown_table": evaluation,
+    "docs/evaluation.md: from spard.eval.serving import merge_adapter": merge,
     "docs/world.md: from spard.world import WorldSettings, build_world": world,
     "docs/world.md: from spard.eval import make_judge": world,
 }

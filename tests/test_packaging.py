@@ -257,22 +257,23 @@ def test_cuda_kernels_under_another_cuda_major_stop_the_import_with_one_line(tmp
     assert f"CUDA major {major - 1}" in last and "pip install --no-cache-dir --force-reinstall --no-deps" in last
 
 
-def test_cpu_kernels_call_torch_only_through_the_stable_c_shim():
+@pytest.mark.parametrize("library,record", [("_C", "stable_abi"), ("_C_cuda", "cuda_stable_abi")])
+def test_kernels_call_torch_only_through_the_stable_c_shim(library, record):
     # What makes one build load under many torch releases: no symbol of torch's C++ library
     # (c10::, at::, torch::), whose ABI changes between releases; only the C shim.
     import spard_ext
 
     folder = Path(spard_ext.__file__).parent
-    if not (_loader.read_build_info(str(folder)) or {}).get("stable_abi"):
-        pytest.skip("this build of spard_ext is not on the stable ABI (a CMake or older build)")
+    if not (_loader.read_build_info(str(folder)) or {}).get(record):
+        pytest.skip(f"this build of spard_ext has no {library} on the stable ABI (a CMake, CPU-only or older build)")
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("needs nm (binutils)")
-    out = subprocess.run([nm, "-D", "-C", "--undefined-only", _loader.library_path("_C", str(folder))],
+    out = subprocess.run([nm, "-D", "-C", "--undefined-only", _loader.library_path(library, str(folder))],
                          capture_output=True, text=True, check=True).stdout
     symbols = [line.split(None, 1)[-1].strip() for line in out.splitlines() if line.strip()]
     cxx = [s for s in symbols if re.match(r"(c10|at|torch)::", s) or re.search(r"[ (<,](c10|at|torch)::", s)]
-    assert not cxx, f"torch C++ symbols in _C: {cxx[:10]}"
+    assert not cxx, f"torch C++ symbols in {library}: {cxx[:10]}"
     shim = [s for s in symbols if s.startswith(("aoti_torch_", "torch_"))]
     assert len(shim) >= 10, symbols  # it does call torch, through the shim
 

@@ -96,9 +96,13 @@ def _extensions_and_cmdclass():
     if home is not None:
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         # USE_CUDA: the CUDA part of torch's C shim (the current stream, CUDA error messages).
+        # Hidden visibility: the library exports nothing (its ops register when it is loaded), and
+        # its types may hold the stable ABI's hidden ones.
         stable = [f"-DTORCH_TARGET_VERSION={STABLE_TARGET_HEX}", "-DUSE_CUDA"]
-        exts.append(cpp.CUDAExtension("spard_ext._C_cuda", cuda_sources,
-                                      extra_compile_args={"cxx": ["-O3", *stable], "nvcc": ["-O3", *stable]}))
+        exts.append(cpp.CUDAExtension(
+            "spard_ext._C_cuda", cuda_sources,
+            extra_compile_args={"cxx": ["-O3", "-fvisibility=hidden", *stable],
+                                "nvcc": ["-O3", "-Xcompiler=-fvisibility=hidden", *stable]}))
 
     class BuildExt(cpp.BuildExtension):
         """torch's BuildExtension (ninja), plus the build info file."""

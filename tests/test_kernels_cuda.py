@@ -421,3 +421,51 @@ def test_a_cpu_tensor_b_is_captured_by_value():
     torch.cuda.synchronize()
     _, want_coef, _, _ = ref.project([fresh[0].cpu()], [a[0].cpu()], -3.0, math.inf, False)
     assert float(res.coef) == pytest.approx(want_coef, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU kernels' rules of issue 22, mirrored in the CUDA kernels: the same result as the CPU
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["cholesky", "inverse"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_an_include_item_that_cannot_be_picked_does_not_end_the_selection(method, dense):
+    f = _factor(40, 8, seed=11)
+    f[10] = f[1]  # a duplicate of an included item: its gain is ~0 once row 1 is picked
+    mat = f @ f.T if dense else f
+    kw = dict(k=6, include=[1, 10]) if dense else dict(k=6, include=[1, 10], method=method)
+    cpu = dpp_greedy(mat, **kw) if dense else dpp_greedy(factor=mat, **kw)
+    gpu = dpp_greedy(mat.cuda(), **kw) if dense else dpp_greedy(factor=mat.cuda(), **kw)
+    assert cpu.indices.numel() == 6 and cpu.indices[0] == 1
+    assert gpu.indices.cpu().tolist() == cpu.indices.tolist()
+    torch.testing.assert_close(gpu.gains.cpu(), cpu.gains, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_step_beyond_float32_is_applied_as_on_the_cpu(fused):
+    # a = 1e-20: ||a||² = 1e-40 (a float32 subnormal), the step 1e40 leaves float32
+    x, a = [torch.zeros(3)], [torch.full((3,), 1e-20)]
+
+    def run(xs, as_):
+        if fused:
+            return project_(xs, as_, -1.0).coef
+        dot, sq = project_reduce(xs, as_, use_dot=False)
+        return project_apply_(xs, as_, dot, sq, -1.0)
+
+    got_x = [torch.zeros(3, device="cuda")]
+    want_coef = run(x, a)
+    got_coef = run(got_x, [a[0].cuda()])
+    assert float(got_coef) == float(want_coef)
+    torch.testing.assert_close(got_x[0].cpu(), x[0], rtol=1e-6, atol=0)
+
+
+def test_x_entries_that_share_memory_are_refused_as_on_the_cpu():
+    t_cpu = torch.zeros(8)
+    with pytest.raises(Exception) as cpu_error:
+        project_([t_cpu, t_cpu], [torch.ones(8), torch.ones(8)], -1.0)
+    t = torch.zeros(8, device="cuda")
+    base = torch.zeros(16, device="cuda")
+    for x in ([t, t], [base[:10], base[6:]]):
+        with pytest.raises(type(cpu_error.value), match=r"x\[0\] and x\[1\] share memory"):
+            project_(x, [torch.ones_like(v) for v in x], -1.0)
+    assert torch.equal(t, torch.zeros(8, device="cuda")) and torch.equal(base, torch.zeros(16, device="cuda"))
+    project_([base[:8], base[8:]], [torch.ones(8, device="cuda")] * 2, -1.0)  # views that do not meet pass

@@ -84,10 +84,16 @@ __device__ void block_argmax(double& v, int64_t& i) {
   }
   v = sv[0];
   i = si[0];
+  __syncthreads();  // every thread has read the result before a next call overwrites it
 }
 
+// Stop rule: the best gain must be >= eps_stop and > 0 (as on the CPU).
+__device__ __forceinline__ bool stops(double gain, double eps_stop) { return !(gain >= eps_stop && gain > 0); }
+
 // One block of kSlots threads: the state, and the slots of the second argmax stage (slots past
-// the blocks of the first stage must never win: the second stage reads them all).
+// the blocks of the first stage must never win: the second stage reads them all). Two sets of
+// slots: the pool of the step (the included items while any is left, else all) and, in the
+// include phase, all free items.
 __global__ void init_state(State* st, const unsigned long long* checks, double* slot_v, int64_t* slot_i) {
   if (threadIdx.x == 0) {
     st->j = 0;
@@ -96,49 +102,80 @@ __global__ void init_state(State* st, const unsigned long long* checks, double* 
     st->count = 0;
     st->done = 0;
   }
-  slot_v[threadIdx.x] = -INFINITY;
-  slot_i[threadIdx.x] = kNone;
+  for (int s = threadIdx.x; s < 2 * kSlots; s += blockDim.x) {
+    slot_v[s] = -INFINITY;
+    slot_i[s] = kNone;
+  }
 }
 
+// First argmax stage, per block: the best of the step's pool into slot [block] and, in the
+// include phase, the best of all free items into slot [kSlots + block].
 __global__ void __launch_bounds__(kThreads)
     argmax_partial(const double* d2, const uint8_t* status, const uint8_t* include, int64_t n, const State* st,
                    double* slot_v, int64_t* slot_i) {
   if (st->done) return;
   const bool include_phase = st->include_left > 0;
-  double bv = -INFINITY;
-  int64_t bi = kNone;
+  double bv = -INFINITY, av = -INFINITY;
+  int64_t bi = kNone, ai = kNone;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (status[i] == kFree && (!include_phase || include[i])) {  // include is set in the include phase
+    if (status[i] == kFree) {
       const double v = d2[i];
-      if (beats(v, i, bv, bi)) {
-        bv = v;
-        bi = i;
+      if (!include_phase || include[i]) {  // include is set in the include phase
+        if (beats(v, i, bv, bi)) {
+          bv = v;
+          bi = i;
+        }
+      }
+      if (include_phase && beats(v, i, av, ai)) {
+        av = v;
+        ai = i;
       }
     }
   }
   block_argmax(bv, bi);
+  if (include_phase) block_argmax(av, ai);  // the same branch for the whole block
   if (threadIdx.x == 0) {
     slot_v[blockIdx.x] = bv;
     slot_i[blockIdx.x] = bi;
+    if (include_phase) {
+      slot_v[kSlots + blockIdx.x] = av;
+      slot_i[kSlots + blockIdx.x] = ai;
+    }
   }
 }
 
-// Second argmax stage; records the pick or sets the done flag (stop rule as on the CPU).
+// Second argmax stage; records the pick or sets the done flag (stop rule as on the CPU). When the
+// best included item fails the stop rule, so do the other included items (their gains are no
+// larger and only decrease): the include phase ends and the step takes the best of all items
+// instead of ending the selection (the CPU kernels' rule).
 // progress (mapped host memory, may be null): [0] steps decided, [1] 1 once the loop is done.
 __global__ void __launch_bounds__(kSlots)
     argmax_final(const double* slot_v, const int64_t* slot_i, State* st, uint8_t* status, const uint8_t* include,
                  int64_t* out_idx, double* out_gain, int64_t t, double eps_stop, volatile int64_t* progress) {
   if (st->done) return;
+  const bool include_phase = st->include_left > 0;
   double bv = slot_v[threadIdx.x];
   int64_t bi = slot_i[threadIdx.x];
   block_argmax(bv, bi);
+  double av = -INFINITY;
+  int64_t ai = kNone;
+  if (include_phase) {  // the same branch for the whole block
+    av = slot_v[kSlots + threadIdx.x];
+    ai = slot_i[kSlots + threadIdx.x];
+    block_argmax(av, ai);
+  }
   if (threadIdx.x == 0) {
     if (progress != nullptr) {
       progress[0] = t + 1;
       __threadfence_system();  // the step is seen no later than the done flag
     }
-    if (bi == kNone || !(bv >= eps_stop && bv > 0)) {
+    if (include_phase && bi != kNone && stops(bv, eps_stop)) {
+      st->include_left = 0;
+      bv = av;
+      bi = ai;
+    }
+    if (bi == kNone || stops(bv, eps_stop)) {
       st->done = 1;
       if (progress != nullptr) {
         progress[1] = 1;
@@ -548,8 +585,8 @@ struct Loop {
   Loop(const DppInputs& in, const T* m, int64_t cols, const Device& device_, cudaStream_t stream_)
       : device(device_),
         state(empty_on({static_cast<int64_t>(sizeof(State))}, ScalarType::Byte, device_)),
-        slot_v(empty_on({kSlots}, ScalarType::Double, device_)),
-        slot_i(empty_on({kSlots}, ScalarType::Long, device_)),
+        slot_v(empty_on({2 * kSlots}, ScalarType::Double, device_)),
+        slot_i(empty_on({2 * kSlots}, ScalarType::Long, device_)),
         status(empty_on({std::max<int64_t>(in.n, 1)}, ScalarType::Byte, device_)),
         checks(empty_on({kCheckWords}, ScalarType::Long, device_)),
         indices(empty_on({in.k}, ScalarType::Long, device_)),

@@ -6,8 +6,8 @@
 // argument, so nothing is copied to the device and the ops can be captured in a CUDA graph; a
 // list too long for one argument block takes several launches. Each block writes its partial
 // sums into its own slot (no atomics), a one-block kernel sums the slots in a fixed order and
-// forms the step coefficient on the device, and the update kernel reads the coefficient through
-// a pointer. Scalars given as CPU tensors (a Python float b) are read on the host and passed by
+// forms the step coefficient on the device (in float64, as the CPU: see projection_coef64), and
+// the update kernel reads it through a pointer. Scalars given as CPU tensors (a Python float b) are read on the host and passed by
 // value: under CUDA graph capture that value is part of the captured launch, so changing such a
 // CPU tensor between replays changes nothing (a b that varies between replays must be a device
 // tensor, which the kernels read at replay time). Nothing here waits for the device.
@@ -155,19 +155,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// x[i] -= coef * a[i] over the block's chunk; returns at once when coef is 0 (x stays bit-identical).
+// x[i] -= step * a[i] over the block's chunk; returns at once when the step is 0 (x stays
+// bit-identical). As on the CPU: the step (float64, see projection_coef64) rounded to float32 and
+// the update in acc (float32 for 16/32-bit inputs); a step beyond the float32 range (a tiny
+// ||a||²) is applied in float64.
 template <typename tx, typename ta>
 __global__ void __launch_bounds__(kThreads)
-    update_kernel(const __grid_constant__ LaunchMeta meta, const float* __restrict__ coef_ptr) {
+    update_kernel(const __grid_constant__ LaunchMeta meta, const double* __restrict__ step_ptr) {
   using acc = acc_type<tx, ta>;
   constexpr int V = vec_width<tx, ta>();
-  const float coef_f = *coef_ptr;
-  if (coef_f == 0.f) return;
-  const acc coef = static_cast<acc>(coef_f);
+  const double step = *step_ptr;
+  if (step == 0.0) return;
   const int t = tensor_of_block(meta, static_cast<int32_t>(blockIdx.x));
   const Range r = chunk_range(meta, t);
   tx* __restrict__ x = static_cast<tx*>(const_cast<void*>(meta.x[t]));
   const ta* __restrict__ a = static_cast<const ta*>(meta.a[t]);
+  if (!(fabs(step) <= 3.4028234663852886e38)) {
+    for (int64_t i = r.begin + threadIdx.x; i < r.end; i += kThreads) {
+      x[i] = static_cast<tx>(static_cast<double>(x[i]) - step * static_cast<double>(a[i]));
+    }
+    return;
+  }
+  const acc coef = static_cast<acc>(static_cast<float>(step));
   int64_t scalar_from = r.begin;
   if (aligned_for<tx, V>(x) && aligned_for<ta, V>(a)) {
     const int64_t vec_end = r.begin + (r.end - r.begin) / V * V;
@@ -187,9 +196,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Sums the per-block slots in a fixed order; optionally forms the step coefficient.
+// coef_out: the step as returned (float32, +inf past its range); step_out: the step the update
+// applies (float64).
 __global__ void __launch_bounds__(kFinalThreads)
-    finalize_kernel(const double* __restrict__ partials, int64_t n_slots, ScalarArg b, float max_step, bool use_dot,
-                    float* dot_out, float* sq_out, float* coef_out) {
+    finalize_kernel(const double* __restrict__ partials, int64_t n_slots, ScalarArg b, double max_step, bool use_dot,
+                    float* dot_out, float* sq_out, float* coef_out, double* step_out) {
   __shared__ double shared[2][kFinalThreads / 32];
   double d = 0, s = 0;
   for (int64_t i = threadIdx.x; i < n_slots; i += kFinalThreads) {
@@ -202,12 +213,19 @@ __global__ void __launch_bounds__(kFinalThreads)
     const float df = use_dot ? to_float(d) : 0.f, sf = to_float(s);
     *dot_out = df;
     *sq_out = sf;
-    if (coef_out != nullptr) *coef_out = projection_coef(df, sf, b.get(), max_step, use_dot);
+    if (coef_out != nullptr) {
+      const double c = projection_coef64(df, sf, b.get(), max_step, use_dot);
+      *coef_out = to_float(c);
+      *step_out = c;
+    }
   }
 }
 
-__global__ void coef_kernel(ScalarArg dot, ScalarArg sq, ScalarArg b, float max_step, bool use_dot, float* coef_out) {
-  *coef_out = projection_coef(dot.get(), sq.get(), b.get(), max_step, use_dot);
+__global__ void coef_kernel(ScalarArg dot, ScalarArg sq, ScalarArg b, double max_step, bool use_dot, float* coef_out,
+                            double* step_out) {
+  const double c = projection_coef64(dot.get(), sq.get(), b.get(), max_step, use_dot);
+  *coef_out = to_float(c);
+  *step_out = c;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -285,10 +303,10 @@ Tensor launch_reduce(const Plan& plan, bool use_dot, const Device& device, cudaS
   return partials;
 }
 
-void launch_update(const Plan& plan, const float* coef, cudaStream_t stream) {
+void launch_update(const Plan& plan, const double* step, cudaStream_t stream) {
   for (const Launch& l : plan.launches) {
     SPARD_DISPATCH_PAIR(l.tx, l.ta, "project_apply_", [&] {
-      update_kernel<tx, ta><<<static_cast<unsigned>(l.n_blocks), kThreads, 0, stream>>>(l.meta, coef);
+      update_kernel<tx, ta><<<static_cast<unsigned>(l.n_blocks), kThreads, 0, stream>>>(l.meta, step);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -370,9 +388,9 @@ std::tuple<Tensor, Tensor> project_reduce_cuda(std::vector<Tensor> x, std::vecto
   const Tensor partials = launch_reduce(plan, use_dot, device, stream);
   Tensor dot = scalar_on(device), sq = scalar_on(device);
   finalize_kernel<<<1, kFinalThreads, 0, stream>>>(partials.const_data_ptr<double>(), plan.n_blocks,
-                                                   ScalarArg{nullptr, 0.f}, 0.f, use_dot,
+                                                   ScalarArg{nullptr, 0.f}, 0.0, use_dot,
                                                    dot.mutable_data_ptr<float>(), sq.mutable_data_ptr<float>(),
-                                                   nullptr);
+                                                   nullptr, nullptr);
   STD_CUDA_KERNEL_LAUNCH_CHECK();
   return {dot, sq};
 }
@@ -390,11 +408,12 @@ Tensor project_apply_cuda(std::vector<Tensor> x, std::vector<Tensor> a, Tensor d
   const cudaStream_t stream = current_stream(device.index());
   std::vector<Tensor> keep;
   const ScalarArg dot_arg = scalar_arg(dot, keep), sq_arg = scalar_arg(sqnorm, keep), b_arg = scalar_arg(b, keep);
-  Tensor coef = scalar_on(device);
-  coef_kernel<<<1, 1, 0, stream>>>(dot_arg, sq_arg, b_arg, to_float(max_step), use_dot, coef.mutable_data_ptr<float>());
+  Tensor coef = scalar_on(device), step = empty_on({}, ScalarType::Double, device);
+  coef_kernel<<<1, 1, 0, stream>>>(dot_arg, sq_arg, b_arg, max_step, use_dot, coef.mutable_data_ptr<float>(),
+                                   step.mutable_data_ptr<double>());
   STD_CUDA_KERNEL_LAUNCH_CHECK();
   const Operands xc = contiguous_list(x), ac = contiguous_list(a);
-  launch_update(make_plan(xc.t, ac.t, true), coef.const_data_ptr<float>(), stream);
+  launch_update(make_plan(xc.t, ac.t, true), step.const_data_ptr<double>(), stream);
   copy_back(x, xc);
   return coef;
 }
@@ -414,11 +433,13 @@ std::tuple<Tensor, Tensor, Tensor> project_fused_cuda(std::vector<Tensor> x, std
   const Plan plan = make_plan(xc.t, ac.t, true);
   const Tensor partials = launch_reduce(plan, use_dot, device, stream);
   Tensor dot = scalar_on(device), sq = scalar_on(device), coef = scalar_on(device);
-  finalize_kernel<<<1, kFinalThreads, 0, stream>>>(partials.const_data_ptr<double>(), plan.n_blocks, b_arg,
-                                                   to_float(max_step), use_dot, dot.mutable_data_ptr<float>(),
-                                                   sq.mutable_data_ptr<float>(), coef.mutable_data_ptr<float>());
+  Tensor step = empty_on({}, ScalarType::Double, device);
+  finalize_kernel<<<1, kFinalThreads, 0, stream>>>(partials.const_data_ptr<double>(), plan.n_blocks, b_arg, max_step,
+                                                   use_dot, dot.mutable_data_ptr<float>(),
+                                                   sq.mutable_data_ptr<float>(), coef.mutable_data_ptr<float>(),
+                                                   step.mutable_data_ptr<double>());
   STD_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_update(plan, coef.const_data_ptr<float>(), stream);
+  launch_update(plan, step.const_data_ptr<double>(), stream);
   copy_back(x, xc);
   return {coef, dot, sq};
 }

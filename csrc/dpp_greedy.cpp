@@ -276,6 +276,10 @@ struct Masks {
     }
   }
   Pool pool() const { return Pool{status.data(), include, include_left > 0}; }
+  // The best included item fails the stop rule: so do the other included items (their gains
+  // are no larger and only decrease), so the include phase ends and the picks go on over all
+  // items instead of ending the selection.
+  void end_include_phase() { include_left = 0; }
   void pick(int64_t j) {
     status[j] = kPicked;
     if (include[j]) --include_left;
@@ -304,6 +308,11 @@ std::tuple<Tensor, Tensor> greedy_cholesky(const DppInputs& in, double eps_stop,
   for (; t < k; ++t) {
     const Pool pool = masks.pool();
     const Best best = pool_argmax(pool, n, slots, [&](int64_t i) { return d2[i]; });
+    if (best.i != kNone && pool.include_phase && stops(best.v, eps_stop)) {
+      masks.end_include_phase();
+      --t;  // this step again, over all items
+      continue;
+    }
     if (best.i == kNone || stops(best.v, eps_stop)) break;
     const int64_t j = best.i;
     out.idx[t] = j;
@@ -388,6 +397,11 @@ std::tuple<Tensor, Tensor> greedy_inverse(const DppInputs& in, const Tensor& fac
     });
     for (int64_t q = 0; q < n_todo; ++q) {
       if (beats(d2[todo[q]], todo[q], best)) best = {d2[todo[q]], todo[q]};
+    }
+    if (pool.include_phase && stops(best.v, eps_stop)) {
+      masks.end_include_phase();
+      --t;  // this step again, over all items
+      continue;
     }
     if (stops(best.v, eps_stop)) break;
     const int64_t j = best.i;

@@ -14,9 +14,11 @@ non-contiguous (they are worked on through a contiguous copy and written back) a
 may hold different floating dtypes (bf16 parameters with fp32 gradients). Sums are taken in fp64
 on the CPU (the products of 16/32-bit inputs are exact there) and, on CUDA, in fp32 within a
 16-byte vector and fp64 across; the results are fp32 (±inf when a sum leaves the fp32 range,
-which makes the call a no-op). x is written as by a native in-place op: every entry is checked
-before any is written, and the version counters are bumped. Nothing here reads a device value
-on the host.
+which makes the call a no-op). The coefficient is formed in float64 from those float32 sums
+(CPU kernels), so a tiny ||a||² still gives its step; the returned coef is its float32 value
+(+inf past that range, the step then applied in float64). x is written as by a native in-place
+op: every entry is checked before any is written (entries of x must not share memory), and the
+version counters are bumped. Nothing here reads a device value on the host.
 """
 
 from __future__ import annotations

@@ -156,6 +156,31 @@ def test_an_include_item_that_cannot_be_picked_is_skipped_not_the_end():
         assert len(res.indices) == 6 and res.indices[0] == 1 and 10 not in res.indices.tolist()
 
 
+def test_dense_rank_8_kernel_with_masks_stops_at_its_rank():
+    # the data of test_kernels_cuda.py::test_one_host_read_per_call[dense] (k = 20): 8 picks
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    f = f * torch.rand(300, 1, generator=g, dtype=torch.float64).add(0.2)
+    kw = dict(k=20, include=[3, 10], exclude=[7])
+    res = dpp_greedy(f @ f.T, **kw)
+    assert len(res.indices) == 8 and res.indices[:2].tolist() in ([3, 10], [10, 3])
+    assert len(dpp_greedy(factor=f, **kw).indices) == 20
+
+
+def test_float32_singular_kernel_stops_where_the_docs_say():
+    # docs/dpp.md: past the rank, a float32 kernel's gains are its rounding (~1e-7 x max diag),
+    # above the default eps_stop; eps_stop = 1e-5 x max diag stops at the numerical rank
+    for seed in range(3):
+        f = torch.randn(40, 5, generator=torch.Generator().manual_seed(seed))
+        kernel = f @ f.T
+        top = float(kernel.diagonal().max())
+        default = dpp_greedy(kernel, k=20)
+        assert 5 < len(default.indices) < 20
+        assert float(default.gains[5:].max()) < 1e-6 * top  # the rounding, not the data
+        assert len(dpp_greedy(kernel, k=20, eps_stop=1e-5 * top).indices) == 5
+        assert len(dpp_greedy(kernel.double(), k=20, eps_stop=1e-5 * top).indices) == 5
+
+
 def test_dense_masks():
     kernel = _dense(30, 30, seed=6)
     kw = dict(k=8, include=torch.arange(30) % 7 == 3, exclude=[0, 1, 2])

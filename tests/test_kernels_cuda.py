@@ -223,7 +223,7 @@ def test_no_launches_after_the_stop_rule(method):
 
 
 @pytest.mark.parametrize("dense", [False, True])
-def test_one_host_read_per_call(dense):
+def test_one_host_read_per_call(dense, capfd):
     n = 300
     f = _factor(n, 8, seed=2).cuda()
     mat = (f @ f.T) if dense else f
@@ -234,6 +234,7 @@ def test_one_host_read_per_call(dense):
     kw = dict(k=20, include=include, exclude=exclude)
     dpp_greedy(mat, **kw) if dense else dpp_greedy(factor=mat, **kw)
     torch.cuda.synchronize()
+    capfd.readouterr()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -241,9 +242,16 @@ def test_one_host_read_per_call(dense):
             res = dpp_greedy(mat, **kw) if dense else dpp_greedy(factor=mat, **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
-    assert res.indices.numel() == 20
+    # A warning raised inside a torch.ops call (the op's own host read) goes to the C++ warning
+    # handler, which prints it on stderr, not to Python's warnings (on the CPU:
+    # torch.ops.aten.add.out with a wrongly sized out does the same); one from Python code
+    # (the wrapper) reaches warnings. Count both.
+    in_python = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    in_ops = [line for line in capfd.readouterr().err.splitlines() if "synchroniz" in line]
+    assert len(in_python) + len(in_ops) == 1, (in_python, in_ops)
+    # the factor form goes past the rank of F (every gain is at least eps); the dense rank-8
+    # kernel stops at its rank (test_dpp.py checks the CPU gives the same 8)
+    assert res.indices.numel() == (8 if dense else 20)
 
 
 def test_input_checks_raise_after_the_loop():

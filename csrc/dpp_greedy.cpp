@@ -349,10 +349,13 @@ std::tuple<Tensor, Tensor> greedy_inverse(const DppInputs& in, const Tensor& fac
   Masks masks(in);
   std::vector<double> d2(n);
   std::vector<int32_t> applied(n, 0);  // directions u_0.. already subtracted from d2[i]
-  std::vector<double> a_v(dim * dim, 0.0);  // A = I / eps
-  for (int64_t r = 0; r < dim; ++r) a_v[r * dim + r] = 1.0 / eps;
-  double* a = a_v.data();
+  // A = (I - Σ_s u_s u_sᵀ) / eps, kept implicit (A f = (f - Σ_s u_s (u_sᵀ f)) / eps, 2 t D per
+  // pick) while that costs less than the D x D matrix (2 D² per pick), i.e. for the first D
+  // picks, then built once and updated in place (A -= g gᵀ / s).
+  std::vector<double> a_v;
+  double* a = nullptr;
   std::vector<double> u(std::max<int64_t>(k, 1) * std::max<int64_t>(dim, 1));
+  std::vector<double> w(std::max<int64_t>(k, 1));
   std::vector<double> g(std::max<int64_t>(dim, 1));
   std::vector<Best> slots(n_chunks(n));
 
@@ -411,16 +414,37 @@ std::tuple<Tensor, Tensor> greedy_inverse(const DppInputs& in, const Tensor& fac
     // 3. A f_j, s = 1 + f_jᵀ A f_j, u_t = sqrt(eps / s)·A f_j, A -= (A f_j)(A f_j)ᵀ / s.
     const T* fj = f + j * dim;
     const int64_t rows_grain = parallel_update ? 16 : std::max<int64_t>(dim, 1);
-    torch::stable::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) g[r] = dot_u(a + r * dim, fj, dim);
-    });
+    if (a == nullptr && t >= dim) {  // from here on the matrix is cheaper: build it once
+      a_v.assign(dim * dim, 0.0);
+      a = a_v.data();
+      torch::stable::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          double* ar = a + r * dim;
+          for (int64_t s = 0; s < t; ++s) detail::axpy_neg(ar, u.data() + s * dim, u[s * dim + r], dim);
+          ar[r] += 1.0;
+          for (int64_t c = 0; c < dim; ++c) ar[c] /= eps;
+        }
+      });
+    }
+    if (a == nullptr) {  // g = (f_j - Σ_s u_s (u_sᵀ f_j)) / eps
+      for (int64_t r = 0; r < dim; ++r) g[r] = static_cast<double>(fj[r]);
+      for (int64_t s = 0; s < t; ++s) w[s] = dot_u(u.data() + s * dim, fj, dim);
+      for (int64_t s = 0; s < t; ++s) detail::axpy_neg(g.data(), u.data() + s * dim, w[s], dim);
+      for (int64_t r = 0; r < dim; ++r) g[r] /= eps;
+    } else {
+      torch::stable::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) g[r] = dot_u(a + r * dim, fj, dim);
+      });
+    }
     const double s = 1.0 + dot_u(g.data(), fj, dim);
     const double scale = std::sqrt(eps / s);
     double* ut = u.data() + t * dim;
     for (int64_t r = 0; r < dim; ++r) ut[r] = scale * g[r];
-    torch::stable::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) detail::axpy_neg(a + r * dim, g.data(), g[r] / s, dim);
-    });
+    if (a != nullptr) {
+      torch::stable::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) detail::axpy_neg(a + r * dim, g.data(), g[r] / s, dim);
+      });
+    }
   }
   return out.finish(t);
 }

@@ -84,6 +84,8 @@ def _scalar(value, name: str, op: str) -> Tensor:
     be finite in float32: NaN or ±inf there would make the call a silent no-op (a tensor's
     non-finite value does so by design, found on the device without a host read)."""
     if isinstance(value, Tensor):
+        if value.dim() == 0:
+            return value
         if value.numel() != 1:
             raise ValueError(f"{op}: {name} must be a scalar (float or one-element tensor), got shape {tuple(value.shape)}")
         return value.reshape(())
@@ -135,6 +137,7 @@ def _refusal_type(name: str, message: str):
 
 _OPS = {name: getattr(torch.ops.spard_ext, name).default for name in ("project_", "project_apply_", "project_reduce")}
 _IS_INFERENCE = Tensor.is_inference
+_BELOW_AD_INPLACE_OR_VIEW = torch._C._AutoDispatchBelowADInplaceOrView
 _B_INDEX = {"project_": 2, "project_apply_": 4}
 
 
@@ -156,7 +159,7 @@ def _run(name: str, args: tuple, writes_x: bool):
         if writes_x and not torch.compiler.is_compiling():
             if not torch.is_inference_mode_enabled() and any(map(_IS_INFERENCE, xs)):
                 raise inference_error(name, next(i for i, t in enumerate(xs) if t.is_inference()))
-            with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
+            with _BELOW_AD_INPLACE_OR_VIEW():  # no autograd keys below it: no grad mode to set
                 out = op(*args)
             torch.autograd.graph.increment_version(xs)
             return out

@@ -266,6 +266,7 @@ def test_opcheck_all_ops():
     dot, sq = torch.ops.spard_ext.project_reduce(x, a, True)
     opcheck(torch.ops.spard_ext.project_apply_, ([t.clone() for t in x], a, dot, sq, b, 0.5, True))
     opcheck(torch.ops.spard_ext.project_, ([t.clone() for t in x], a, b, math.inf, False))
+    opcheck(torch.ops.spard_ext.writable_b, (x, b, "project_"))  # the traced inference check
 
 
 def test_torch_compile_fullgraph():

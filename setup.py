@@ -4,11 +4,11 @@ Two shared libraries, so that a build with CUDA kernels still imports under a CP
 - ``spard_ext._C``: the op schemas and the CPU kernels, on the LibTorch stable ABI (compiled with
   ``TORCH_TARGET_VERSION``, calls torch only through its C shim): one build loads under every
   torch from ``STABLE_TARGET`` on;
-- ``spard_ext._C_cuda``: the CUDA kernels, on the regular C++ ABI (with their own input checks,
-  csrc/cuda/checks.cpp); links torch's CUDA libraries, is loaded only under a CUDA build of torch,
-  and only under the torch release series and CUDA major it was compiled for.
-A ``_build_info.json`` next to them records the torch they were compiled against and the stable
-target of ``_C`` (see spard_ext/_loader.py).
+- ``spard_ext._C_cuda``: the CUDA kernels, on the same stable ABI and target (with their own
+  input checks, csrc/cuda/checks.cpp); loaded only under a CUDA build of torch >= ``STABLE_TARGET``
+  of the CUDA major it was compiled for (libcudart's soname carries the major).
+A ``_build_info.json`` next to them records the torch they were compiled against, the stable
+target of both libraries and the CUDA major of the CUDA kernels (see spard_ext/_loader.py).
 
 The CUDA kernels are compiled when asked for (a visible GPU, SPARD_EXT_CUDA=1, or
 TORCH_CUDA_ARCH_LIST) and the toolchain is really usable: torch is a CUDA build, nvcc is found
@@ -98,8 +98,14 @@ def _extensions_and_cmdclass():
                              extra_compile_args={"cxx": ["-O3", f"-DTORCH_TARGET_VERSION={STABLE_TARGET_HEX}"]})]
     if home is not None:
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-        exts.append(cpp.CUDAExtension("spard_ext._C_cuda", cuda_sources,
-                                      extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))
+        # USE_CUDA: the CUDA part of torch's C shim (the current stream, CUDA error messages).
+        # Hidden visibility: the library exports nothing (its ops register when it is loaded), and
+        # its types may hold the stable ABI's hidden ones.
+        stable = [f"-DTORCH_TARGET_VERSION={STABLE_TARGET_HEX}", "-DUSE_CUDA"]
+        exts.append(cpp.CUDAExtension(
+            "spard_ext._C_cuda", cuda_sources,
+            extra_compile_args={"cxx": ["-O3", "-fvisibility=hidden", *stable],
+                                "nvcc": ["-O3", "-Xcompiler=-fvisibility=hidden", *stable]}))
 
     class BuildExt(cpp.BuildExtension):
         """torch's BuildExtension (ninja), plus the build info file."""
@@ -116,6 +122,10 @@ def _extensions_and_cmdclass():
             info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
                     "stable_abi": ".".join(map(str, STABLE_TARGET)),
                     "cuda_kernels": home is not None,
+                    # The CUDA kernels are on the stable ABI too; what they need of torch is its
+                    # CUDA major (spard_ext/_loader.py refuses another with the reinstall command).
+                    "cuda_stable_abi": ".".join(map(str, STABLE_TARGET)) if home else None,
+                    "cuda_major": int(torch.version.cuda.split(".")[0]) if home else None,
                     "cuda_toolkit": nvcc_version(home) if home else None}
             for folder in folders:
                 os.makedirs(folder, exist_ok=True)

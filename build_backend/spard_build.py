@@ -1,11 +1,11 @@
 """PEP 517 build backend of SPARD: setuptools', plus the right torch in the build environment.
 
-The CUDA kernels (spard_ext._C_cuda) link against torch's C++ library, whose ABI changes between
-torch releases, so they must be compiled against the torch release they will run under (the CPU
-kernels, on the stable ABI, load under any torch >= MIN_TORCH, but are built in the same step). pip's
-build isolation hides the environment's torch, so a plain ``requires = ["torch"]`` would compile
-against the newest torch on the index and the kernels would then refuse to load next to an
-older one. This backend asks for the torch release of the environment SPARD is installed into:
+Both libraries are on the LibTorch stable ABI and load under any torch >= MIN_TORCH, but the CUDA
+kernels (spard_ext._C_cuda) link libcudart of one CUDA major, so they must be compiled against a
+torch of the CUDA major they will run under. pip's build isolation hides the environment's torch,
+so a plain ``requires = ["torch"]`` would compile against the newest torch on the index, whose
+CUDA major may not be the environment's (and the CUDA kernels would then refuse to load). This
+backend asks for the torch release of the environment SPARD is installed into:
 
 - pip runs the build hooks with that environment's interpreter (only its site-packages are hidden,
   through PYTHONPATH), so a child interpreter without PYTHONPATH sees its torch: the build then

@@ -276,6 +276,10 @@ struct Masks {
     }
   }
   Pool pool() const { return Pool{status.data(), include, include_left > 0}; }
+  // The best included item fails the stop rule: so do the other included items (their gains
+  // are no larger and only decrease), so the include phase ends and the picks go on over all
+  // items instead of ending the selection.
+  void end_include_phase() { include_left = 0; }
   void pick(int64_t j) {
     status[j] = kPicked;
     if (include[j]) --include_left;
@@ -304,6 +308,11 @@ std::tuple<Tensor, Tensor> greedy_cholesky(const DppInputs& in, double eps_stop,
   for (; t < k; ++t) {
     const Pool pool = masks.pool();
     const Best best = pool_argmax(pool, n, slots, [&](int64_t i) { return d2[i]; });
+    if (best.i != kNone && pool.include_phase && stops(best.v, eps_stop)) {
+      masks.end_include_phase();
+      --t;  // this step again, over all items
+      continue;
+    }
     if (best.i == kNone || stops(best.v, eps_stop)) break;
     const int64_t j = best.i;
     out.idx[t] = j;
@@ -340,10 +349,13 @@ std::tuple<Tensor, Tensor> greedy_inverse(const DppInputs& in, const Tensor& fac
   Masks masks(in);
   std::vector<double> d2(n);
   std::vector<int32_t> applied(n, 0);  // directions u_0.. already subtracted from d2[i]
-  std::vector<double> a_v(dim * dim, 0.0);  // A = I / eps
-  for (int64_t r = 0; r < dim; ++r) a_v[r * dim + r] = 1.0 / eps;
-  double* a = a_v.data();
+  // A = (I - Σ_s u_s u_sᵀ) / eps, kept implicit (A f = (f - Σ_s u_s (u_sᵀ f)) / eps, 2 t D per
+  // pick) while that costs less than the D x D matrix (2 D² per pick), i.e. for the first D
+  // picks, then built once and updated in place (A -= g gᵀ / s).
+  std::vector<double> a_v;
+  double* a = nullptr;
   std::vector<double> u(std::max<int64_t>(k, 1) * std::max<int64_t>(dim, 1));
+  std::vector<double> w(std::max<int64_t>(k, 1));
   std::vector<double> g(std::max<int64_t>(dim, 1));
   std::vector<Best> slots(n_chunks(n));
 
@@ -389,6 +401,11 @@ std::tuple<Tensor, Tensor> greedy_inverse(const DppInputs& in, const Tensor& fac
     for (int64_t q = 0; q < n_todo; ++q) {
       if (beats(d2[todo[q]], todo[q], best)) best = {d2[todo[q]], todo[q]};
     }
+    if (pool.include_phase && stops(best.v, eps_stop)) {
+      masks.end_include_phase();
+      --t;  // this step again, over all items
+      continue;
+    }
     if (stops(best.v, eps_stop)) break;
     const int64_t j = best.i;
     out.idx[t] = j;
@@ -397,16 +414,37 @@ std::tuple<Tensor, Tensor> greedy_inverse(const DppInputs& in, const Tensor& fac
     // 3. A f_j, s = 1 + f_jᵀ A f_j, u_t = sqrt(eps / s)·A f_j, A -= (A f_j)(A f_j)ᵀ / s.
     const T* fj = f + j * dim;
     const int64_t rows_grain = parallel_update ? 16 : std::max<int64_t>(dim, 1);
-    torch::stable::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) g[r] = dot_u(a + r * dim, fj, dim);
-    });
+    if (a == nullptr && t >= dim) {  // from here on the matrix is cheaper: build it once
+      a_v.assign(dim * dim, 0.0);
+      a = a_v.data();
+      torch::stable::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          double* ar = a + r * dim;
+          for (int64_t s = 0; s < t; ++s) detail::axpy_neg(ar, u.data() + s * dim, u[s * dim + r], dim);
+          ar[r] += 1.0;
+          for (int64_t c = 0; c < dim; ++c) ar[c] /= eps;
+        }
+      });
+    }
+    if (a == nullptr) {  // g = (f_j - Σ_s u_s (u_sᵀ f_j)) / eps
+      for (int64_t r = 0; r < dim; ++r) g[r] = static_cast<double>(fj[r]);
+      for (int64_t s = 0; s < t; ++s) w[s] = dot_u(u.data() + s * dim, fj, dim);
+      for (int64_t s = 0; s < t; ++s) detail::axpy_neg(g.data(), u.data() + s * dim, w[s], dim);
+      for (int64_t r = 0; r < dim; ++r) g[r] /= eps;
+    } else {
+      torch::stable::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) g[r] = dot_u(a + r * dim, fj, dim);
+      });
+    }
     const double s = 1.0 + dot_u(g.data(), fj, dim);
     const double scale = std::sqrt(eps / s);
     double* ut = u.data() + t * dim;
     for (int64_t r = 0; r < dim; ++r) ut[r] = scale * g[r];
-    torch::stable::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) detail::axpy_neg(a + r * dim, g.data(), g[r] / s, dim);
-    });
+    if (a != nullptr) {
+      torch::stable::parallel_for(0, dim, rows_grain, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) detail::axpy_neg(a + r * dim, g.data(), g[r] / s, dim);
+      });
+    }
   }
   return out.finish(t);
 }

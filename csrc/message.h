@@ -7,13 +7,10 @@
 // error. std::string, std::to_string and snprintf do not touch the locale machinery. (The
 // stable ABI's STD_TORCH_CHECK formats with an ostringstream too, so it is not used either.)
 //
-// Two builds include this header:
-// - `_C` (CPU kernels) on the LibTorch stable ABI (TORCH_TARGET_VERSION is defined): SPARD_CHECK
-//   throws std::runtime_error (a RuntimeError in Python; the Python entry points give the typed
-//   error, see spard_ext/project.py). Appends for stable tensor types.
-// - `_C_cuda` on the regular ABI: SPARD_CHECK / _VALUE / _TYPE are TORCH_CHECK and its typed
-//   variants (RuntimeError / ValueError / TypeError), with a single std::string argument, which
-//   goes through TORCH_CHECK without a stream. Appends for ATen types.
+// Both libraries include this header, and both are built on the LibTorch stable ABI
+// (TORCH_TARGET_VERSION is defined): `_C` (CPU kernels) and `_C_cuda` (CUDA kernels). SPARD_CHECK
+// throws std::runtime_error (a RuntimeError in Python; the Python entry points give the typed
+// error, see spard_ext/project.py). Appends for stable tensor types.
 #pragma once
 
 #include <cstdint>
@@ -23,16 +20,13 @@
 #include <string_view>
 #include <type_traits>
 
-#ifdef TORCH_TARGET_VERSION
+#ifndef TORCH_TARGET_VERSION
+#error "the kernels are built on the stable ABI: compile with -DTORCH_TARGET_VERSION=..."
+#endif
+
 #include <torch/csrc/stable/device.h>
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/HeaderOnlyArrayRef.h>
-#else
-#include <c10/core/Device.h>
-#include <c10/core/ScalarType.h>
-#include <c10/util/ArrayRef.h>
-#include <c10/util/Exception.h>
-#endif
 
 namespace spard {
 namespace detail {
@@ -60,7 +54,6 @@ void append_sizes(std::string& s, const Sizes& v) {  // "[2, 3]", as c10 prints 
   s += ']';
 }
 
-#ifdef TORCH_TARGET_VERSION
 inline void append(std::string& s, torch::headeronly::ScalarType v) { s += torch::headeronly::toString(v); }
 inline void append(std::string& s, torch::headeronly::IntHeaderOnlyArrayRef v) { append_sizes(s, v); }
 // As c10::Device prints: "cpu", "cuda:0", "meta".
@@ -74,11 +67,6 @@ inline void append(std::string& s, const torch::stable::Device& v) {
   }
   if (v.index() >= 0) s += ":" + std::to_string(v.index());
 }
-#else
-inline void append(std::string& s, const c10::Device& v) { s += v.str(); }  // formatted inside libc10
-inline void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
-inline void append(std::string& s, c10::IntArrayRef v) { append_sizes(s, v); }
-#endif
 
 }  // namespace detail
 
@@ -92,15 +80,8 @@ std::string cat(const Args&... args) {
 
 }  // namespace spard
 
-#ifdef TORCH_TARGET_VERSION
 // A RuntimeError with a message made by spard::cat (evaluated only on failure).
 #define SPARD_CHECK(cond, ...)                                                 \
   do {                                                                         \
     if (__builtin_expect(!(cond), 0)) throw std::runtime_error(::spard::cat(__VA_ARGS__)); \
   } while (0)
-#else
-// TORCH_CHECK and its typed variants with a message made by spard::cat (evaluated only on failure).
-#define SPARD_CHECK(cond, ...) TORCH_CHECK(cond, ::spard::cat(__VA_ARGS__))
-#define SPARD_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::spard::cat(__VA_ARGS__))
-#define SPARD_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::spard::cat(__VA_ARGS__))
-#endif

@@ -7,19 +7,47 @@
 // The autograd side of the in-place ops (refuse writing a tensor that requires grad under grad
 // mode; bump the version counters of the written tensors) has no stable C++ API: it is registered
 // from Python (spard_ext/_autograd.py), as are the checks on inference tensors.
+#include <algorithm>
+#include <cstdint>
+
 #include "project_cpu.h"
 
 namespace spard {
 
 namespace {
 // at::has_internal_overlap's "Yes": a dimension of size > 1 with stride 0 (an expanded view).
-bool has_internal_overlap(const Tensor& t) {
-  const auto sizes = t.sizes();
-  const auto strides = t.strides();
+bool has_internal_overlap(torch::headeronly::IntHeaderOnlyArrayRef sizes,
+                          torch::headeronly::IntHeaderOnlyArrayRef strides) {
   for (size_t d = 0; d < sizes.size(); ++d) {
     if (strides[d] == 0 && sizes[d] > 1) return true;
   }
   return false;
+}
+
+size_t element_size(ScalarType t) { return t == ScalarType::Double ? 8 : t == ScalarType::Float ? 4 : 2; }
+
+// Bytes [begin, end) an entry of x spans.
+struct Span {
+  uintptr_t begin, end;
+  size_t index;
+};
+
+// Refuses two entries of x whose memory ranges meet, as native in-place foreach ops refuse
+// overlapping outputs: updated one after the other, they would read each other's half-written
+// values (the same tensor twice would take the step twice, torn across chunks). Views of one
+// buffer that do not meet (the parameters of a flat buffer) pass. O(n log n) on the spans.
+void check_no_shared_memory(std::vector<Span>& spans, const char* op) {
+  if (spans.size() < 2) return;
+  std::sort(spans.begin(), spans.end(), [](const Span& p, const Span& q) { return p.begin < q.begin; });
+  size_t reach = 0;  // the span that reaches furthest so far
+  for (size_t s = 1; s < spans.size(); ++s) {
+    if (spans[s].begin < spans[reach].end) {
+      const size_t i = std::min(spans[reach].index, spans[s].index), j = std::max(spans[reach].index, spans[s].index);
+      SPARD_CHECK(false, op, ": x[", i, "] and x[", j, "] share memory (the same tensor twice, or overlapping ",
+                  "views), so they cannot be updated in place; pass each tensor once");
+    }
+    if (spans[s].end > spans[reach].end) reach = s;
+  }
 }
 }  // namespace
 
@@ -31,13 +59,16 @@ void check_pair_lists(const std::vector<Tensor>& x, const std::vector<Tensor>& a
   if (x.empty()) return;
   x_meta.reserve(x.size());
   a_meta.reserve(a.size());
+  std::vector<Span> spans;
+  if (writes_x) spans.reserve(x.size());
   const torch::stable::Device device = x[0].device();
   const bool on_cpu = device.is_cpu();
   // One call for a CPU tensor in a CPU list (the kernels' case), the full comparison otherwise.
   auto same_device = [&](const Tensor& t) { return (on_cpu && t.is_cpu()) || t.device() == device; };
   for (size_t i = 0; i < x.size(); ++i) {
-    SPARD_CHECK(x[i].sizes() == a[i].sizes(), op, ": shape mismatch at index ", i, ": x[", i, "] has shape ",
-                x[i].sizes(), " but a[", i, "] has shape ", a[i].sizes());
+    const auto x_sizes = x[i].sizes();
+    SPARD_CHECK(x_sizes == a[i].sizes(), op, ": shape mismatch at index ", i, ": x[", i, "] has shape ",
+                x_sizes, " but a[", i, "] has shape ", a[i].sizes());
     const ScalarType xt = x[i].scalar_type(), at = a[i].scalar_type();
     SPARD_CHECK(is_floating(xt), op, ": x[", i, "] must be float32, float16, bfloat16 or float64, got ", xt);
     SPARD_CHECK(is_floating(at), op, ": a[", i, "] must be float32, float16, bfloat16 or float64, got ", at);
@@ -45,15 +76,30 @@ void check_pair_lists(const std::vector<Tensor>& x, const std::vector<Tensor>& a
                 "] is on ", x[i].device());
     SPARD_CHECK(same_device(a[i]), op, ": all tensors must be on one device: x[0] is on ", device, " but a[", i,
                 "] is on ", a[i].device());
+    int64_t numel = 1;
+    for (const int64_t s : x_sizes) numel *= s;
     const bool x_contiguous = x[i].is_contiguous();
-    if (writes_x && !x_contiguous) {  // a contiguous tensor has distinct elements
-      SPARD_CHECK(!has_internal_overlap(x[i]), op, ": x[", i,
-                  "] has elements that share memory (an expanded or overlapping view), so it "
-                  "cannot be updated in place; pass a tensor with distinct elements (e.g. .clone())");
+    void* x_data = nullptr;
+    if (writes_x && numel > 0) {
+      x_data = x[i].mutable_data_ptr();
+      int64_t extent = numel;  // elements from the first to one past the last
+      if (!x_contiguous) {  // a contiguous tensor has distinct elements
+        const auto x_strides = x[i].strides();
+        SPARD_CHECK(!has_internal_overlap(x_sizes, x_strides), op, ": x[", i,
+                    "] has elements that share memory (an expanded or overlapping view), so it "
+                    "cannot be updated in place; pass a tensor with distinct elements (e.g. .clone())");
+        extent = 1;
+        for (size_t d = 0; d < x_sizes.size(); ++d) extent += (x_sizes[d] - 1) * x_strides[d];
+      }
+      const auto begin = reinterpret_cast<uintptr_t>(x_data);
+      spans.push_back({begin, begin + static_cast<uintptr_t>(extent) * element_size(xt), i});
+    } else {
+      x_data = writes_x ? nullptr : const_cast<void*>(x[i].const_data_ptr());
     }
-    x_meta.push_back({xt, x_contiguous});
-    a_meta.push_back({at, a[i].is_contiguous()});
+    x_meta.push_back({xt, x_contiguous, numel, x_data});
+    a_meta.push_back({at, a[i].is_contiguous(), numel, const_cast<void*>(a[i].const_data_ptr())});
   }
+  if (writes_x) check_no_shared_memory(spans, op);
 }
 
 void check_scalar(const Tensor& t, const char* name, const char* op) {

@@ -43,4 +43,19 @@ SPARD_HOST_DEVICE inline float projection_coef(
   return (c - c == 0.f) ? c : 0.f;
 }
 
+// The step coefficient in float64, from the float32 sums (as returned) and b: the same rule as
+// projection_coef, without its float32 overflow. With a tiny ||a||² (a = 1e-20 gives 1e-40, a
+// float32 subnormal) the float32 ratio overflows to inf and the step used to be dropped though
+// both sums are finite; here it is finite (clamped to [0, max_step]) and the update applies it.
+// The coefficient returned to the caller is its float32 value (+inf past the float32 range).
+SPARD_HOST_DEVICE inline double projection_coef64(double dot, double sqnorm, double b, double max_step,
+                                                  bool use_dot) {
+  const bool finite = (dot - dot == 0.0) && (sqnorm - sqnorm == 0.0) && (b - b == 0.0);
+  if (!finite || !(sqnorm > 0.0)) return 0.0;
+  double c = ((use_dot ? dot : 0.0) - b) / sqnorm;
+  c = c > 0.0 ? c : 0.0;  // also maps NaN to 0
+  c = c < max_step ? c : max_step;
+  return (c - c == 0.0) ? c : 0.0;
+}
+
 }  // namespace spard

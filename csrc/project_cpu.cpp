@@ -6,6 +6,7 @@
 // Stable ABI (see stable.h): tensors are torch::stable::Tensor, the thread pool is torch's through
 // torch::stable::parallel_for.
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 #include <utility>
 
@@ -38,15 +39,15 @@ Operands prepare(const std::vector<Tensor>& ts, const std::vector<Meta>& meta, b
   out.numel.reserve(ts.size());
   out.data.reserve(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) {
-    const Tensor* t = &ts[i];
-    if (!meta[i].contiguous) {
+    void* data = meta[i].data;  // read by the checks
+    if (!meta[i].contiguous && meta[i].numel > 0) {
       out.copies.emplace_back(i, torch::stable::contiguous(ts[i]));
-      t = &out.copies.back().second;
+      const Tensor& t = out.copies.back().second;
+      data = writable ? t.mutable_data_ptr() : const_cast<void*>(t.const_data_ptr());
     }
     out.dtype.push_back(meta[i].dtype);
-    out.numel.push_back(t->numel());
-    // The mutable pointer for a list that is written (it materialises a lazily cloned tensor).
-    out.data.push_back(writable ? t->mutable_data_ptr() : const_cast<void*>(t->const_data_ptr()));
+    out.numel.push_back(meta[i].numel);
+    out.data.push_back(data);
   }
   return out;
 }
@@ -86,10 +87,10 @@ SPARD_CLONES void chunk_sums(const tx* x, const ta* a, int64_t n, bool use_dot, 
   }
 }
 
-template <typename tx, typename ta>
-void chunk_update(tx* x, const ta* a, int64_t n, float coef) {
-  using acc = acc_type<tx, ta>;
-  const acc c = coef;
+// acc is float for 16/32-bit inputs, unless the step is beyond the float32 range (wide).
+template <typename tx, typename ta, typename acc>
+void chunk_update(tx* x, const ta* a, int64_t n, double coef) {
+  const acc c = static_cast<acc>(coef);
   for (int64_t i = 0; i < n; ++i) {
     x[i] = static_cast<tx>(static_cast<acc>(x[i]) - c * static_cast<acc>(a[i]));
   }
@@ -117,15 +118,24 @@ std::pair<double, double> reduce_lists(const Operands& x, const Operands& a, boo
   return {dot, sq};
 }
 
-void update_lists(const Operands& x, const Operands& a, float coef) {
-  if (coef == 0.f) return;  // nothing to do, and x stays bit-identical
+void update_lists(const Operands& x, const Operands& a, double coef) {
+  if (coef == 0.0) return;  // nothing to do, and x stays bit-identical
+  // A step beyond the float32 range (a tiny ||a||²) is applied in float64; below it, the update
+  // runs in float32 with the step rounded to float32, as the CUDA kernels do.
+  const bool wide = !(std::fabs(coef) <= 3.4028234663852886e38);
+  const double step = wide ? coef : static_cast<double>(static_cast<float>(coef));
   const auto chunks = make_chunks(x);
   torch::stable::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
       SPARD_DISPATCH_PAIR(x.dtype[ch.tensor], a.dtype[ch.tensor], "project_apply_", [&] {
-        chunk_update<tx, ta>(static_cast<tx*>(x.data[ch.tensor]) + ch.begin,
-                             static_cast<const ta*>(a.data[ch.tensor]) + ch.begin, ch.end - ch.begin, coef);
+        tx* xp = static_cast<tx*>(x.data[ch.tensor]) + ch.begin;
+        const ta* ap = static_cast<const ta*>(a.data[ch.tensor]) + ch.begin;
+        if (wide) {
+          chunk_update<tx, ta, double>(xp, ap, ch.end - ch.begin, step);
+        } else {
+          chunk_update<tx, ta, acc_type<tx, ta>>(xp, ap, ch.end - ch.begin, step);
+        }
       });
     }
   });
@@ -138,13 +148,13 @@ Tensor scalar_out(double v) {
   return t;
 }
 
-// The value of a checked scalar (one element, floating, on the CPU) as float32.
-float as_float(const Tensor& t) {
+// The value of a checked scalar (one element, floating, on the CPU) rounded to float32, as a double.
+double as_float(const Tensor& t) {
   double v = 0;
   dispatch_float(t.scalar_type(), "as_float", [&](auto tag) {
     v = static_cast<double>(*t.const_data_ptr<decltype(tag)>());
   });
-  return to_float(v);
+  return static_cast<double>(to_float(v));
 }
 
 std::tuple<Tensor, Tensor> project_reduce_cpu(std::vector<Tensor> x, std::vector<Tensor> a, bool use_dot) {
@@ -162,8 +172,8 @@ Tensor project_apply_cpu(std::vector<Tensor> x, std::vector<Tensor> a, Tensor do
   check_scalar(sqnorm, "sqnorm", "project_apply_");
   check_scalar(b, "b", "project_apply_");
   check_max_step(max_step, "project_apply_");
-  const float coef = projection_coef(as_float(dot), as_float(sqnorm), as_float(b), to_float(max_step), use_dot);
-  if (coef != 0.f) {  // else x stays bit-identical, and no copy is made
+  const double coef = projection_coef64(as_float(dot), as_float(sqnorm), as_float(b), max_step, use_dot);
+  if (coef != 0.0) {  // else x stays bit-identical, and no copy is made
     const Operands xc = prepare(x, xm, true);
     update_lists(xc, prepare(a, am, false), coef);
     copy_back(x, xc);
@@ -182,8 +192,8 @@ std::tuple<Tensor, Tensor, Tensor> project_fused_cpu(std::vector<Tensor> x, std:
   const auto [dot, sq] = reduce_lists(xc, ac, use_dot);
   const Tensor dot_t = scalar_out(use_dot ? dot : 0.0), sq_t = scalar_out(sq);
   // The coefficient is formed from the float32 values that are returned, as the split entries do.
-  const float coef = projection_coef(*dot_t.const_data_ptr<float>(), *sq_t.const_data_ptr<float>(), as_float(b),
-                                     to_float(max_step), use_dot);
+  const double coef = projection_coef64(*dot_t.const_data_ptr<float>(), *sq_t.const_data_ptr<float>(), as_float(b),
+                                        max_step, use_dot);
   update_lists(xc, ac, coef);
   copy_back(x, xc);
   return {scalar_out(coef), dot_t, sq_t};

@@ -13,11 +13,14 @@ namespace spard {
 struct Meta {
   ScalarType dtype;
   bool contiguous;
+  int64_t numel;
+  void* data;  // mutable for a list that is written (it materialises a lazily cloned tensor)
 };
 
 // Validates the two lists (same length, same shapes pairwise, floating dtypes, one device).
-// With writes_x, also that no element of an x[i] shares memory with another: all checks run
-// before any write. Fills the dtype and contiguity of each tensor.
+// With writes_x, also that no element of x shares memory with another, within an entry or
+// across entries (the same tensor twice, overlapping views): all checks run before any write.
+// Fills the dtype, contiguity, size and data of each tensor.
 void check_pair_lists(const std::vector<Tensor>& x, const std::vector<Tensor>& a, const char* op, bool writes_x,
                       std::vector<Meta>& x_meta, std::vector<Meta>& a_meta);
 // A one-element floating-point CPU tensor.

@@ -17,8 +17,10 @@ for a few hundred small tensors.
   All checks run before anything is written.
 
 A list made only of inference tensors reaches no Python kernel (such tensors have neither key):
-the entry points in project.py refuse it themselves (``check_first_not_inference``); the raw op
-writes it.
+the entry points in project.py refuse it themselves (eager: before the call; traced by
+torch.compile: through ``writable_b``, run in the graph before the op); the raw op writes it.
+Eager calls of the entry points do this kernel's work themselves and call the op below it
+(project.py: converting the lists to Python objects costs more than the kernels).
 """
 
 from __future__ import annotations
@@ -29,27 +31,33 @@ WRITING_OPS = ("project_", "project_apply_")
 """Ops whose first argument (x, ``Tensor(a!)[]``) is written in place."""
 
 
-def _inference_error(op: str, i: int) -> RuntimeError:
-    return RuntimeError(f"{op}: x[{i}] is an inference tensor: update it inside torch.inference_mode(), "
+def inference_error(op: str, i: int) -> RuntimeError:
+    return RuntimeError(f"spard_ext::{op}: x[{i}] is an inference tensor: update it inside torch.inference_mode(), "
                         "or pass a clone")
 
 
-def check_first_not_inference(op: str, x) -> None:
-    """The entry points' share of the inference check: a list whose first tensor is a normal one
-    reaches the ADInplaceOrView kernel (the keys of a call are those of all its tensors), which
-    checks every entry; one whose first tensor is an inference tensor may reach no Python kernel
-    at all (when all are), so it is refused here. Skipped while torch.compile traces (it cannot
-    trace the question; the compiled call still reaches the kernel)."""
-    if not x or torch.compiler.is_compiling():
-        return
-    if x[0].is_inference() and not torch.is_inference_mode_enabled():
-        raise _inference_error(op, 0)
+@torch.library.custom_op("spard_ext::writable_b", mutates_args=())
+def writable_b(x: list[torch.Tensor], b: torch.Tensor, op: str) -> torch.Tensor:
+    """b (a copy), once every entry of x may be written: the inference check of a traced call.
+
+    torch.compile cannot trace ``is_inference`` (its fake tensors drop it), and a list made only
+    of inference tensors reaches no Python kernel, so a compiled call used to write x and only
+    then fail. The entry points pass b through this op while tracing: the compiled graph runs it
+    on the real tensors before the op that writes x, which takes its output (so it is neither
+    dropped nor reordered), and refuses as an eager call does."""
+    _check_not_inference(op, x)
+    return b.clone()
+
+
+@writable_b.register_fake
+def _writable_b_fake(x, b, op):
+    return torch.empty_like(b)
 
 
 def _check_not_inference(op: str, x) -> None:
     if torch.is_inference_mode_enabled() or not any(map(torch.Tensor.is_inference, x)):
         return
-    raise _inference_error(op, next(i for i, t in enumerate(x) if t.is_inference()))
+    raise inference_error(op, next(i for i, t in enumerate(x) if t.is_inference()))
 
 
 def _check_grad(op: str, x) -> None:

@@ -6,17 +6,17 @@ Two libraries (see setup.py), recorded in ``_build_info.json`` next to them:
   through its C shim, which keeps working across torch releases from the recorded target on
   (``stable_abi``, 2.10). It loads under any torch >= that target; under an older torch, nothing
   is loaded and ImportError says what to upgrade.
-- ``_C_cuda`` (CUDA kernels) links torch's C++ library, whose ABI is only kept within a torch
-  release series (2.14.0 and 2.14.1 are compatible, 2.13 and 2.14 are not), and libcudart of
-  one CUDA major. It is loaded only under a CUDA build of torch of the recorded release series
-  and CUDA major; under a CPU-only torch the CPU kernels are used alone (any release). A build
-  with CUDA kernels under a CUDA torch of another release series or CUDA major stops with an
-  ImportError that names both versions and the command that rebuilds SPARD against the torch
-  in use (CUDA tensors would otherwise meet ops without a CUDA kernel, far from the cause).
+- ``_C_cuda`` (CUDA kernels) is built on the same stable ABI and target (``cuda_stable_abi``),
+  and links libcudart of one CUDA major (``cuda_major``). It is loaded under a CUDA build of any
+  torch >= that target with the same CUDA major; under a CPU-only torch the CPU kernels are used
+  alone. Under a CUDA torch of another CUDA major the import stops with an ImportError (one line)
+  that names both majors and the command that rebuilds SPARD against the torch in use (CUDA
+  tensors would otherwise meet ops without a CUDA kernel, far from the cause).
 
 A build recorded without ``stable_abi`` (from before the port) is held to the torch release
-series it was built for, for both libraries. A loader error (missing library, undefined
-symbol) never surfaces raw: it is wrapped in an ImportError that says what to do.
+series it was built for, for both libraries; one without ``cuda_stable_abi`` (CUDA kernels on
+the regular ABI) holds its CUDA kernels to that series. A loader error (missing library,
+undefined symbol) never surfaces raw: it is wrapped in an ImportError that says what to do.
 """
 
 from __future__ import annotations
@@ -101,14 +101,16 @@ def plan(info: Optional[dict], torch_version: str, torch_cuda: Optional[str]) ->
         return Plan(load_cuda=False, note="")
     if torch_cuda is None:
         return Plan(load_cuda=False, note=f"torch {torch_version} is CPU-only: using the CPU kernels")
-    if not same_series:
+    if not (stable and info.get("cuda_stable_abi")) and not same_series:
         raise _another_release("CUDA kernels", built, torch_version)
     built_cuda = str(info.get("torch_cuda") or "")
-    if built_cuda.split(".")[0] != torch_cuda.split(".")[0]:
+    built_major = str(info.get("cuda_major") or built_cuda.split(".")[0])
+    major = torch_cuda.split(".")[0]
+    if built_major != major:
         raise ImportError(
-            f"spard_ext: SPARD's CUDA kernels were compiled for CUDA {built_cuda} (torch {built}), but "
-            f"this torch {torch_version} uses CUDA {torch_cuda}. Rebuild SPARD against this torch: "
-            f"{REINSTALL}."
+            f"spard_ext: SPARD's CUDA kernels were compiled for CUDA {built_cuda} (CUDA major {built_major}, "
+            f"torch {built}), but this torch {torch_version} uses CUDA {torch_cuda} (CUDA major {major}). "
+            f"Rebuild SPARD against this torch: {REINSTALL}."
         )
     return Plan(load_cuda=True, note="")
 

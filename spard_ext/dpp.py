@@ -10,11 +10,16 @@ L = F Fᵀ + eps·I, where the N x N matrix is never built.
 
 Rules (the same on every backend and in ``spard_ext.reference.dpp_greedy``):
 - ties go to the smallest index, so the result is deterministic;
-- ``include`` items are picked first (greedily among themselves), ``exclude`` items never;
+- ``include`` items are picked first (greedily among themselves), ``exclude`` items never; once
+  the best included item fails the stop rule, the other included items are left to the
+  general pool and the picks go on over all items;
 - the loop stops after k picks, when no candidate is left (k > N is fine), or when the best
   gain is below ``eps_stop`` or not positive. In low-rank form every gain is at least about
   eps, so with the default eps_stop (1e-10 < eps) picks go on past the rank of F, ordered by
-  the ridge (quality); a dense singular kernel stops at its rank.
+  the ridge (quality); a dense singular kernel stops at its rank only as far as its entries
+  are exact: a kernel rounded to float32 leaves gains of about 1e-7 x its largest diagonal
+  entry past the rank, so stop at the numerical rank with eps_stop ~ 1e-5 x that entry
+  (docs/dpp.md).
 """
 
 from __future__ import annotations

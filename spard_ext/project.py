@@ -14,9 +14,11 @@ non-contiguous (they are worked on through a contiguous copy and written back) a
 may hold different floating dtypes (bf16 parameters with fp32 gradients). Sums are taken in fp64
 on the CPU (the products of 16/32-bit inputs are exact there) and, on CUDA, in fp32 within a
 16-byte vector and fp64 across; the results are fp32 (±inf when a sum leaves the fp32 range,
-which makes the call a no-op). x is written as by a native in-place op: every entry is checked
-before any is written, and the version counters are bumped. Nothing here reads a device value
-on the host.
+which makes the call a no-op). The coefficient is formed in float64 from those float32 sums
+(CPU kernels), so a tiny ||a||² still gives its step; the returned coef is its float32 value
+(+inf past that range, the step then applied in float64). x is written as by a native in-place
+op: every entry is checked before any is written (entries of x must not share memory), and the
+version counters are bumped. Nothing here reads a device value on the host.
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
+from itertools import repeat
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ._autograd import check_first_not_inference
+from ._autograd import inference_error, writable_b
 
 TensorList = Sequence[Optional[Tensor]]
-_FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
+_SEQUENCES = (list, tuple)
+_FLOAT32_OVERFLOW = 3.4028235677973366e38  # the smallest magnitude that rounds to inf in float32
 
 
 class ProjectionResult(NamedTuple):
@@ -61,6 +65,11 @@ def _entries(seq, name: str, op: str) -> list:
 
 
 def _pairs(x: TensorList, a: TensorList, op: str) -> tuple[list[Tensor], list[Tensor]]:
+    # The common call (two lists or tuples of tensors, no None) passes through untouched: on a few
+    # hundred tensors, building new lists costs as much as the kernels' own checks.
+    if (type(x) in _SEQUENCES and type(a) in _SEQUENCES and len(x) == len(a)
+            and all(map(isinstance, x, repeat(Tensor))) and all(map(isinstance, a, repeat(Tensor)))):
+        return x, a
     x, a = _entries(x, "x", op), _entries(a, "a", op)
     if len(x) != len(a):
         raise ValueError(f"{op}: x and a must have the same length, got {len(x)} and {len(a)}")
@@ -75,16 +84,18 @@ def _scalar(value, name: str, op: str) -> Tensor:
     be finite in float32: NaN or ±inf there would make the call a silent no-op (a tensor's
     non-finite value does so by design, found on the device without a host read)."""
     if isinstance(value, Tensor):
+        if value.dim() == 0:
+            return value
         if value.numel() != 1:
             raise ValueError(f"{op}: {name} must be a scalar (float or one-element tensor), got shape {tuple(value.shape)}")
         return value.reshape(())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a float or a one-element floating-point tensor, "
                         f"got {type(value).__name__}")
-    scalar = torch.tensor(float(value), dtype=torch.float32)
-    if not math.isfinite(scalar.item()):
+    value = float(value)
+    if not (math.isfinite(value) and abs(value) < _FLOAT32_OVERFLOW):
         raise ValueError(f"{op}: {name} must be a finite number (in float32), got {value!r}")
-    return scalar
+    return torch.tensor(value, dtype=torch.float32)
 
 
 def _max_step(max_step: Optional[float], op: str) -> float:
@@ -107,43 +118,58 @@ def _device(xs: list[Tensor], fallback) -> torch.device:
     return torch.device("cpu")
 
 
-def _refusal_type(xs: list[Tensor], as_: list[Tensor], scalars: Sequence[Tensor], writes_x: bool):
-    """Python type of the kernels' input check that failed on these arguments, or None.
+# Phrases of the kernels' refusals of a dtype (csrc/project.cpp); every other refusal is a value's.
+_TYPE_REFUSALS = ("must be float32, float16, bfloat16 or float64", "must be a floating-point tensor")
 
-    The CPU kernels (stable ABI) raise every refusal as RuntimeError, with the message of the
-    check; this finds the check again (in the kernels' order: per pair shape, dtypes, devices,
-    shared memory; then the scalars) so that the entry points raise ValueError / TypeError as
-    the CUDA kernels do. It runs only after a refusal: a call that passes pays nothing for it.
+
+def _refusal_type(name: str, message: str):
+    """Python type of a refusal of the CPU kernels, or None for any other error.
+
+    The CPU kernels (stable ABI) raise every input refusal as RuntimeError whose message starts
+    with the op's name (the CUDA kernels raise ValueError / TypeError themselves); the entry
+    points give it the type the CUDA kernels give. Only these messages are re-typed: an error
+    from elsewhere (a sparse tensor, a transform such as vmap) goes through as it came.
     """
-    device = xs[0].device if xs else None
-    for xi, ai in zip(xs, as_):
-        if xi.shape != ai.shape:
-            return ValueError
-        if xi.dtype not in _FLOATS or ai.dtype not in _FLOATS:
-            return TypeError
-        if xi.device != device or ai.device != device:
-            return ValueError
-        if writes_x and torch._debug_has_internal_overlap(xi) == 1:
-            return ValueError
-    for t in scalars:
-        if not t.dtype.is_floating_point:
-            return TypeError
-        if t.device.type != "cpu" and t.device != device:
-            return ValueError
-    return None
+    if not message.startswith(f"{name}: "):
+        return None
+    return TypeError if any(p in message for p in _TYPE_REFUSALS) else ValueError
 
 
-def _run(name: str, args: tuple, scalars: Sequence[Tensor], writes_x: bool):
-    """Runs torch.ops.spard_ext.<name>(*args) under no_grad; an input refusal of the kernels
-    becomes its typed error."""
-    xs, as_ = args[0], args[1]
-    if writes_x:
-        check_first_not_inference(name, xs)
+_OPS = {name: getattr(torch.ops.spard_ext, name).default for name in ("project_", "project_apply_", "project_reduce")}
+_IS_INFERENCE = Tensor.is_inference
+_BELOW_AD_INPLACE_OR_VIEW = torch._C._AutoDispatchBelowADInplaceOrView
+_B_INDEX = {"project_": 2, "project_apply_": 4}
+
+
+def _run(name: str, args: tuple, writes_x: bool):
+    """Runs torch.ops.spard_ext.<name>(*args) under no_grad; a refusal of the kernels becomes its
+    typed error.
+
+    Eager calls of the writing ops do here what the ADInplaceOrView kernel (_autograd.py) does
+    for the raw op, on the lists already at hand, and call the op below that key: the Python
+    kernel would convert both lists to Python objects and back on every call, which cost more
+    than the kernels on a few hundred small tensors. Under no_grad its grad check has nothing
+    to refuse; inference tensors are refused here, before anything is written (a list made only
+    of them has no ADInplaceOrView key at all); version counters are bumped after the write.
+    While torch.compile traces, the op is called as it is (the traced call reaches that kernel).
+    """
+    op = _OPS[name]
+    xs = args[0]
     try:
+        if writes_x and not torch.compiler.is_compiling():
+            if not torch.is_inference_mode_enabled() and any(map(_IS_INFERENCE, xs)):
+                raise inference_error(name, next(i for i, t in enumerate(xs) if t.is_inference()))
+            with _BELOW_AD_INPLACE_OR_VIEW():  # no autograd keys below it: no grad mode to set
+                out = op(*args)
+            torch.autograd.graph.increment_version(xs)
+            return out
+        if writes_x:  # traced: b goes through the inference check that runs in the graph
+            at = _B_INDEX[name]
+            args = args[:at] + (writable_b(xs, args[at], name),) + args[at + 1:]
         with torch.no_grad():
-            return getattr(torch.ops.spard_ext, name)(*args)
+            return op(*args)
     except RuntimeError as e:
-        kind = _refusal_type(xs, as_, scalars, writes_x)
+        kind = _refusal_type(name, str(e))
         if kind is None:
             raise
         raise kind(str(e)) from None
@@ -160,7 +186,7 @@ def project_(x: TensorList, a: TensorList, b=0.0, *, max_step: Optional[float] =
     xs, as_ = _pairs(x, a, "project_")
     bt = _scalar(b, "b", "project_")
     step = _max_step(max_step, "project_")
-    coef, dot, sqnorm = _run("project_", (xs, as_, bt, step, bool(use_dot)), (bt,), True)
+    coef, dot, sqnorm = _run("project_", (xs, as_, bt, step, bool(use_dot)), True)
     return ProjectionResult(coef, dot, sqnorm)
 
 
@@ -176,7 +202,7 @@ def project_reduce(x: TensorList, a: TensorList, *, use_dot: bool = True,
         dev = _device(xs, device)
         zero = torch.zeros((), dtype=torch.float32, device=dev)
         return zero, zero.clone()
-    return tuple(_run("project_reduce", (xs, as_, bool(use_dot)), (), False))
+    return tuple(_run("project_reduce", (xs, as_, bool(use_dot)), False))
 
 
 def project_apply_(x: TensorList, a: TensorList, dot: Tensor, sqnorm: Tensor, b=0.0, *,
@@ -187,5 +213,4 @@ def project_apply_(x: TensorList, a: TensorList, dot: Tensor, sqnorm: Tensor, b=
     sq_t = _scalar(sqnorm, "sqnorm", "project_apply_")
     bt = _scalar(b, "b", "project_apply_")
     step = _max_step(max_step, "project_apply_")
-    return _run("project_apply_", (xs, as_, dot_t, sq_t, bt, step, bool(use_dot)),
-                (dot_t, sq_t, bt), True)
+    return _run("project_apply_", (xs, as_, dot_t, sq_t, bt, step, bool(use_dot)), True)

@@ -79,7 +79,8 @@ def dpp_greedy(kernel: Optional[Tensor] = None, *, factor: Optional[Tensor] = No
 
     Either a dense PSD ``kernel`` L (N x N) or a low-rank ``factor`` F (N x D), meaning
     L = F Fᵀ + eps·I (never built). Items in ``include`` are taken first (greedily among
-    themselves), items in ``exclude`` never. Stops after k picks, when no candidate is left, or
+    themselves; once the best of them fails the stop rule, the rest are left to the general
+    pool and the picks go on over all items), items in ``exclude`` never. Stops after k picks, when no candidate is left, or
     when the best gain is below ``eps_stop`` (or not positive). Ties go to the smallest index.
     ``dtype`` is the working precision. Returns (indices int64, gains float64 = d² at pick time).
     """
@@ -108,7 +109,7 @@ def dpp_greedy(kernel: Optional[Tensor] = None, *, factor: Optional[Tensor] = No
     k_max = max(0, min(int(k), n))
     c = torch.zeros(k_max, n, dtype=dtype, device=mat.device)
     picks, gains = [], []
-    for t in range(k_max):
+    while (t := len(picks)) < k_max:
         pool = included if bool(included.any()) else available
         if not bool(pool.any()):
             break
@@ -116,6 +117,9 @@ def dpp_greedy(kernel: Optional[Tensor] = None, *, factor: Optional[Tensor] = No
         j = int(torch.argmax(scores))  # first maximum: ties go to the smallest index
         gain = float(d2[j])
         if not (gain >= eps_stop and gain > 0):
+            if pool is included:  # no include item can be picked: go on over all items
+                included[:] = False
+                continue
             break
         picks.append(j)
         gains.append(gain)
@@ -139,7 +143,7 @@ def dpp_greedy_brute_force(kernel: Tensor, *, k: int, eps_stop: float = 1e-10, i
     n = mat.shape[0]
     available, included = _dpp_masks(n, include, exclude, mat.device)
     picks, gains, logdet = [], [], 0.0
-    for _ in range(max(0, min(int(k), n))):
+    while len(picks) < max(0, min(int(k), n)):
         pool = included if bool(included.any()) else available
         best, best_j = -math.inf, -1
         for i in torch.nonzero(pool).flatten().tolist():
@@ -148,10 +152,11 @@ def dpp_greedy_brute_force(kernel: Tensor, *, k: int, eps_stop: float = 1e-10, i
             value = float(ld) if float(sign) > 0 else -math.inf
             if value > best:
                 best, best_j = value, i
-        if best_j < 0:
-            break
-        gain = math.exp(best - logdet)
-        if not (gain >= eps_stop and gain > 0):
+        gain = math.exp(best - logdet) if best_j >= 0 else 0.0
+        if best_j < 0 or not (gain >= eps_stop and gain > 0):
+            if pool is included:  # no include item can be picked: go on over all items
+                included[:] = False
+                continue
             break
         picks.append(best_j)
         gains.append(gain)

@@ -133,6 +133,54 @@ def test_masks(method):
     assert sorted(dpp_greedy(factor=f, k=10, exclude=keep, method=method).indices.tolist()) == [3, 4]
 
 
+def test_an_include_item_that_cannot_be_picked_is_skipped_not_the_end():
+    # item 10 repeats included item 1 (and item 4 is a zero row, also included): once 1 is
+    # picked their gains are 0 (dense) or the ridge (low rank, below eps_stop here); the selection
+    # skips them and goes on filling k from all items
+    dense_f = _factor(20, 8, seed=12)
+    dense_f[10] = dense_f[1]
+    dense_f[4] = 0
+    kernel = dense_f @ dense_f.T
+    for kw in (dict(include=[1, 10], k=6), dict(include=[4, 1, 10], k=6)):
+        res = dpp_greedy(kernel, eps_stop=1e-8, **kw)
+        ref_idx, ref_gains = ref.dpp_greedy(kernel, eps_stop=1e-8, **kw)
+        bf_idx, _ = ref.dpp_greedy_brute_force(kernel, eps_stop=1e-8, **kw)
+        assert res.indices.tolist() == ref_idx.tolist() == bf_idx.tolist()
+        assert len(res.indices) == 6 and res.indices[0] == 1
+        assert 10 not in res.indices.tolist() and 4 not in res.indices.tolist()
+        torch.testing.assert_close(res.gains, ref_gains, rtol=1e-7, atol=1e-12)
+    for method in METHODS:
+        res = dpp_greedy(factor=dense_f, k=6, eps=1e-9, eps_stop=1e-6, include=[1, 10], method=method)
+        ref_idx, _ = ref.dpp_greedy(factor=dense_f, k=6, eps=1e-9, eps_stop=1e-6, include=[1, 10])
+        assert res.indices.tolist() == ref_idx.tolist()
+        assert len(res.indices) == 6 and res.indices[0] == 1 and 10 not in res.indices.tolist()
+
+
+def test_dense_rank_8_kernel_with_masks_stops_at_its_rank():
+    # the data of test_kernels_cuda.py::test_one_host_read_per_call[dense] (k = 20): 8 picks
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    f = f * torch.rand(300, 1, generator=g, dtype=torch.float64).add(0.2)
+    kw = dict(k=20, include=[3, 10], exclude=[7])
+    res = dpp_greedy(f @ f.T, **kw)
+    assert len(res.indices) == 8 and res.indices[:2].tolist() in ([3, 10], [10, 3])
+    assert len(dpp_greedy(factor=f, **kw).indices) == 20
+
+
+def test_float32_singular_kernel_stops_where_the_docs_say():
+    # docs/dpp.md: past the rank, a float32 kernel's gains are its rounding (~1e-7 x max diag),
+    # above the default eps_stop; eps_stop = 1e-5 x max diag stops at the numerical rank
+    for seed in range(3):
+        f = torch.randn(40, 5, generator=torch.Generator().manual_seed(seed))
+        kernel = f @ f.T
+        top = float(kernel.diagonal().max())
+        default = dpp_greedy(kernel, k=20)
+        assert 5 < len(default.indices) < 20
+        assert float(default.gains[5:].max()) < 1e-6 * top  # the rounding, not the data
+        assert len(dpp_greedy(kernel, k=20, eps_stop=1e-5 * top).indices) == 5
+        assert len(dpp_greedy(kernel.double(), k=20, eps_stop=1e-5 * top).indices) == 5
+
+
 def test_dense_masks():
     kernel = _dense(30, 30, seed=6)
     kw = dict(k=8, include=torch.arange(30) % 7 == 3, exclude=[0, 1, 2])

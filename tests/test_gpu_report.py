@@ -154,3 +154,33 @@ def test_at_scale_falls_back_to_the_largest_micro_batch_that_fits(monkeypatch):
     assert got["defenses"]["lisa"] == {"error": "out of memory at micro-batch 2"}
     assert got["defenses"]["spard"]["step_ratio"] == 1.5
     assert got["setup"]["parameters"] == 6_738_415_616  # Llama-2-7B's count
+
+
+def test_unverified_cuda_results_are_listed_with_what_this_run_says(report_mod, tmp_path):
+    # every listed test exists (the list cannot silently point at a renamed test)
+    for _, prefixes in report_mod.UNVERIFIED:
+        for prefix in prefixes:
+            module, _, name = prefix.partition("::")
+            source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
+            assert not name or f"def {name}" in source, prefix
+    xml = tmp_path / "j.xml"
+    xml.write_text(
+        '<?xml version="1.0"?><testsuites><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="4">'
+        '<testcase classname="tests.test_kernels_cuda" name="test_products_that_leave_float32_are_formed_in_float64[3]"/>'
+        '<testcase classname="tests.test_kernels_cuda" name="test_products_that_leave_float32_are_formed_in_float64[4099]"/>'
+        '<testcase classname="tests.test_kernels_cuda" name="test_dpp_greedy_does_not_spin_the_calling_thread">'
+        '<failure message="assert 0.9 &lt; 0.5">x</failure></testcase>'
+        '<testcase classname="tests.test_kernels_cuda" name="test_a_cpu_tensor_b_is_captured_by_value">'
+        '<skipped message="s"/></testcase></testsuite></testsuites>')
+    rows = {r["what"].split(" (")[0]: r["status"] for r in report_mod.unverified_status(report_mod.parse_junit(xml))}
+    assert rows["project_ reduce forms products in float64"] == "passed"
+    assert rows["dpp_greedy's host thread yields, then sleeps, while it waits for the device"] == "FAILED"
+    assert rows["a CPU-tensor b is captured by value in a CUDA graph"] == "not run"
+    assert rows["the CUDA library on the LibTorch stable ABI"] == "FAILED"  # one of its tests failed
+    assert {r["status"] for r in report_mod.unverified_status(None)} == {"not run"}
+    report = {"date": "-", "torch": "-", "cuda": None, "seconds_total": 0.0,
+              "device": {"name": "Fake GPU", "capability": "-", "multiprocessors": 1, "memory_gib": 1}}
+    _, md_path = report_mod.write_report(report, tmp_path)
+    md = md_path.read_text()
+    assert "## CUDA results unverified before this run" in md
+    assert md.count("| not run |") == len(report_mod.UNVERIFIED)

@@ -6,11 +6,19 @@
   odd sizes, every dtype pair), launches split over many tensors, parity with the CPU backend;
 - empty lists and the device of a call with a CPU b;
 - dpp_greedy: no launch after the stop rule, one host read per call, input checks raised after
-  the loop, the Cholesky update at sizes where items outnumber threads.
+  the loop, the Cholesky update at sizes where items outnumber threads;
+- what the issue-22 audit found by reading the CUDA code (each test fails on the code before the
+  fix): float64 products in the reduce, no busy-spinning host thread, the pinned progress block
+  not reused under queued kernels after an exception, no harm to another thread's global-mode
+  graph capture, and a CPU-tensor b captured by value (documented).
 """
 
 import math
-import warnings
+import os
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -219,11 +227,18 @@ def test_no_launches_after_the_stop_rule(method):
         torch.cuda.synchronize()
     assert len(res.indices) == 4  # the rank of F
     steps = sum("argmax_partial" in name for name in _kernel_names(prof))
-    assert 0 < steps <= 4 + 1 + 4 + 1, steps  # picks, the step that stops, the lookahead, slack
+    assert 0 < steps <= 4 + 1 + 8 + 1, steps  # picks, the step that stops, the lookahead (8), slack
+
+
+# CUDA runtime calls that make the host wait for the device.
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_one_host_read_per_call(dense):
+    # Counted from the CUDA runtime calls the profiler records: torch's sync-debug warning is
+    # raised inside the op and, from a torch.ops call, goes to the C++ warning handler (stderr),
+    # not to Python's warnings (the first GPU run counted 0).
     n = 300
     f = _factor(n, 8, seed=2).cuda()
     mat = (f @ f.T) if dense else f
@@ -234,16 +249,16 @@ def test_one_host_read_per_call(dense):
     kw = dict(k=20, include=include, exclude=exclude)
     dpp_greedy(mat, **kw) if dense else dpp_greedy(factor=mat, **kw)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            res = dpp_greedy(mat, **kw) if dense else dpp_greedy(factor=mat, **kw)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
-    assert res.indices.numel() == 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        res = dpp_greedy(mat, **kw) if dense else dpp_greedy(factor=mat, **kw)
+    syncs = [e.name for e in prof.events() if e.name in SYNC_CALLS]
+    assert len(syncs) == 1, syncs
+    # a dense kernel of rank 8 stops at 8 picks; the low-rank form has the ridge and goes on to k
+    cpu_kw = dict(k=20, include=include.cpu(), exclude=exclude.cpu())
+    want = dpp_greedy(mat.cpu(), **cpu_kw) if dense else dpp_greedy(factor=mat.cpu(), **cpu_kw)
+    assert res.indices.numel() == (8 if dense else 20)
+    assert res.indices.cpu().tolist() == want.indices.tolist()
 
 
 def test_input_checks_raise_after_the_loop():
@@ -289,3 +304,169 @@ def test_misaligned_factor_rows(method):
     gpu = dpp_greedy(factor=f, k=40, eps=1e-4, method=method)
     assert gpu.indices.cpu().tolist() == cpu.indices.tolist()
     torch.testing.assert_close(gpu.gains.cpu(), cpu.gains, rtol=1e-6, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# From the issue-22 audit (read and compiled, first run on a GPU pending: see benchmarks/README.md)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [3, 4099])  # the scalar loop, and the 16-byte vector loop
+def test_products_that_leave_float32_are_formed_in_float64(n):
+    # 3e38 * 2 is inf in float32: two such products of opposite sign summed to NaN and the call
+    # did nothing, where the CPU (float64 products) sums them to 0 and steps with coef 1.
+    pairs = (n - 1) // 2
+    x = torch.tensor([3e38, 3e38] * pairs + [0.0] * (n - 2 * pairs), dtype=torch.float32)
+    a = torch.tensor([2.0, -2.0] * pairs + [1.0] * (n - 2 * pairs), dtype=torch.float32)
+    sq = float((a.double() ** 2).sum())
+    want = project_([x.clone()], [a], -sq, use_dot=True)
+    assert float(want.coef) == 1.0 and float(want.dot) == 0.0
+    x_gpu = [x.cuda()]
+    got = project_(x_gpu, [a.cuda()], -sq, use_dot=True)
+    assert float(got.dot) == 0.0 and float(got.sqnorm) == pytest.approx(sq, rel=1e-6)
+    assert float(got.coef) == pytest.approx(1.0, rel=1e-6)
+    torch.testing.assert_close(x_gpu[0].cpu(), x - a, rtol=1e-6, atol=0)
+    dot, sqnorm = project_reduce(x_gpu, [a.cuda()])
+    assert math.isfinite(float(dot)) and math.isfinite(float(sqnorm))
+
+
+def test_dpp_greedy_does_not_spin_the_calling_thread():
+    # A call whose time is the device's: the host thread waits most of it, sleeping (the thread's
+    # CPU time stays well under the call's wall time; a busy loop makes them equal). A resource
+    # bound, not a speed one: a slower or faster GPU only changes how long both take.
+    f = _factor(400_000, 64, seed=7, dtype=torch.float32).cuda()
+    dpp_greedy(factor=f, k=5, method="cholesky")  # warm-up
+    torch.cuda.synchronize()
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
+    dpp_greedy(factor=f, k=300, eps=1e-4, method="cholesky")
+    wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
+    assert cpu < 0.5 * wall, (cpu, wall)
+
+
+_REUSE_SCRIPT = """
+import torch, spard_ext
+f = torch.randn(2_000_000, 64, device="cuda")
+spard_ext.dpp_greedy(factor=f, k=3, method="cholesky")  # warm-up (no fault before step 6)
+torch.cuda.synchronize()
+try:
+    spard_ext.dpp_greedy(factor=f, k=50, method="cholesky")
+except RuntimeError as e:
+    assert "fault injected at step 6" in str(e), e
+else:
+    raise SystemExit("no fault was injected")
+# pinned blocks of the progress block's size, taken at once: one is the block the call released
+blocks = [torch.full((2,), -7, dtype=torch.long, pin_memory=True) for _ in range(16)]
+torch.cuda.synchronize()
+print("overwritten" if any(b.tolist() != [-7, -7] for b in blocks) else "intact")
+"""
+
+
+def test_progress_block_is_not_reused_under_queued_kernels_after_an_exception():
+    env = {**os.environ, "SPARD_EXT_DPP_FAULT_STEP": "6"}
+    out = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "intact"
+
+
+def test_dpp_greedy_leaves_another_threads_global_capture_valid():
+    f = _factor(5000, 16, seed=8).cuda()
+    want = dpp_greedy(factor=f, k=30)  # also initialises everything the call needs
+    x = torch.zeros(1000, device="cuda")
+    capturing, called = threading.Event(), threading.Event()
+    errors, results = [], []
+
+    def capture():
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # capture_error_mode="global", torch's default
+                x.add_(1.0)
+                capturing.set()
+                called.wait(timeout=120)
+                x.mul_(2.0)
+            graph.replay()
+            torch.cuda.synchronize()
+            results.append(x.clone())
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            capturing.set()
+
+    t = threading.Thread(target=capture)
+    t.start()
+    assert capturing.wait(timeout=120)
+    try:
+        got = dpp_greedy(factor=f, k=30)  # no masks: their index form reads the host
+    finally:
+        called.set()
+        t.join(timeout=120)
+    assert not errors, errors
+    assert got.indices.cpu().tolist() == want.indices.cpu().tolist()
+    assert torch.equal(results[0], torch.full_like(x, 2.0))  # (0 + 1) * 2, once
+
+
+def test_a_cpu_tensor_b_is_captured_by_value():
+    # Documented (csrc/cuda/project_cuda.cu, docs): the kernels read a CPU scalar on the host, so a
+    # captured graph holds its value at capture time; a b that changes between replays must be a
+    # device tensor.
+    x, a = lists([(4096,)], seed=9)
+    b_cpu = torch.tensor(-3.0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        project_([t.clone() for t in x], a, b_cpu)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        res = project_(x, a, b_cpu)
+    fresh, _ = lists([(4096,)], seed=10)
+    x[0].copy_(fresh[0])
+    b_cpu.fill_(-7.0)  # not seen by the replay
+    graph.replay()
+    torch.cuda.synchronize()
+    _, want_coef, _, _ = ref.project([fresh[0].cpu()], [a[0].cpu()], -3.0, math.inf, False)
+    assert float(res.coef) == pytest.approx(want_coef, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU kernels' rules of issue 22, mirrored in the CUDA kernels: the same result as the CPU
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["cholesky", "inverse"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_an_include_item_that_cannot_be_picked_does_not_end_the_selection(method, dense):
+    f = _factor(40, 8, seed=11)
+    f[10] = f[1]  # a duplicate of an included item: its gain is ~0 once row 1 is picked
+    mat = f @ f.T if dense else f
+    kw = dict(k=6, include=[1, 10]) if dense else dict(k=6, include=[1, 10], method=method)
+    cpu = dpp_greedy(mat, **kw) if dense else dpp_greedy(factor=mat, **kw)
+    gpu = dpp_greedy(mat.cuda(), **kw) if dense else dpp_greedy(factor=mat.cuda(), **kw)
+    assert cpu.indices.numel() == 6 and cpu.indices[0] == 1
+    assert gpu.indices.cpu().tolist() == cpu.indices.tolist()
+    torch.testing.assert_close(gpu.gains.cpu(), cpu.gains, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_step_beyond_float32_is_applied_as_on_the_cpu(fused):
+    # a = 1e-20: ||a||² = 1e-40 (a float32 subnormal), the step 1e40 leaves float32
+    x, a = [torch.zeros(3)], [torch.full((3,), 1e-20)]
+
+    def run(xs, as_):
+        if fused:
+            return project_(xs, as_, -1.0).coef
+        dot, sq = project_reduce(xs, as_, use_dot=False)
+        return project_apply_(xs, as_, dot, sq, -1.0)
+
+    got_x = [torch.zeros(3, device="cuda")]
+    want_coef = run(x, a)
+    got_coef = run(got_x, [a[0].cuda()])
+    assert float(got_coef) == float(want_coef)
+    torch.testing.assert_close(got_x[0].cpu(), x[0], rtol=1e-6, atol=0)
+
+
+def test_x_entries_that_share_memory_are_refused_as_on_the_cpu():
+    t_cpu = torch.zeros(8)
+    with pytest.raises(Exception) as cpu_error:
+        project_([t_cpu, t_cpu], [torch.ones(8), torch.ones(8)], -1.0)
+    t = torch.zeros(8, device="cuda")
+    base = torch.zeros(16, device="cuda")
+    for x in ([t, t], [base[:10], base[6:]]):
+        with pytest.raises(type(cpu_error.value), match=r"x\[0\] and x\[1\] share memory"):
+            project_(x, [torch.ones_like(v) for v in x], -1.0)
+    assert torch.equal(t, torch.zeros(8, device="cuda")) and torch.equal(base, torch.zeros(16, device="cuda"))
+    project_([base[:8], base[8:]], [torch.ones(8, device="cuda")] * 2, -1.0)  # views that do not meet pass

@@ -179,6 +179,21 @@ def test_loader_holds_the_cuda_kernels_of_a_stable_build_to_their_release_series
         _loader.plan(build, "2.14.1+cu126", "12.6")
 
 
+STABLE_CUDA_BUILD = {**STABLE_BUILD, "cuda_kernels": True, "cuda_stable_abi": "2.10", "cuda_major": 13}
+
+
+def test_loader_takes_the_stable_cuda_kernels_under_any_torch_of_their_cuda_major():
+    for version, cuda in (("2.10.0+cu130", "13.0"), ("2.13.0+cu130", "13.0"), ("2.14.1", "13.2"), ("2.16.0", "13.9")):
+        assert _loader.plan(STABLE_CUDA_BUILD, version, cuda) == _loader.Plan(load_cuda=True, note=""), version
+    with pytest.raises(ImportError) as e:
+        _loader.plan(STABLE_CUDA_BUILD, "2.13.0+cu128", "12.8")
+    message = str(e.value)
+    assert "\n" not in message and "CUDA major 13" in message and "CUDA major 12" in message
+    assert "2.13.0+cu128" in message and "pip install --no-cache-dir --force-reinstall --no-deps" in message
+    with pytest.raises(ImportError, match="need torch >= 2.10"):  # below the stable target: the CPU rule
+        _loader.plan(STABLE_CUDA_BUILD, "2.9.1+cu130", "13.0")
+
+
 def _import_with_record(tmp_path, record: dict):
     """Imports a copy of the built package whose build record is replaced by ``record``, and runs
     one op: (return code, stderr)."""
@@ -208,22 +223,71 @@ def test_a_stable_build_recorded_for_another_release_imports_and_runs(tmp_path):
                                                                  "need torch >= 99.0")
 
 
-def test_cpu_kernels_call_torch_only_through_the_stable_c_shim():
+def _import_faking_torch_cuda(tmp_path, record: dict, torch_cuda: str):
+    """Imports a copy of the built package with ``record`` as its build record, under this torch
+    with torch.version.cuda faked: (return code, stdout, stderr)."""
+    import spard_ext
+
+    pkg = tmp_path / "spard_ext"
+    shutil.copytree(Path(spard_ext.__file__).parent, pkg)
+    (pkg / _loader.BUILD_INFO).write_text(json.dumps(record))
+    code = (f"import torch; torch.version.cuda = {torch_cuda!r}; import spard_ext; "
+            "print(spard_ext.CUDA_KERNELS, torch._C._dispatch_has_kernel_for_dispatch_key('spard_ext::project_', 'CUDA'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    return out.returncode, out.stdout, out.stderr
+
+
+def _stable_cuda_build_here():
+    import torch
+
+    import spard_ext
+
+    folder = Path(spard_ext.__file__).parent
+    info = _loader.read_build_info(str(folder)) or {}
+    if torch.version.cuda is None or not info.get("cuda_stable_abi") or _loader.library_path("_C_cuda", str(folder)) is None:
+        pytest.skip("needs a build of spard_ext with stable-ABI CUDA kernels, under a CUDA build of torch")
+    return info
+
+
+def test_cuda_kernels_load_under_a_torch_recorded_as_another_release_of_their_cuda_major(tmp_path):
+    info = _stable_cuda_build_here()
+    # As if built against torch 2.10 for this CUDA major, and loaded under another minor CUDA version.
+    major = int(info["cuda_major"])
+    record = {**info, "torch": f"2.10.0+cu{major}0", "torch_cuda": f"{major}.0"}
+    code, out, err = _import_faking_torch_cuda(tmp_path, record, f"{major}.9")
+    assert code == 0, err[-2000:]
+    assert out.split() == ["True", "True"]  # loaded, and the ops have their CUDA kernels
+
+
+def test_cuda_kernels_under_another_cuda_major_stop_the_import_with_one_line(tmp_path):
+    info = _stable_cuda_build_here()
+    major = int(info["cuda_major"])
+    code, out, err = _import_faking_torch_cuda(tmp_path, info, f"{major - 1}.8")
+    assert code != 0
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"ImportError: spard_ext: SPARD's CUDA kernels were compiled for CUDA {info['torch_cuda']} "
+                           f"(CUDA major {major}")
+    assert f"CUDA major {major - 1}" in last and "pip install --no-cache-dir --force-reinstall --no-deps" in last
+
+
+@pytest.mark.parametrize("library,record", [("_C", "stable_abi"), ("_C_cuda", "cuda_stable_abi")])
+def test_kernels_call_torch_only_through_the_stable_c_shim(library, record):
     # What makes one build load under many torch releases: no symbol of torch's C++ library
     # (c10::, at::, torch::), whose ABI changes between releases; only the C shim.
     import spard_ext
 
     folder = Path(spard_ext.__file__).parent
-    if not (_loader.read_build_info(str(folder)) or {}).get("stable_abi"):
-        pytest.skip("this build of spard_ext is not on the stable ABI (a CMake or older build)")
+    if not (_loader.read_build_info(str(folder)) or {}).get(record):
+        pytest.skip(f"this build of spard_ext has no {library} on the stable ABI (a CMake, CPU-only or older build)")
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("needs nm (binutils)")
-    out = subprocess.run([nm, "-D", "-C", "--undefined-only", _loader.library_path("_C", str(folder))],
+    out = subprocess.run([nm, "-D", "-C", "--undefined-only", _loader.library_path(library, str(folder))],
                          capture_output=True, text=True, check=True).stdout
     symbols = [line.split(None, 1)[-1].strip() for line in out.splitlines() if line.strip()]
     cxx = [s for s in symbols if re.match(r"(c10|at|torch)::", s) or re.search(r"[ (<,](c10|at|torch)::", s)]
-    assert not cxx, f"torch C++ symbols in _C: {cxx[:10]}"
+    assert not cxx, f"torch C++ symbols in {library}: {cxx[:10]}"
     shim = [s for s in symbols if s.startswith(("aoti_torch_", "torch_"))]
     assert len(shim) >= 10, symbols  # it does call torch, through the shim
 

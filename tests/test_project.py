@@ -266,6 +266,7 @@ def test_opcheck_all_ops():
     dot, sq = torch.ops.spard_ext.project_reduce(x, a, True)
     opcheck(torch.ops.spard_ext.project_apply_, ([t.clone() for t in x], a, dot, sq, b, 0.5, True))
     opcheck(torch.ops.spard_ext.project_, ([t.clone() for t in x], a, b, math.inf, False))
+    opcheck(torch.ops.spard_ext.writable_b, (x, b, "project_"))  # the traced inference check
 
 
 def test_torch_compile_fullgraph():
@@ -547,3 +548,117 @@ def test_a_non_finite_number_is_refused_not_a_silent_no_op(bad):
     assert torch.equal(x[0], torch.ones(3))
     # a tensor b stays unread on the host: its non-finite value is the documented no-op
     assert float(project_(x, [torch.ones(3)], torch.tensor(bad), use_dot=True).coef) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Findings of the outside audit (issue 22)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", [False, True], ids=["project_", "reduce+apply"])
+def test_a_step_beyond_the_float32_range_is_applied_not_dropped(split):
+    # ||a||² = 1e-40 (a float32 subnormal) and b = -1: both sums are finite, but the float32
+    # coefficient 1/1e-40 overflowed and the call did nothing. The step is formed in float64 and
+    # applied: <a, x> reaches b; the coefficient reported in float32 is +inf.
+    x, a = [torch.zeros(3)], [torch.tensor([1e-20, 0.0, 0.0])]
+    if split:
+        dot, sq = project_reduce(x, a)
+        coef = project_apply_(x, a, dot, sq, b=-1.0, use_dot=True)
+    else:
+        coef = project_(x, a, -1.0, use_dot=True).coef
+    assert math.isinf(float(coef)) and float(coef) > 0
+    assert torch.isfinite(x[0]).all()
+    assert float(x[0][0]) == pytest.approx(-1e20, rel=1e-4)  # sqnorm is a subnormal: 1e-5 rounding
+    assert float(x[0][0].double() * 1e-20) == pytest.approx(-1.0, rel=1e-4)
+    want_x, want_coef, _, _ = ref.project([torch.zeros(3)], a, -1.0, math.inf, True)
+    assert want_coef == pytest.approx(1e40, rel=1e-4)
+    torch.testing.assert_close(x[0], want_x[0], rtol=1e-6, atol=0)
+    # a cap still caps it, in range
+    x = [torch.zeros(3)]
+    assert float(project_(x, a, -1.0, max_step=1e30, use_dot=True).coef) == pytest.approx(1e30, rel=1e-6)
+    assert float(x[0][0]) == pytest.approx(-1e10, rel=1e-6)
+
+
+@pytest.mark.parametrize("op", ["project_", "project_apply_"])
+def test_entries_of_x_that_share_memory_are_refused_before_writing(op):
+    def call(x, a):
+        if op == "project_":
+            return project_(x, a, b=-1.0)
+        return project_apply_(x, a, torch.tensor(0.0), torch.tensor(1.0), b=-1.0)
+
+    base = torch.zeros(10)
+    t = torch.zeros(4)
+    for x, pair in (([t, t], (0, 1)), ([torch.zeros(2), base[:6], base[4:]], (1, 2)),
+                    ([base[::2], torch.zeros(1), base[1:3]], (0, 2)), ([base, base.view(2, 5)], (0, 1))):
+        before = [e.clone() for e in x]
+        a = [torch.ones_like(e) for e in x]
+        with pytest.raises(ValueError, match=rf"{op}: x\[{pair[0]}\] and x\[{pair[1]}\] share memory"):
+            call(x, a)
+        assert all(torch.equal(e, w) for e, w in zip(x, before))
+    # views of one buffer that do not meet (the parameters of a flat buffer) are fine
+    x = [base[:5], base[5:].view(5, 1)]
+    out = call(x, [torch.ones(5), torch.ones(5, 1)])
+    coef = float(out.coef if op == "project_" else out)
+    assert coef > 0
+    torch.testing.assert_close(base, torch.full((10,), -coef))
+    # reading the same tensor twice is fine
+    dot, sq = project_reduce([t, t], [torch.ones(4), torch.ones(4)])
+    assert float(sq) == 8.0
+
+
+def test_errors_that_are_not_refusals_keep_their_type():
+    # a sparse x has no kernel (NotImplementedError), not a bad value
+    sparse = torch.zeros(3).to_sparse()
+    with pytest.raises(NotImplementedError):
+        project_([sparse], [torch.ones(3)], -1.0)
+    with pytest.raises(NotImplementedError):
+        project_reduce([sparse], [torch.ones(3)])
+    # under vmap the real error comes through (no batching rule), not one from a re-check
+    with pytest.raises(RuntimeError, match="Batching rule not implemented for spard_ext::project_") as info:
+        torch.func.vmap(lambda x, a: project_([x], [a], -1.0).coef)(torch.zeros(2, 3), torch.ones(2, 3))
+    assert type(info.value) is RuntimeError
+    # the kernels' own refusals are still typed
+    with pytest.raises(TypeError, match=r"project_: x\[0\] must be float32"):
+        project_([torch.zeros(2, dtype=torch.int32)], [torch.ones(2)], -1.0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        project_reduce([torch.zeros(2)], [torch.ones(3)])
+
+
+def test_inference_tensors_under_torch_compile_are_refused_before_writing_as_in_eager():
+    with torch.inference_mode():
+        x = [torch.randn(4), torch.randn(3)]
+    before = [t.clone() for t in x]
+    a = [torch.ones(4), torch.ones(3)]
+
+    def step(x, a):
+        return project_(x, a, -1.0).coef
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for fn in (step, compiled):
+        with pytest.raises(RuntimeError, match=r"project_: x\[0\] is an inference tensor"):
+            fn(x, a)
+        assert all(torch.equal(t, w) for t, w in zip(x, before))
+    # the split form too
+    compiled_apply = torch.compile(lambda x, a: project_apply_(x, a, torch.tensor(0.0), torch.tensor(1.0), -1.0),
+                                   fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=r"project_apply_: x\[0\] is an inference tensor"):
+        compiled_apply(x, a)
+    assert all(torch.equal(t, w) for t, w in zip(x, before))
+    # inside inference mode the compiled call writes them, as the eager call does
+    with torch.inference_mode():
+        compiled(x, a)
+    assert not torch.equal(x[0], before[0])
+
+
+def test_eager_calls_bump_versions_and_refuse_inference_tensors_once_per_list():
+    # the entry points do the ADInplaceOrView kernel's work themselves (project.py): same result
+    x = [torch.zeros(3), torch.zeros(2)]
+    versions = [t._version for t in x]
+    project_(x, [torch.ones(3), torch.ones(2)], -1.0)
+    assert [t._version for t in x] == [v + 1 for v in versions]
+    project_apply_(x, [torch.ones(3), torch.ones(2)], torch.tensor(0.0), torch.tensor(1.0), -1.0)
+    assert [t._version for t in x] == [v + 2 for v in versions]
+    project_reduce(x, [torch.ones(3), torch.ones(2)])
+    assert [t._version for t in x] == [v + 2 for v in versions]
+    # a refused call bumps nothing
+    with pytest.raises(ValueError):
+        project_(x, [torch.ones(3), torch.ones(3)], -1.0)
+    assert [t._version for t in x] == [v + 2 for v in versions]

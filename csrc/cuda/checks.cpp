@@ -1,71 +1,97 @@
-// Input checks of the CUDA kernels (`_C_cuda`), on the regular ATen ABI with typed errors
-// (ValueError / TypeError). The CPU kernels (`_C`, stable ABI) check the same things with the
-// same messages in ../project.cpp and ../dpp_greedy.cpp.
+// Host-side input checks of the CUDA kernels (`_C_cuda`, stable ABI): the messages of the CPU
+// kernels (../project.cpp, ../dpp_greedy.cpp), raised as RuntimeError; none reads device memory,
+// so they run, and refuse, before anything is launched (also without a GPU, on CPU tensors
+// redispatched to the CUDA kernels: the CI's ABI gate does so, .ci/abi_gate).
 #include "checks.h"
-
-#include <ATen/MemoryOverlap.h>
-#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 namespace spard {
 
-static bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+namespace {
+// at::has_internal_overlap's "Yes": a dimension of size > 1 with stride 0 (an expanded view).
+bool has_internal_overlap(torch::headeronly::IntHeaderOnlyArrayRef sizes,
+                          torch::headeronly::IntHeaderOnlyArrayRef strides) {
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (strides[d] == 0 && sizes[d] > 1) return true;
+  }
+  return false;
 }
 
-void check_pair_lists(at::TensorList x, at::TensorList a, const char* op, bool writes_x) {
-  SPARD_CHECK_VALUE(x.size() == a.size(), op, ": x and a must have the same length, got ",
-                    x.size(), " and ", a.size());
-  if (x.empty()) return;
-  const at::Device device = x[0].device();
-  for (size_t i = 0; i < x.size(); ++i) {
-    SPARD_CHECK_VALUE(x[i].sizes() == a[i].sizes(), op, ": shape mismatch at index ", i, ": x[",
-                      i, "] has shape ", x[i].sizes(), " but a[", i, "] has shape ", a[i].sizes());
-    SPARD_CHECK_TYPE(is_supported_float(x[i].scalar_type()), op, ": x[", i,
-                     "] must be float32, float16, bfloat16 or float64, got ", x[i].scalar_type());
-    SPARD_CHECK_TYPE(is_supported_float(a[i].scalar_type()), op, ": a[", i,
-                     "] must be float32, float16, bfloat16 or float64, got ", a[i].scalar_type());
-    SPARD_CHECK_VALUE(x[i].device() == device, op, ": all tensors must be on one device: x[0] is on ",
-                      device, " but x[", i, "] is on ", x[i].device());
-    SPARD_CHECK_VALUE(a[i].device() == device, op, ": all tensors must be on one device: x[0] is on ",
-                      device, " but a[", i, "] is on ", a[i].device());
-    if (writes_x) {
-      SPARD_CHECK_VALUE(at::has_internal_overlap(x[i]) != at::MemOverlap::Yes, op, ": x[", i,
-                        "] has elements that share memory (an expanded or overlapping view), so it "
-                        "cannot be updated in place; pass a tensor with distinct elements (e.g. .clone())");
-      SPARD_CHECK(!x[i].is_inference() || c10::InferenceMode::is_enabled(), op, ": x[", i,
-                  "] is an inference tensor: update it inside torch.inference_mode(), or pass a clone");
+size_t element_size(ScalarType t) { return t == ScalarType::Double ? 8 : t == ScalarType::Float ? 4 : 2; }
+
+// Bytes [begin, end) an entry of x spans.
+struct Span {
+  uintptr_t begin, end;
+  size_t index;
+};
+
+// Refuses two entries of x whose memory ranges meet, as native in-place foreach ops refuse
+// overlapping outputs (the CPU kernels' check, ../project.cpp): the same tensor twice would take
+// the step twice, torn across blocks. Views of one buffer that do not meet pass. O(n log n).
+void check_no_shared_memory(std::vector<Span>& spans, const char* op) {
+  if (spans.size() < 2) return;
+  std::sort(spans.begin(), spans.end(), [](const Span& p, const Span& q) { return p.begin < q.begin; });
+  size_t reach = 0;  // the span that reaches furthest so far
+  for (size_t s = 1; s < spans.size(); ++s) {
+    if (spans[s].begin < spans[reach].end) {
+      const size_t i = std::min(spans[reach].index, spans[s].index), j = std::max(spans[reach].index, spans[s].index);
+      SPARD_CHECK(false, op, ": x[", i, "] and x[", j, "] share memory (the same tensor twice, or overlapping ",
+                  "views), so they cannot be updated in place; pass each tensor once");
     }
+    if (spans[s].end > spans[reach].end) reach = s;
   }
 }
+}  // namespace
 
-void check_scalar(const at::Tensor& t, const char* name, const char* op, const at::Device& device) {
-  SPARD_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must be a scalar (one element), got shape ",
-                    t.sizes());
-  SPARD_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
-                   " must be a floating-point tensor, got ", t.scalar_type());
-  SPARD_CHECK_VALUE(t.device() == device || t.device().is_cpu(), op, ": ", name,
-                    " must be on ", device, " (or a CPU scalar), got ", t.device());
+void check_pair_lists(const std::vector<Tensor>& x, const std::vector<Tensor>& a, const char* op, bool writes_x) {
+  SPARD_CHECK(x.size() == a.size(), op, ": x and a must have the same length, got ", x.size(), " and ", a.size());
+  if (x.empty()) return;
+  const Device device = x[0].device();
+  std::vector<Span> spans;
+  if (writes_x) spans.reserve(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const auto x_sizes = x[i].sizes();
+    SPARD_CHECK(x_sizes == a[i].sizes(), op, ": shape mismatch at index ", i, ": x[", i, "] has shape ", x_sizes,
+                " but a[", i, "] has shape ", a[i].sizes());
+    const ScalarType xt = x[i].scalar_type(), at = a[i].scalar_type();
+    SPARD_CHECK(is_floating(xt), op, ": x[", i, "] must be float32, float16, bfloat16 or float64, got ", xt);
+    SPARD_CHECK(is_floating(at), op, ": a[", i, "] must be float32, float16, bfloat16 or float64, got ", at);
+    SPARD_CHECK(x[i].device() == device, op, ": all tensors must be on one device: x[0] is on ", device, " but x[", i,
+                "] is on ", x[i].device());
+    SPARD_CHECK(a[i].device() == device, op, ": all tensors must be on one device: x[0] is on ", device, " but a[", i,
+                "] is on ", a[i].device());
+    if (!writes_x) continue;
+    int64_t numel = 1;
+    for (const int64_t s : x_sizes) numel *= s;
+    if (numel == 0) continue;
+    int64_t extent = numel;  // elements from the first to one past the last
+    if (!x[i].is_contiguous()) {  // a contiguous tensor has distinct elements
+      const auto x_strides = x[i].strides();
+      SPARD_CHECK(!has_internal_overlap(x_sizes, x_strides), op, ": x[", i,
+                  "] has elements that share memory (an expanded or overlapping view), so it "
+                  "cannot be updated in place; pass a tensor with distinct elements (e.g. .clone())");
+      extent = 1;
+      for (size_t d = 0; d < x_sizes.size(); ++d) extent += (x_sizes[d] - 1) * x_strides[d];
+    }
+    // The mutable pointer, as the update takes it (it materialises a lazily cloned tensor).
+    const auto begin = reinterpret_cast<uintptr_t>(x[i].mutable_data_ptr());
+    spans.push_back({begin, begin + static_cast<uintptr_t>(extent) * element_size(xt), i});
+  }
+  if (writes_x) check_no_shared_memory(spans, op);
+}
+
+void check_scalar(const Tensor& t, const char* name, const char* op, const Device& device) {
+  SPARD_CHECK(t.numel() == 1, op, ": ", name, " must be a scalar (one element), got shape ", t.sizes());
+  SPARD_CHECK(is_floating(t.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ", t.scalar_type());
+  SPARD_CHECK(t.device() == device || t.is_cpu(), op, ": ", name, " must be on ", device, " (or a CPU scalar), got ",
+              t.device());
 }
 
 void check_max_step(double max_step, const char* op) {
-  SPARD_CHECK_VALUE(max_step >= 0, op, ": max_step must be >= 0 (use inf for no cap), got ",
-                    max_step);
-}
-
-std::vector<at::Tensor> contiguous_list(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
-void copy_back(at::TensorList dst, const std::vector<at::Tensor>& work) {
-  for (size_t i = 0; i < dst.size(); ++i) {
-    if (!dst[i].is_same(work[i])) dst[i].copy_(work[i]);
-  }
+  SPARD_CHECK(max_step >= 0, op, ": max_step must be >= 0 (use inf for no cap), got ", max_step);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -73,99 +99,69 @@ void copy_back(at::TensorList dst, const std::vector<at::Tensor>& work) {
 // ------------------------------------------------------------------------------------------------
 namespace {
 
-void check_float_matrix(const at::Tensor& t, const char* name, const char* op) {
-  SPARD_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be a 2-D tensor, got shape ", t.sizes());
-  SPARD_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-                   " must be float32 or float64, got ", t.scalar_type());
+void check_float_matrix(const Tensor& t, const char* name, const char* op) {
+  SPARD_CHECK(t.dim() == 2, op, ": ", name, " must be a 2-D tensor, got shape ", t.sizes());
+  SPARD_CHECK(t.scalar_type() == ScalarType::Float || t.scalar_type() == ScalarType::Double, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
 }
 
-// [all finite, max |L - Lᵀ|, max |L|] of the input as float64 0-d tensors on its device, with no
-// N x N (or N x D) temporary: aminmax propagates NaN and shows ±inf, and the symmetry is checked
-// a block of rows at a time.
-std::vector<at::Tensor> data_checks(const at::Tensor& t, bool dense) {
-  const auto opts = t.options().dtype(at::kDouble);
-  if (t.numel() == 0) return {at::ones({}, opts), at::zeros({}, opts), at::zeros({}, opts)};
-  const auto [lo, hi] = at::aminmax(t);
-  const at::Tensor finite = at::logical_and(at::isfinite(lo), at::isfinite(hi)).to(at::kDouble);
-  const at::Tensor scale = at::maximum(lo.abs(), hi.abs()).to(at::kDouble);
-  if (!dense) return {finite, at::zeros({}, opts), scale};
-  const int64_t n = t.size(0);
-  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(n, 1));
-  std::vector<at::Tensor> parts;
-  for (int64_t r = 0; r < n; r += rows) {
-    const int64_t len = std::min(rows, n - r);
-    parts.push_back((t.narrow(0, r, len) - t.narrow(1, r, len).transpose(0, 1)).abs().amax());
-  }
-  return {finite, at::stack(parts).amax().to(at::kDouble), scale};
+std::optional<Tensor> mask_or_none(const std::optional<Tensor>& m, const char* name, int64_t n, const Tensor& like,
+                                   const char* op) {
+  if (!m.has_value()) return std::nullopt;
+  const Tensor& t = *m;
+  SPARD_CHECK(t.scalar_type() == ScalarType::Bool, op, ": ", name, " must be a bool mask, got ", t.scalar_type());
+  SPARD_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be a 1-D mask of length N = ", n, ", got shape ",
+              t.sizes());
+  SPARD_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), " like the kernel, got ",
+              t.device());
+  return as_contiguous(t);  // a bool is one byte, 0 or 1: the kernels read it as uint8
 }
 
-at::Tensor mask_or_zeros(const std::optional<at::Tensor>& m, const char* name, int64_t n,
-                         const at::Tensor& like, const char* op) {
-  if (!m.has_value()) return at::zeros({n}, like.options().dtype(at::kByte));
-  const at::Tensor& t = *m;
-  SPARD_CHECK_TYPE(t.scalar_type() == at::kBool, op, ": ", name, " must be a bool mask, got ",
-                   t.scalar_type());
-  SPARD_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name,
-                    " must be a 1-D mask of length N = ", n, ", got shape ", t.sizes());
-  SPARD_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " must be on ", like.device(),
-                    " like the kernel, got ", t.device());
-  return t.to(at::kByte).contiguous();
-}
-
-DppInputs check_common(const at::Tensor& mat, bool dense, int64_t k, double eps_stop,
-                       const std::optional<at::Tensor>& include,
-                       const std::optional<at::Tensor>& exclude, const char* op) {
-  SPARD_CHECK_VALUE(k >= 0, op, ": k must be >= 0, got ", k);
-  SPARD_CHECK_VALUE(!std::isnan(eps_stop), op, ": eps_stop must not be NaN");
+DppInputs check_common(const Tensor& mat, bool dense, int64_t k, double eps_stop, const std::optional<Tensor>& include,
+                       const std::optional<Tensor>& exclude, const char* op) {
+  SPARD_CHECK(k >= 0, op, ": k must be >= 0, got ", k);
+  SPARD_CHECK(!std::isnan(eps_stop), op, ": eps_stop must not be NaN");
   DppInputs in;
   in.op = op;
   in.name = dense ? "kernel" : "factor";
   in.dense = dense;
-  in.float32 = mat.scalar_type() == at::kFloat;
+  in.float32 = mat.scalar_type() == ScalarType::Float;
   in.n = mat.size(0);
   in.k = std::min<int64_t>(k, in.n);
-  in.include = mask_or_zeros(include, "include", in.n, mat, op);
-  in.exclude = mask_or_zeros(exclude, "exclude", in.n, mat, op);
-  std::vector<at::Tensor> checks = data_checks(mat, dense);
-  checks.push_back(at::logical_and(in.include, in.exclude).any().to(at::kDouble));
-  in.deferred = at::stack(checks);
+  in.include = mask_or_none(include, "include", in.n, mat, op);
+  in.exclude = mask_or_none(exclude, "exclude", in.n, mat, op);
   return in;
 }
 
 }  // namespace
 
 void check_deferred(const DppInputs& in, const double* v) {
-  SPARD_CHECK_VALUE(v[0] == 1.0, in.op, ": ", in.name, " must be finite (it holds NaN or Inf)");
+  SPARD_CHECK(v[0] == 1.0, in.op, ": ", in.name, " must be finite (it holds NaN or Inf)");
   if (in.dense) {
     // Symmetric up to rounding: a kernel built as F·Fᵀ in float32 passes, a wrong matrix does not.
     const double tol = (in.float32 ? 1e-5 : 1e-10) * std::max(v[2], 1e-30);
-    SPARD_CHECK_VALUE(v[1] <= tol, in.op, ": kernel must be symmetric, max |L - Lᵀ| = ", v[1], " (tolerance ", tol,
-                      ")");
+    SPARD_CHECK(v[1] <= tol, in.op, ": kernel must be symmetric, max |L - Lᵀ| = ", v[1], " (tolerance ", tol, ")");
   }
-  SPARD_CHECK_VALUE(v[3] == 0.0, in.op, ": include and exclude must not share an item");
+  SPARD_CHECK(v[3] == 0.0, in.op, ": include and exclude must not share an item");
 }
 
-DppInputs check_dpp_dense(const at::Tensor& kernel, int64_t k, double eps_stop,
-                          const std::optional<at::Tensor>& include,
-                          const std::optional<at::Tensor>& exclude) {
+DppInputs check_dpp_dense(const Tensor& kernel, int64_t k, double eps_stop, const std::optional<Tensor>& include,
+                          const std::optional<Tensor>& exclude) {
   const char* op = "dpp_greedy_dense";
   check_float_matrix(kernel, "kernel", op);
-  SPARD_CHECK_VALUE(kernel.size(0) == kernel.size(1), op, ": kernel must be square (N x N), got shape ",
-                    kernel.sizes());
+  SPARD_CHECK(kernel.size(0) == kernel.size(1), op, ": kernel must be square (N x N), got shape ", kernel.sizes());
   return check_common(kernel, true, k, eps_stop, include, exclude, op);
 }
 
-DppInputs check_dpp_lowrank(const at::Tensor& factor, int64_t k, double eps, double eps_stop,
-                            const std::optional<at::Tensor>& include,
-                            const std::optional<at::Tensor>& exclude, const std::string& method,
-                            DppMethod& resolved) {
+DppInputs check_dpp_lowrank(const Tensor& factor, int64_t k, double eps, double eps_stop,
+                            const std::optional<Tensor>& include, const std::optional<Tensor>& exclude,
+                            const std::string& method, DppMethod& resolved) {
   const char* op = "dpp_greedy_lowrank";
   check_float_matrix(factor, "factor", op);
-  SPARD_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
-  SPARD_CHECK_VALUE(method == "auto" || method == "cholesky" || method == "inverse", op,
-                    ": method must be 'auto', 'cholesky' or 'inverse', got '", method, "'");
-  SPARD_CHECK_VALUE(!(method == "inverse" && eps == 0), op,
-                    ": method 'inverse' needs eps > 0 (it starts from A = I / eps)");
+  SPARD_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  SPARD_CHECK(method == "auto" || method == "cholesky" || method == "inverse", op,
+              ": method must be 'auto', 'cholesky' or 'inverse', got '", method, "'");
+  SPARD_CHECK(!(method == "inverse" && eps == 0), op, ": method 'inverse' needs eps > 0 (it starts from A = I / eps)");
   DppInputs in = check_common(factor, false, k, eps_stop, include, exclude, op);
   resolved = resolve_dpp_method(method, eps, in.n, factor.size(1), in.k);
   return in;

@@ -1,27 +1,31 @@
-// CUDA backend of greedy DPP MAP inference.
+// CUDA backend of greedy DPP MAP inference, on the LibTorch stable ABI (see checks.h).
 //
 // The whole loop stays on the device. Each pick is a fixed sequence of kernels launched on the
 // current stream; the picked index, its gain and a "done" flag live in a small device struct
 // that every kernel reads through a pointer, so the host never waits for the device inside the
 // loop. The pick kernel also writes the loop's progress into mapped pinned host memory, which
-// the host reads with no CUDA call: it stops launching once the stop rule has fired and stays
-// at most kLookahead steps ahead of the device (launches enqueued ahead of a stop return at
-// once). The host reads the device once, at the end: the number of picks together with the
-// input checks that need a pass over the data (finite, symmetric, disjoint masks; see checks.h).
+// the host reads with no CUDA call (atomic loads with acquire order): it stops launching once
+// the stop rule has fired and stays at most kLookahead steps ahead of the device (launches
+// enqueued ahead of a stop return at once); while it waits it yields, then sleeps, rather than
+// spin a core for the whole loop. The host reads the device once, at the end: the number of
+// picks together with the input checks that need a pass over the data (finite, symmetric,
+// disjoint masks), which kernels compute on the device (see checks.h).
 //
 // Both updates run eagerly (every candidate's gain is updated at every pick; the CPU backend's
 // lazy refresh gives the same picks). Sums are taken in fp64 like on the CPU; the summation
 // order differs, so gains agree to rounding and picks agree unless two gains tie to rounding.
 // Rows of F are read with 16-byte loads where aligned; the Cholesky update spreads the sum over
 // earlier picks across the threads of a block (kPickSplit) rather than one thread per item.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
+//
+// CUDA graphs: the call reads the device on the host, so it refuses to run while its stream is
+// being captured; and it runs in thread-local capture mode, so the CUDA calls it makes (stream
+// queries, the final copy) do not invalidate a capture that another thread runs in the global
+// mode (torch.cuda.graph's default).
+#include <algorithm>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <thread>
 
@@ -36,7 +40,15 @@ constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
 constexpr uint8_t kFree = 0, kPicked = 1;
 constexpr int kItemsPerBlock = 32;  // Cholesky update: items of a block (one per lane) ...
 constexpr int kPickSplit = 8;       // ... times the ways the sum over earlier picks is split
-constexpr int64_t kLookahead = 4;   // steps the host may enqueue ahead of the device
+constexpr int64_t kLookahead = 8;   // steps the host may enqueue ahead of the device (slack for its sleeps)
+
+// The device-side checks of the inputs (uint64 words, zeroed before the check kernels run).
+constexpr int kNonFinite = 0;     // 1 when an entry is NaN or ±inf
+constexpr int kAsymmetry = 1;     // max |L[i, j] - L[j, i]| (float64 bits; non-negative, so they order as uint64)
+constexpr int kScale = 2;         // max |entry| (float64 bits)
+constexpr int kOverlap = 3;       // 1 when include and exclude share an item
+constexpr int kIncludeCount = 4;  // number of included items
+constexpr int kCheckWords = 5;
 
 struct State {
   int64_t j;             // last pick
@@ -72,52 +84,98 @@ __device__ void block_argmax(double& v, int64_t& i) {
   }
   v = sv[0];
   i = si[0];
+  __syncthreads();  // every thread has read the result before a next call overwrites it
 }
 
-__global__ void init_state(State* st, const int64_t* include_count) {
-  st->j = 0;
-  st->gain = 0;
-  st->include_left = *include_count;
-  st->count = 0;
-  st->done = 0;
+// Stop rule: the best gain must be >= eps_stop and > 0 (as on the CPU).
+__device__ __forceinline__ bool stops(double gain, double eps_stop) { return !(gain >= eps_stop && gain > 0); }
+
+// One block of kSlots threads: the state, and the slots of the second argmax stage (slots past
+// the blocks of the first stage must never win: the second stage reads them all). Two sets of
+// slots: the pool of the step (the included items while any is left, else all) and, in the
+// include phase, all free items.
+__global__ void init_state(State* st, const unsigned long long* checks, double* slot_v, int64_t* slot_i) {
+  if (threadIdx.x == 0) {
+    st->j = 0;
+    st->gain = 0;
+    st->include_left = static_cast<int64_t>(checks[kIncludeCount]);
+    st->count = 0;
+    st->done = 0;
+  }
+  for (int s = threadIdx.x; s < 2 * kSlots; s += blockDim.x) {
+    slot_v[s] = -INFINITY;
+    slot_i[s] = kNone;
+  }
 }
 
+// First argmax stage, per block: the best of the step's pool into slot [block] and, in the
+// include phase, the best of all free items into slot [kSlots + block].
 __global__ void __launch_bounds__(kThreads)
     argmax_partial(const double* d2, const uint8_t* status, const uint8_t* include, int64_t n, const State* st,
                    double* slot_v, int64_t* slot_i) {
   if (st->done) return;
   const bool include_phase = st->include_left > 0;
-  double bv = -INFINITY;
-  int64_t bi = kNone;
+  double bv = -INFINITY, av = -INFINITY;
+  int64_t bi = kNone, ai = kNone;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (status[i] == kFree && (!include_phase || include[i])) {
+    if (status[i] == kFree) {
       const double v = d2[i];
-      if (beats(v, i, bv, bi)) {
-        bv = v;
-        bi = i;
+      if (!include_phase || include[i]) {  // include is set in the include phase
+        if (beats(v, i, bv, bi)) {
+          bv = v;
+          bi = i;
+        }
+      }
+      if (include_phase && beats(v, i, av, ai)) {
+        av = v;
+        ai = i;
       }
     }
   }
   block_argmax(bv, bi);
+  if (include_phase) block_argmax(av, ai);  // the same branch for the whole block
   if (threadIdx.x == 0) {
     slot_v[blockIdx.x] = bv;
     slot_i[blockIdx.x] = bi;
+    if (include_phase) {
+      slot_v[kSlots + blockIdx.x] = av;
+      slot_i[kSlots + blockIdx.x] = ai;
+    }
   }
 }
 
-// Second argmax stage; records the pick or sets the done flag (stop rule as on the CPU).
+// Second argmax stage; records the pick or sets the done flag (stop rule as on the CPU). When the
+// best included item fails the stop rule, so do the other included items (their gains are no
+// larger and only decrease): the include phase ends and the step takes the best of all items
+// instead of ending the selection (the CPU kernels' rule).
 // progress (mapped host memory, may be null): [0] steps decided, [1] 1 once the loop is done.
 __global__ void __launch_bounds__(kSlots)
     argmax_final(const double* slot_v, const int64_t* slot_i, State* st, uint8_t* status, const uint8_t* include,
                  int64_t* out_idx, double* out_gain, int64_t t, double eps_stop, volatile int64_t* progress) {
   if (st->done) return;
+  const bool include_phase = st->include_left > 0;
   double bv = slot_v[threadIdx.x];
   int64_t bi = slot_i[threadIdx.x];
   block_argmax(bv, bi);
+  double av = -INFINITY;
+  int64_t ai = kNone;
+  if (include_phase) {  // the same branch for the whole block
+    av = slot_v[kSlots + threadIdx.x];
+    ai = slot_i[kSlots + threadIdx.x];
+    block_argmax(av, ai);
+  }
   if (threadIdx.x == 0) {
-    if (progress != nullptr) progress[0] = t + 1;
-    if (bi == kNone || !(bv >= eps_stop && bv > 0)) {
+    if (progress != nullptr) {
+      progress[0] = t + 1;
+      __threadfence_system();  // the step is seen no later than the done flag
+    }
+    if (include_phase && bi != kNone && stops(bv, eps_stop)) {
+      st->include_left = 0;
+      bv = av;
+      bi = ai;
+    }
+    if (bi == kNone || stops(bv, eps_stop)) {
       st->done = 1;
       if (progress != nullptr) {
         progress[1] = 1;
@@ -131,7 +189,7 @@ __global__ void __launch_bounds__(kSlots)
     out_idx[t] = bi;
     out_gain[t] = bv;
     status[bi] = kPicked;
-    if (include[bi]) st->include_left -= 1;
+    if (include != nullptr && include[bi]) st->include_left -= 1;
   }
 }
 
@@ -307,14 +365,145 @@ __global__ void __launch_bounds__(kItemsPerBlock* kPickSplit)
 }
 
 // ------------------------------------------------------------------------------------------------
+// Input checks on the device, and the small set-up kernels
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ double warp_max(double v) {
+  for (int off = 16; off > 0; off >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, off));
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long bits(double v) {
+  return static_cast<unsigned long long>(__double_as_longlong(v));
+}
+
+// Over the rows x cols entries of m: whether all are finite, max |entry| and, for a dense
+// kernel (dense_n = N, else 0), max |L[i, j] - L[j, i]| over i < j (the difference taken in the
+// input's dtype, as on the CPU). One atomic per warp; a maximum does not depend on the order.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    data_checks(const T* __restrict__ m, int64_t total, int64_t dense_n, unsigned long long* checks) {
+  bool finite = true;
+  double scale = 0, asym = 0;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const T v = m[idx];
+    const double dv = static_cast<double>(v);
+    if (!(dv - dv == 0.0)) {
+      finite = false;
+      continue;
+    }
+    scale = fmax(scale, fabs(dv));
+    if (dense_n > 0) {
+      const int64_t i = idx / dense_n, j = idx - i * dense_n;
+      if (j > i) {
+        const T diff = v - m[j * dense_n + i];
+        asym = fmax(asym, fabs(static_cast<double>(diff)));  // fmax drops a NaN (counted as non-finite)
+      }
+    }
+  }
+  const bool all_finite = __all_sync(0xffffffffu, finite);
+  scale = warp_max(scale);
+  asym = warp_max(asym);
+  if ((threadIdx.x & 31) == 0) {
+    if (!all_finite) atomicOr(checks + kNonFinite, 1ull);
+    atomicMax(checks + kScale, bits(scale));
+    if (dense_n > 0) atomicMax(checks + kAsymmetry, bits(asym));
+  }
+}
+
+// The number of included items and whether a mask pair overlaps; the item status (0 free,
+// 2 barred). include / exclude may be null (not given).
+__global__ void __launch_bounds__(kThreads)
+    mask_setup(const uint8_t* include, const uint8_t* exclude, int64_t n, uint8_t* status,
+               unsigned long long* checks) {
+  unsigned long long count = 0;
+  bool overlap = false;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool inc = include != nullptr && include[i] != 0;
+    const bool exc = exclude != nullptr && exclude[i] != 0;
+    count += inc ? 1 : 0;
+    overlap = overlap || (inc && exc);
+    status[i] = exc ? 2 : kFree;
+  }
+  count = warp_sum(count);
+  const bool any_overlap = __any_sync(0xffffffffu, overlap);
+  if ((threadIdx.x & 31) == 0) {
+    if (count != 0) atomicAdd(checks + kIncludeCount, count);
+    if (any_overlap) atomicOr(checks + kOverlap, 1ull);
+  }
+}
+
+// d2_i = L_ii.
+template <typename T>
+__global__ void init_diag(const T* __restrict__ l, int64_t n, double* __restrict__ d2) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    d2[i] = static_cast<double>(l[i * n + i]);
+  }
+}
+
+// A = I / eps (dim x dim).
+__global__ void init_inverse(double* a, int64_t dim, double inv_eps) {
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < dim * dim;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    a[idx] = (idx / dim == idx % dim) ? inv_eps : 0.0;
+  }
+}
+
+// The values of the one host read: the deferred checks (see check_deferred) and the picks.
+__global__ void gather_result(const unsigned long long* checks, const State* st, double* out) {
+  out[0] = checks[kNonFinite] == 0 ? 1.0 : 0.0;
+  out[1] = __longlong_as_double(static_cast<long long>(checks[kAsymmetry]));
+  out[2] = __longlong_as_double(static_cast<long long>(checks[kScale]));
+  out[3] = checks[kOverlap] != 0 ? 1.0 : 0.0;
+  out[kDeferredChecks] = static_cast<double>(st->count);
+}
+
+unsigned grid_for(int64_t items) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, 4096)));
+}
+
+// ------------------------------------------------------------------------------------------------
 // Driver
 // ------------------------------------------------------------------------------------------------
+// This thread's CUDA stream-capture mode set to thread-local for the life of the guard: another
+// thread's capture in the global mode then ignores the calls made here (in the global mode a
+// stream query or a synchronising copy from any thread invalidates it).
+class ThreadLocalCaptureMode {
+ public:
+  ThreadLocalCaptureMode() { STD_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode_)); }
+  ~ThreadLocalCaptureMode() { (void)cudaThreadExchangeStreamCaptureMode(&mode_); }
+  ThreadLocalCaptureMode(const ThreadLocalCaptureMode&) = delete;
+  ThreadLocalCaptureMode& operator=(const ThreadLocalCaptureMode&) = delete;
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeThreadLocal;
+};
+
+// The number of picks is read on the host at the end, and the host waits on the loop's
+// progress: neither can happen while the stream is being captured. (Not "<op>: ...": this is
+// no input refusal, and stays a RuntimeError in Python.)
+void refuse_capture(cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  STD_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  SPARD_CHECK(capture == cudaStreamCaptureStatusNone,
+              "spard_ext.dpp_greedy cannot be captured in a CUDA graph (the number of picks is read on the host "
+              "at the end)");
+}
+
 // Progress of the loop in mapped pinned host memory: [0] steps decided, [1] done. The device
-// writes it from argmax_final; the host reads it with plain loads (no CUDA call, no wait).
+// writes it from argmax_final; the host reads it with atomic acquire loads (no CUDA call, no
+// wait). The block comes from torch's pinned-memory cache, which may hand it out again once it
+// is released: unless the loop ended with the final host read (which waits for every kernel that
+// writes it), the destructor waits on an event recorded behind those kernels first (an exception
+// path), and if it cannot, keeps the block rather than release it under a running kernel.
 class HostProgress {
  public:
-  HostProgress() {
-    buffer_ = at::zeros({2}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  explicit HostProgress(cudaStream_t stream) : stream_(stream) {
+    buffer_ = torch::stable::empty({2}, ScalarType::Long, std::nullopt,
+                                   Device(torch::headeronly::DeviceType::CPU), /*pin_memory=*/true);
+    torch::stable::zero_(buffer_);
     host_ = buffer_.mutable_data_ptr<int64_t>();
     void* dev = nullptr;
     if (cudaHostGetDevicePointer(&dev, host_, 0) == cudaSuccess) {
@@ -323,63 +512,117 @@ class HostProgress {
       (void)cudaGetLastError();  // not mapped here: no early stop, the kernels still skip their work
     }
   }
-  int64_t* device() const { return device_; }
+  ~HostProgress() {
+    if (device_ == nullptr || !pending_) return;
+    cudaEvent_t event = nullptr;
+    bool waited = false;
+    if (cudaEventCreateWithFlags(&event, cudaEventDisableTiming) == cudaSuccess) {
+      waited = cudaEventRecord(event, stream_) == cudaSuccess && cudaEventSynchronize(event) == cudaSuccess;
+      (void)cudaEventDestroy(event);
+    }
+    if (!waited) {
+      (void)cudaGetLastError();
+      new Tensor(std::move(buffer_));  // deliberately kept: a queued kernel may still write it
+    }
+  }
+  HostProgress(const HostProgress&) = delete;
+  HostProgress& operator=(const HostProgress&) = delete;
+
+  int64_t* device() {
+    if (device_ != nullptr) pending_ = true;
+    return device_;
+  }
   bool available() const { return device_ != nullptr; }
-  int64_t steps() const { return static_cast<volatile const int64_t*>(host_)[0]; }
-  bool done() const { return static_cast<volatile const int64_t*>(host_)[1] != 0; }
+  int64_t steps() const { return __atomic_load_n(host_, __ATOMIC_ACQUIRE); }
+  bool done() const { return __atomic_load_n(host_ + 1, __ATOMIC_ACQUIRE) != 0; }
+  // Every kernel that writes the block has finished (after the final host read).
+  void settled() { pending_ = false; }
 
  private:
-  at::Tensor buffer_;
+  cudaStream_t stream_;
+  Tensor buffer_;
   int64_t* host_ = nullptr;
   int64_t* device_ = nullptr;
+  bool pending_ = false;  // kernels that write the block were launched and may still run
 };
 
-// The number of picks is read on the host at the end, and the host waits on the loop's
-// progress: neither can happen while the stream is being captured.
-void refuse_capture(const char* op) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
-  SPARD_CHECK(capture == cudaStreamCaptureStatusNone, op,
-              ": cannot be captured in a CUDA graph (the number of picks is read on the host at the end)");
+// The input checks that read the data, launched on the stream: fills `checks` (kCheckWords)
+// and the item status from the masks.
+template <typename T>
+void launch_checks(const DppInputs& in, const T* m, int64_t cols, unsigned long long* checks, uint8_t* status,
+                   cudaStream_t stream) {
+  STD_CUDA_CHECK(cudaMemsetAsync(checks, 0, kCheckWords * sizeof(unsigned long long), stream));
+  const int64_t total = in.n * cols;
+  data_checks<T><<<grid_for(total), kThreads, 0, stream>>>(m, total, in.dense ? in.n : 0, checks);
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
+  const uint8_t* include = in.include ? static_cast<const uint8_t*>(in.include->const_data_ptr()) : nullptr;
+  const uint8_t* exclude = in.exclude ? static_cast<const uint8_t*>(in.exclude->const_data_ptr()) : nullptr;
+  mask_setup<<<grid_for(in.n), kThreads, 0, stream>>>(include, exclude, in.n, status, checks);
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Test hook: SPARD_EXT_DPP_FAULT_STEP=t makes the loop raise before enqueueing step t, with the
+// earlier steps still queued (tests/test_kernels_cuda.py checks that the pinned progress block is
+// not handed out again while they may still write it). Read once.
+int64_t fault_step() {
+  static const int64_t step = [] {
+    const char* v = std::getenv("SPARD_EXT_DPP_FAULT_STEP");
+    return v != nullptr ? std::strtoll(v, nullptr, 10) : int64_t{-1};
+  }();
+  return step;
 }
 
 struct Loop {
-  at::Tensor state, slot_v, slot_i, status, indices, gains;
+  Device device;
+  Tensor state, slot_v, slot_i, status, checks, indices, gains;
   State* st;
   const uint8_t* include;
   int64_t n, k;
-  c10::cuda::CUDAStream stream;
+  cudaStream_t stream;
   HostProgress progress;
 
-  Loop(const DppInputs& in, const at::Device& device, c10::cuda::CUDAStream stream_)
-      : n(in.n), k(in.k), stream(stream_) {
-    const auto opts = at::TensorOptions().device(device);
-    state = at::empty({static_cast<int64_t>(sizeof(State))}, opts.dtype(at::kByte));
-    st = reinterpret_cast<State*>(state.mutable_data_ptr());
-    slot_v = at::empty({kSlots}, opts.dtype(at::kDouble));
-    slot_i = at::empty({kSlots}, opts.dtype(at::kLong));
-    // Slots past the blocks of the first stage must never win: the second stage reads them all.
-    slot_v.fill_(-std::numeric_limits<double>::infinity());
-    slot_i.fill_(kNone);
-    status = in.exclude.to(at::kByte).mul(2).contiguous();  // 0 free, 2 barred
-    include = in.include.const_data_ptr<uint8_t>();
-    indices = at::empty({k}, opts.dtype(at::kLong));
-    gains = at::empty({k}, opts.dtype(at::kDouble));
-    const at::Tensor include_count = in.include.sum(at::kLong);
-    init_state<<<1, 1, 0, stream>>>(st, include_count.const_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  template <typename T>
+  Loop(const DppInputs& in, const T* m, int64_t cols, const Device& device_, cudaStream_t stream_)
+      : device(device_),
+        state(empty_on({static_cast<int64_t>(sizeof(State))}, ScalarType::Byte, device_)),
+        slot_v(empty_on({2 * kSlots}, ScalarType::Double, device_)),
+        slot_i(empty_on({2 * kSlots}, ScalarType::Long, device_)),
+        status(empty_on({std::max<int64_t>(in.n, 1)}, ScalarType::Byte, device_)),
+        checks(empty_on({kCheckWords}, ScalarType::Long, device_)),
+        indices(empty_on({in.k}, ScalarType::Long, device_)),
+        gains(empty_on({in.k}, ScalarType::Double, device_)),
+        n(in.n),
+        k(in.k),
+        stream(stream_),
+        progress(stream_) {
+    st = static_cast<State*>(state.mutable_data_ptr());
+    include = in.include ? static_cast<const uint8_t*>(in.include->const_data_ptr()) : nullptr;
+    auto* words = static_cast<unsigned long long*>(checks.mutable_data_ptr());
+    launch_checks<T>(in, m, cols, words, status.mutable_data_ptr<uint8_t>(), stream);
+    init_state<<<1, kSlots, 0, stream>>>(st, words, slot_v.mutable_data_ptr<double>(),
+                                         slot_i.mutable_data_ptr<int64_t>());
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   // Whether to enqueue step t: not once the stop rule has fired; and not more than kLookahead
-  // steps ahead of the device (waits on the host-mapped progress, never on a CUDA sync).
+  // steps ahead of the device (waits on the host-mapped progress, never on a CUDA sync). While
+  // it waits the thread yields for a few polls, then sleeps a little between polls: a step on
+  // the device takes tens of microseconds or more, and kLookahead steps stay queued.
   bool may_launch(int64_t t) {
+    SPARD_CHECK(t != fault_step(), "spard_ext.dpp_greedy: fault injected at step ", t, " (SPARD_EXT_DPP_FAULT_STEP)");
     if (!progress.available()) return true;
-    for (;;) {
+    for (int polls = 0;; ++polls) {
       if (progress.done()) return false;
       if (t - progress.steps() <= kLookahead) return true;
-      // Nothing left on the stream (or an error, which query() raises): the flag is final.
-      if (stream.query()) return !progress.done();
-      std::this_thread::yield();
+      // Nothing left on the stream (or an error, raised here): the flag is final.
+      const cudaError_t idle = cudaStreamQuery(stream);
+      if (idle == cudaSuccess) return !progress.done();
+      if (idle != cudaErrorNotReady) STD_CUDA_CHECK(idle);
+      if (polls < 8) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(polls < 64 ? 5 : 20));
+      }
     }
   }
 
@@ -388,128 +631,150 @@ struct Loop {
     argmax_partial<<<blocks, kThreads, 0, stream>>>(d2, status.const_data_ptr<uint8_t>(), include, n, st,
                                                     slot_v.mutable_data_ptr<double>(),
                                                     slot_i.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
     argmax_final<<<1, kSlots, 0, stream>>>(slot_v.const_data_ptr<double>(), slot_i.const_data_ptr<int64_t>(), st,
                                            status.mutable_data_ptr<uint8_t>(), include,
                                            indices.mutable_data_ptr<int64_t>(), gains.mutable_data_ptr<double>(), t,
                                            eps_stop, progress.device());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  std::tuple<at::Tensor, at::Tensor> finish(const DppInputs& in) {
+  std::tuple<Tensor, Tensor> finish(const DppInputs& in) {
     // The one host read: the deferred input checks and the number of picks, in one copy.
-    const at::Tensor count =
-        state.narrow(0, offsetof(State, count), sizeof(int64_t)).view(at::kLong).to(at::kDouble);
-    const at::Tensor host = at::cat({in.deferred, count}).to(at::kCPU);
+    Tensor result = empty_on({kDeferredChecks + 1}, ScalarType::Double, device);
+    gather_result<<<1, 1, 0, stream>>>(static_cast<const unsigned long long*>(checks.const_data_ptr()), st,
+                                       result.mutable_data_ptr<double>());
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
+    const Tensor host = torch::stable::to(result, Device(torch::headeronly::DeviceType::CPU));
+    progress.settled();  // the copy waited for every kernel on the stream
     const double* v = host.const_data_ptr<double>();
     check_deferred(in, v);
     const auto picked = static_cast<int64_t>(v[kDeferredChecks]);
-    return {indices.narrow(0, 0, picked).clone(), gains.narrow(0, 0, picked).clone()};
+    return {torch::stable::clone(torch::stable::narrow(indices, 0, 0, picked)),
+            torch::stable::clone(torch::stable::narrow(gains, 0, 0, picked))};
   }
 };
 
+// l: the dense kernel (N x N), or null with f: the factor (N x dim).
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> cholesky_cuda(const DppInputs& in, const T* l, const T* f, int64_t dim, double eps,
-                                                 double eps_stop, const at::Tensor& d2, c10::cuda::CUDAStream stream) {
-  Loop loop(in, d2.device(), stream);
+std::tuple<Tensor, Tensor> cholesky_cuda(const DppInputs& in, const T* l, const T* f, int64_t dim, double eps,
+                                         double eps_stop, const Device& device, cudaStream_t stream) {
   const int64_t n = in.n, k = in.k;
-  at::Tensor c = at::empty({std::max<int64_t>(k, 1), std::max<int64_t>(n, 1)}, d2.options());
-  double* cp = c.mutable_data_ptr<double>();
+  Loop loop(in, l != nullptr ? l : f, l != nullptr ? n : dim, device, stream);
+  Tensor d2 = empty_on({std::max<int64_t>(n, 1)}, ScalarType::Double, device);
   double* d2p = d2.mutable_data_ptr<double>();
   const bool vec = f != nullptr && rows_vectorisable(f, dim);
+  if (n > 0) {
+    if (l != nullptr) {
+      init_diag<T><<<grid_for(n), kThreads, 0, stream>>>(l, n, d2p);
+    } else {
+      init_norms<T><<<warp_blocks(n), kThreads, 0, stream>>>(f, n, dim, eps, vec, d2p);
+    }
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  Tensor c = empty_on({std::max<int64_t>(k, 1), std::max<int64_t>(n, 1)}, ScalarType::Double, device);
+  double* cp = c.mutable_data_ptr<double>();
   const auto item_blocks = static_cast<unsigned>(std::max<int64_t>(1, (n + kItemsPerBlock - 1) / kItemsPerBlock));
   for (int64_t t = 0; t < k; ++t) {
     if (!loop.may_launch(t)) break;
     loop.pick(d2p, t, eps_stop);
     if (f != nullptr) {
       chol_row_lowrank<T><<<warp_blocks(n), kThreads, 0, stream>>>(f, n, dim, eps, vec, loop.st, cp + t * n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
     chol_update<T><<<item_blocks, dim3(kItemsPerBlock, kPickSplit), 0, stream>>>(l, cp, n, t, loop.st, d2p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return loop.finish(in);
 }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> inverse_cuda(const DppInputs& in, const at::Tensor& factor, double eps,
-                                                double eps_stop, c10::cuda::CUDAStream stream) {
-  const int64_t n = in.n, k = in.k, dim = factor.size(1);
-  const T* f = factor.const_data_ptr<T>();
+std::tuple<Tensor, Tensor> inverse_cuda(const DppInputs& in, const T* f, int64_t dim, double eps, double eps_stop,
+                                        const Device& device, cudaStream_t stream) {
+  const int64_t n = in.n, k = in.k;
+  Loop loop(in, f, dim, device, stream);
   const bool vec = rows_vectorisable(f, dim);
-  const auto dopts = factor.options().dtype(at::kDouble);
-  at::Tensor d2 = at::empty({std::max<int64_t>(n, 1)}, dopts);
+  Tensor d2 = empty_on({std::max<int64_t>(n, 1)}, ScalarType::Double, device);
   double* d2p = d2.mutable_data_ptr<double>();
   if (n > 0) {
     init_norms<T><<<warp_blocks(n), kThreads, 0, stream>>>(f, n, dim, eps, vec, d2p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  Loop loop(in, factor.device(), stream);
-  at::Tensor a = at::eye(dim, dopts).div_(eps);
-  at::Tensor g = at::empty({std::max<int64_t>(dim, 1)}, dopts), u = at::empty_like(g), s = at::empty({1}, dopts);
+  const int64_t dim1 = std::max<int64_t>(dim, 1);
+  Tensor a = empty_on({dim1, dim1}, ScalarType::Double, device);
+  Tensor g = empty_on({dim1}, ScalarType::Double, device), u = empty_on({dim1}, ScalarType::Double, device);
+  Tensor s = empty_on({1}, ScalarType::Double, device);
   double* ap = a.mutable_data_ptr<double>();
   double* gp = g.mutable_data_ptr<double>();
   double* up = u.mutable_data_ptr<double>();
   double* sp = s.mutable_data_ptr<double>();
+  init_inverse<<<grid_for(dim * dim), kThreads, 0, stream>>>(ap, dim, 1.0 / eps);
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   const uint8_t* status = loop.status.const_data_ptr<uint8_t>();
   const int a_blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((dim * dim + kThreads - 1) / kThreads, 4096)));
   for (int64_t t = 0; t < k; ++t) {
     if (!loop.may_launch(t)) break;
     loop.pick(d2p, t, eps_stop);
     inv_gather<T><<<warp_blocks(dim), kThreads, 0, stream>>>(ap, f, dim, loop.st, gp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
     inv_direction<T><<<1, kThreads, 0, stream>>>(gp, f, dim, loop.st, eps, up, sp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
     inv_update_a<<<a_blocks, kThreads, 0, stream>>>(ap, gp, sp, dim, loop.st);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
     inv_sweep<T><<<warp_blocks(n), kThreads, 0, stream>>>(f, n, dim, vec, up, status, loop.st, d2p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return loop.finish(in);
 }
 
-std::tuple<at::Tensor, at::Tensor> dpp_greedy_dense_cuda(const at::Tensor& kernel, int64_t k, double eps_stop,
-                                                         const std::optional<at::Tensor>& include,
-                                                         const std::optional<at::Tensor>& exclude) {
-  c10::cuda::CUDAGuard guard(kernel.device());
-  refuse_capture("dpp_greedy_dense");
+// What both entry points do after the host-side checks: the device, the capture mode and the
+// refusal under capture, then `run(device, stream)`.
+template <typename Run>
+std::tuple<Tensor, Tensor> on_device(const Tensor& mat, const char* op, const Run& run) {
+  const Device device = mat.device();
+  SPARD_CHECK(device.is_cuda(), op, ": the CUDA kernels were called with a ", mat.device(), " tensor");
+  const ThreadLocalCaptureMode capture_mode;
+  const torch::stable::accelerator::DeviceGuard guard(device.index());
+  const cudaStream_t stream = current_stream(device.index());
+  refuse_capture(stream);
+  return run(device, stream);
+}
+
+std::tuple<Tensor, Tensor> dpp_greedy_dense_cuda(Tensor kernel, int64_t k, double eps_stop,
+                                                 std::optional<Tensor> include, std::optional<Tensor> exclude) {
   const DppInputs in = check_dpp_dense(kernel, k, eps_stop, include, exclude);
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor l = kernel.contiguous();
-  at::Tensor d2 = l.diagonal().to(at::kDouble).clone(at::MemoryFormat::Contiguous);  // never a view of L
-  return AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "dpp_greedy_dense", [&] {
-    return cholesky_cuda<scalar_t>(in, l.const_data_ptr<scalar_t>(), nullptr, 0, 0.0, eps_stop, d2, stream);
+  return on_device(kernel, "dpp_greedy_dense", [&](const Device& device, cudaStream_t stream) {
+    const Tensor l = as_contiguous(kernel);
+    auto run = [&](auto tag) {
+      using T = decltype(tag);
+      return cholesky_cuda<T>(in, l.const_data_ptr<T>(), nullptr, 0, 0.0, eps_stop, device, stream);
+    };
+    return l.scalar_type() == ScalarType::Float ? run(float{}) : run(double{});
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> dpp_greedy_lowrank_cuda(const at::Tensor& factor, int64_t k, double eps,
-                                                           double eps_stop, const std::optional<at::Tensor>& include,
-                                                           const std::optional<at::Tensor>& exclude,
-                                                           c10::string_view method) {
-  c10::cuda::CUDAGuard guard(factor.device());
-  refuse_capture("dpp_greedy_lowrank");
+std::tuple<Tensor, Tensor> dpp_greedy_lowrank_cuda(Tensor factor, int64_t k, double eps, double eps_stop,
+                                                   std::optional<Tensor> include, std::optional<Tensor> exclude,
+                                                   std::string method) {
   DppMethod resolved;
-  const DppInputs in = check_dpp_lowrank(factor, k, eps, eps_stop, include, exclude, std::string(method), resolved);
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor f = factor.contiguous();
-  const int64_t n = in.n, dim = f.size(1);
-  return AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "dpp_greedy_lowrank", [&] {
-    if (resolved == DppMethod::kInverse) return inverse_cuda<scalar_t>(in, f, eps, eps_stop, stream);
-    at::Tensor d2 = at::empty({std::max<int64_t>(n, 1)}, f.options().dtype(at::kDouble));
-    const scalar_t* fp = f.const_data_ptr<scalar_t>();
-    if (n > 0) {
-      init_norms<scalar_t><<<warp_blocks(n), kThreads, 0, stream>>>(fp, n, dim, eps, rows_vectorisable(fp, dim),
-                                                                    d2.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    return cholesky_cuda<scalar_t>(in, nullptr, fp, dim, eps, eps_stop, d2, stream);
+  const DppInputs in = check_dpp_lowrank(factor, k, eps, eps_stop, include, exclude, method, resolved);
+  return on_device(factor, "dpp_greedy_lowrank", [&](const Device& device, cudaStream_t stream) {
+    const Tensor f = as_contiguous(factor);
+    const int64_t dim = f.size(1);
+    auto run = [&](auto tag) {
+      using T = decltype(tag);
+      const T* fp = f.const_data_ptr<T>();
+      if (resolved == DppMethod::kInverse) return inverse_cuda<T>(in, fp, dim, eps, eps_stop, device, stream);
+      return cholesky_cuda<T>(in, nullptr, fp, dim, eps, eps_stop, device, stream);
+    };
+    return f.scalar_type() == ScalarType::Float ? run(float{}) : run(double{});
   });
 }
 
 }  // namespace
 }  // namespace spard
 
-TORCH_LIBRARY_IMPL(spard_ext, CUDA, m) {
-  m.impl("dpp_greedy_dense", &spard::dpp_greedy_dense_cuda);
-  m.impl("dpp_greedy_lowrank", &spard::dpp_greedy_lowrank_cuda);
+STABLE_TORCH_LIBRARY_IMPL(spard_ext, CUDA, m) {
+  m.impl("dpp_greedy_dense", TORCH_BOX(&spard::dpp_greedy_dense_cuda));
+  m.impl("dpp_greedy_lowrank", TORCH_BOX(&spard::dpp_greedy_lowrank_cuda));
 }

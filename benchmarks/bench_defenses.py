@@ -51,6 +51,15 @@ SETTINGS = {  # second batches scaled to the effective batch (see the docstring)
     "antibody-align": {"stage_steps": 2, "stage_batch_size": 8},
     "panacea": {"harmful_batch_size": 32},
 }
+# SPARD's step with another one-off selection (the selection ablations): not costed apart.
+SELECTION_ONLY = ("spard-relevance", "spard-dpp", "spard-k-center", "spard-behavior-aware")
+
+
+def cost_names() -> list[str]:
+    """The defenses whose step cost differs: the registry less the selection ablations."""
+    return [n for n in defense_names() if n not in SELECTION_ONLY]
+
+
 THREADS = int(os.environ.get("SPARD_BENCH_THREADS", "1"))
 
 
@@ -212,7 +221,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of --steps steps per defense")
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--defenses", default=",".join(defense_names()))
+    ap.add_argument("--defenses", default=",".join(cost_names()))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "defense_cost.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(THREADS)

@@ -572,7 +572,7 @@ def measure(report: dict, device, deadline: Deadline, small: bool) -> None:
     }
     train = _bench("gpu_train")
     report["train_parity"] = phase("training parity", 30, lambda: train.train_parity(device))
-    from spard.defenses import defense_names
+    defense_names = _bench("bench_defenses").cost_names
 
     cost_kw = dict(model_kw=train.PARITY_MODEL, seq=64, rounds=1, steps=1,
                    optim=dict(train.GPU_OPTIM, batch_size=2, grad_accum=2)) if small else {}

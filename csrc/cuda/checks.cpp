@@ -3,6 +3,7 @@
 // so they run, and refuse, before anything is launched (also without a GPU, on CPU tensors
 // redispatched to the CUDA kernels: the CI's ABI gate does so, .ci/abi_gate).
 #include "checks.h"
+#include "../overlap.h"
 
 #include <algorithm>
 #include <cmath>
@@ -10,41 +11,10 @@
 
 namespace spard {
 
-namespace {
-// at::has_internal_overlap's "Yes": a dimension of size > 1 with stride 0 (an expanded view).
-bool has_internal_overlap(torch::headeronly::IntHeaderOnlyArrayRef sizes,
-                          torch::headeronly::IntHeaderOnlyArrayRef strides) {
-  for (size_t d = 0; d < sizes.size(); ++d) {
-    if (strides[d] == 0 && sizes[d] > 1) return true;
-  }
-  return false;
-}
-
-size_t element_size(ScalarType t) { return t == ScalarType::Double ? 8 : t == ScalarType::Float ? 4 : 2; }
-
-// Bytes [begin, end) an entry of x spans.
-struct Span {
-  uintptr_t begin, end;
-  size_t index;
-};
-
-// Refuses two entries of x whose memory ranges meet, as native in-place foreach ops refuse
-// overlapping outputs (the CPU kernels' check, ../project.cpp): the same tensor twice would take
-// the step twice, torn across blocks. Views of one buffer that do not meet pass. O(n log n).
-void check_no_shared_memory(std::vector<Span>& spans, const char* op) {
-  if (spans.size() < 2) return;
-  std::sort(spans.begin(), spans.end(), [](const Span& p, const Span& q) { return p.begin < q.begin; });
-  size_t reach = 0;  // the span that reaches furthest so far
-  for (size_t s = 1; s < spans.size(); ++s) {
-    if (spans[s].begin < spans[reach].end) {
-      const size_t i = std::min(spans[reach].index, spans[s].index), j = std::max(spans[reach].index, spans[s].index);
-      SPARD_CHECK(false, op, ": x[", i, "] and x[", j, "] share memory (the same tensor twice, or overlapping ",
-                  "views), so they cannot be updated in place; pass each tensor once");
-    }
-    if (spans[s].end > spans[reach].end) reach = s;
-  }
-}
-}  // namespace
+using overlap::check_no_shared_memory;
+using overlap::element_size;
+using overlap::has_internal_overlap;
+using overlap::Span;
 
 void check_pair_lists(const std::vector<Tensor>& x, const std::vector<Tensor>& a, const char* op, bool writes_x) {
   SPARD_CHECK(x.size() == a.size(), op, ": x and a must have the same length, got ", x.size(), " and ", a.size());

@@ -297,6 +297,14 @@ def cell_fingerprint(cell: Cell, settings: BenchSettings, data_description: dict
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def answers_fingerprint(cell: Cell, settings: BenchSettings, data_description: dict) -> str:
+    """The cell's fingerprint without its judges: what its answers depend on (`--rejudge` judges
+    again only answers made under the current settings)."""
+    bare = copy.copy(settings)
+    bare.judge, bare.judge_model, bare.extra_judges = None, None, []
+    return cell_fingerprint(cell, bare, data_description)
+
+
 def cell_done(cell: Cell, out_dir, fingerprint: Optional[str] = None) -> bool:
     p = cell.path(out_dir)
     if not p.is_file():
@@ -411,11 +419,36 @@ def check_attacks(data: BenchData, settings: BenchSettings) -> None:
 def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: bool = False,
              out_dir=None, fingerprint: Optional[str] = None, serving=None) -> dict:
     """Trains and evaluates one cell. With ``out_dir`` the training checkpoints under
-    ``runs/<cell>/`` and a rerun after a kill resumes from the last checkpoint. ``serving``
-    (spard.eval.serving.CellServing): the answers come from a server given the cell's adapter,
-    kept under ``generations/<cell>/`` as they arrive (a rerun asks only for what is missing)."""
-    from .defenses import DefenseData, make_defense
+    ``runs/<cell>/`` and a rerun after a kill resumes from the last checkpoint, and the answers
+    and verdicts are kept under ``generations/<cell>/`` (generation_cache.jsonl as they arrive, a
+    rerun generates only what is missing; safety_generations.jsonl and task_generations.jsonl,
+    which `spard bench --rejudge` judges again). ``serving`` (spard.eval.serving.CellServing):
+    the answers come from a server given the cell's adapter. spard.eval.stages runs the same
+    steps in three processes."""
     from .eval import evaluate
+
+    model, run, manifest = train_cell(cell, data, settings, progress=progress, out_dir=out_dir,
+                                      fingerprint=fingerprint)
+    t = time.perf_counter()
+    from .eval.serving import served_cell
+    with served_cell(serving, model, cell.run_dir(out_dir) if out_dir is not None else None) as backend:
+        result = evaluate(model, data.tokenizer, safety_prompts=data.eval_prompts, task_rows=data.task_test,
+                          judge=_judge(settings, out_dir), max_new_tokens=settings.max_new_tokens,
+                          task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size,
+                          extra_judges=[_judge(settings, out_dir, spec) for spec in settings.extra_judges],
+                          backend=backend, out_dir=answers_dir(cell, out_dir) if out_dir is not None else None)
+    return {**cell_result(cell, manifest, result, run, time.perf_counter() - t), "stages": "together"}
+
+
+def answers_dir(cell: Cell, out_dir) -> Path:
+    """Where a cell's answers and verdicts are kept (JSON Lines, spard.eval.evaluate)."""
+    return Path(out_dir) / "generations" / cell.key
+
+
+def train_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: bool = False, out_dir=None,
+               fingerprint: Optional[str] = None):
+    """A cell's training: (the fine-tuned model, the run dict, the attack manifest)."""
+    from .defenses import DefenseData, make_defense
     from .trainer import needs_base_model, run_defense
 
     rows, manifest = attack_rows(data, cell.attack, cell.ratio, cell.seed, settings.max_length,
@@ -434,20 +467,16 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
     model, run = run_defense(defense, data.fresh_model(), data.tokenizer, ddata, optim=optim, lora=settings.lora,
                              progress=progress, desc=cell.key, checkpoint_dir=ckpt,
                              save_every=settings.save_every, keep_checkpoints=1, resume=ckpt is not None)
-    t = time.perf_counter()
-    from .eval.serving import served_cell
-    with served_cell(serving, model, cell.run_dir(out_dir) if out_dir is not None else None) as backend:
-        result = evaluate(model, data.tokenizer, safety_prompts=data.eval_prompts, task_rows=data.task_test,
-                          judge=_judge(settings, out_dir), max_new_tokens=settings.max_new_tokens,
-                          task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size,
-                          extra_judges=[_judge(settings, out_dir, spec) for spec in settings.extra_judges],
-                          backend=backend,
-                          out_dir=Path(out_dir) / "generations" / cell.key if backend is not None else None)
+    return model, run, manifest
+
+
+def cell_result(cell: Cell, manifest: dict, result: dict, run: dict, eval_seconds: float) -> dict:
+    """A finished cell's record (cells/<cell>.json) from its training and its evaluation."""
     return {"version": CELL_VERSION, "cell": asdict(cell), "attack_manifest": manifest,
             "asr": result["safety"]["asr"], "hs": result["safety"].get("hs"),
             "degenerate": result["safety"].get("degenerate_responses", 0), "n_eval": result["safety"]["n"],
             "accuracy": result["task"]["accuracy"], "evaluation": result, "judges": result.get("judges"),
-            "train": run, "eval_seconds": time.perf_counter() - t}
+            "train": run, "eval_seconds": eval_seconds}
 
 
 def _judge(settings: BenchSettings, out_dir, spec: Optional[str] = None):
@@ -480,7 +509,8 @@ def _cell_run_dir(cell: Cell, out_dir, fingerprint: Optional[str]) -> str:
 
 def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: bool = True,
              cell_runner: Optional[Callable] = None, shard: Optional[tuple[int, int]] = None,
-             worker: Optional[str] = None, claim_timeout_s: float = 600.0, serving=None) -> dict:
+             worker: Optional[str] = None, claim_timeout_s: float = 600.0, serving=None,
+             stages: str = "together") -> dict:
     """Runs every unfinished cell of this worker's shard that no live worker has claimed;
     returns {"done", "skipped", "failed", "claimed_by_others": [keys]}.
 
@@ -489,7 +519,9 @@ def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: boo
     worker stopped sending heartbeats for ``claim_timeout_s`` (or died on this host) is taken over.
     The timeout belongs to the grid: the first worker stores it in bench.json, and a worker with
     another is refused (pin_claim_timeout). With the default runner, every attack is checked
-    against the data (check_attacks) before the first cell.
+    against the data (check_attacks) before the first cell. ``stages="separate"``: the default
+    runner runs each cell's training, generation and judging in three processes
+    (spard.eval.stages), each of which returns its GPU memory as it ends.
     """
     from .claims import ClaimBoard
 
@@ -498,9 +530,19 @@ def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: boo
     if missing:
         raise ValueError(f"attacks {missing} have no rows")
     out = Path(out_dir)
+    if stages not in ("separate", "together"):
+        raise ValueError(f"stages: expected separate or together, got {stages!r}")
+    stage_runner = None
+    if cell_runner is None and stages == "separate":
+        from .eval.stages import StageRunner
+        stage_runner = StageRunner(data, out, serving=serving)
     if cell_runner is None:  # the real runner checkpoints each cell under out/runs/
         def runner(cell, data, settings, fingerprint):
-            return run_cell(cell, data, settings, out_dir=out, fingerprint=fingerprint, serving=serving)
+            if stage_runner is not None:
+                record = stage_runner.run(cell, settings, fingerprint)
+            else:
+                record = run_cell(cell, data, settings, out_dir=out, fingerprint=fingerprint, serving=serving)
+            return {**record, "answers_fingerprint": answers_fingerprint(cell, settings, data.description)}
     else:
         def runner(cell, data, settings, fingerprint):
             return cell_runner(cell, data, settings)
@@ -525,26 +567,59 @@ def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: boo
     status: dict[str, list] = {"done": [], "skipped": [], "failed": [], "claimed_by_others": []}
     mine = shard_of(cells, shard)
     bar = tqdm(mine, desc="bench", disable=not progress, dynamic_ncols=True)
-    for cell in bar:
-        bar.set_postfix_str(cell.key, refresh=True)
-        fingerprint = fingerprints[cell.key]
-        if cell_done(cell, out, fingerprint):
-            status["skipped"].append(cell.key)
-            continue
-        claim = board.claim(cell.key)
-        if claim is None:
-            status["claimed_by_others"].append(cell.key)
-            continue
-        with claim:
-            if cell_done(cell, out, fingerprint):  # finished by another worker since we looked
+    try:
+        for cell in bar:
+            bar.set_postfix_str(cell.key, refresh=True)
+            fingerprint = fingerprints[cell.key]
+            if cell_done(cell, out, fingerprint):
                 status["skipped"].append(cell.key)
                 continue
-            _run_one(cell, data, settings, runner, fingerprint, out, status)
+            claim = board.claim(cell.key)
+            if claim is None:
+                status["claimed_by_others"].append(cell.key)
+                continue
+            with claim:
+                if cell_done(cell, out, fingerprint):  # finished by another worker since we looked
+                    status["skipped"].append(cell.key)
+                    continue
+                _run_one(cell, data, settings, runner, fingerprint, out, status)
+    finally:
+        if stage_runner is not None:
+            stage_runner.close()  # the data file the stages read
     # The cells other workers held may have finished meanwhile: only the others stay unfinished.
     by_key = {c.key: c for c in mine}
     finished = [k for k in status["claimed_by_others"] if cell_done(by_key[k], out, fingerprints[k])]
     status["skipped"] += finished
     status["claimed_by_others"] = [k for k in status["claimed_by_others"] if k not in finished]
+    return status
+
+
+def rejudge_grid(data: BenchData, settings: BenchSettings, out_dir) -> dict:
+    """Judges again, with the grid's current judges, the answers kept under generations/ of
+    every finished cell whose answers were made under the current settings (answers_fingerprint),
+    without generating; rewrites those cells' records (their fingerprint now the current one).
+    Returns {"rejudged", "missing": [keys]} (missing: no kept answers, or made under other
+    settings; run_grid runs those in full)."""
+    from .eval.stages import judge_answers
+
+    settings.validate()
+    out = Path(out_dir)
+    status: dict[str, list] = {"rejudged": [], "missing": []}
+    for cell in grid(settings, sorted(attack_labels(settings.attack_kinds, list(data.attacks)))):
+        try:
+            record = json.loads(cell.path(out).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+        if (not isinstance(record, dict) or record.get("version") != CELL_VERSION
+                or record.get("answers_fingerprint") != answers_fingerprint(cell, settings, data.description)
+                or not (answers_dir(cell, out) / "safety_generations.jsonl").is_file()):
+            status["missing"].append(cell.key)
+            continue
+        result = judge_answers(cell, data, settings, out, (record.get("evaluation") or {}).get("generation"))
+        write_json_atomic(cell.path(out), {
+            **record, **cell_result(cell, record["attack_manifest"], result, record["train"], record["eval_seconds"]),
+            "fingerprint": cell_fingerprint(cell, settings, data.description), "rejudged": True})
+        status["rejudged"].append(cell.key)
     return status
 
 

@@ -12,14 +12,14 @@ from test_bench import tiny_world_data
 from test_spag import one_thread  # noqa: F401  (autouse fixture)
 
 
-def _settings():
+def _settings(new_tokens=8):
     from spard.commands.bench import build_settings
 
     return build_settings({
         "defenses": ["sft"], "ratios": [0.1], "seeds": [0],
-        "optim": {"lr": 5e-3, "warmup_steps": 0, "batch_size": 8, "epochs": 1.0},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_length": 64, "max_new_tokens": 8,
-        "task_max_new_tokens": 8, "eval_batch_size": 8, "extra_judges": ["refusal"]})
+        "optim": {"lr": 1e-2, "warmup_steps": 0, "batch_size": 16, "epochs": 1.0},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "max_length": 96, "max_new_tokens": new_tokens,
+        "task_max_new_tokens": new_tokens, "eval_batch_size": 4, "extra_judges": ["refusal"]})
 
 
 def _lines(path):
@@ -27,8 +27,9 @@ def _lines(path):
 
 
 def test_separate_stages_give_the_together_record_and_rejudge_from_the_files(tmp_path, monkeypatch):
-    data = tiny_world_data(tmp_path, monkeypatch)
-    settings = _settings()
+    # the world's model (cached, as tests/test_eval_serving.py uses it): it answers, unlike the tiny one
+    data = bench.world_data(n_task=40, n_eval=8, n_task_test=8, progress=False)
+    settings = _settings(new_tokens=16)
     cell = Cell("world", 0.1, 0, "sft")
     records = {}
     for mode in ("together", "separate"):
@@ -40,10 +41,13 @@ def test_separate_stages_give_the_together_record_and_rejudge_from_the_files(tmp
     assert not list((tmp_path / "separate" / "stages").iterdir())  # the data file is removed
     same = ("asr", "hs", "degenerate", "n_eval", "accuracy", "evaluation", "judges", "attack_manifest", "fingerprint")
     assert {k: records["separate"][k] for k in same} == {k: records["together"][k] for k in same}
-    assert records["separate"]["train"]["steps"] == records["together"]["train"]["steps"]
+    timeless = [{k: v for k, v in records[m]["train"].items() if "second" not in k and "time" not in k}
+                for m in ("together", "separate")]
+    assert timeless[0] == timeless[1] and timeless[0]["steps"] > 0
     for name in ("safety_generations.jsonl", "task_generations.jsonl"):  # hf answers kept as files too
         a, b = (_lines(bench.answers_dir(cell, tmp_path / m) / name) for m in ("together", "separate"))
         assert a == b and len(a) == 8
+        assert all(r["response"] for r in a)  # real answers, not the empty ones of an untrained model
     assert "judges" in _lines(bench.answers_dir(cell, tmp_path / "separate") / "safety_generations.jsonl")[0]
 
     # --rejudge: the answers judged again from the files, nothing generated
@@ -74,3 +78,21 @@ def test_a_failing_stage_names_the_stage_and_the_cell_and_the_cell_is_not_done(t
     cap = capsys.readouterr()
     line = [x for x in (cap.out + cap.err).splitlines() if "failed" in x]
     assert len(line) == 1 and "the generation stage of cell world/ph0.1/seed0/sft failed: ValueError: task row 0" in line[0]
+
+
+def test_stages_option(tmp_path, capsys):
+    import pytest
+    import torch
+
+    from spard.eval.stages import stages_mode
+
+    assert stages_mode("auto") == ("separate" if torch.cuda.is_available() else "together")
+    assert stages_mode("together") == "together" and stages_mode("separate") == "separate"
+    with pytest.raises(ValueError, match="--stages: expected one of auto, separate, together"):
+        stages_mode("apart")
+    with pytest.raises(ValueError, match="stages: expected separate or together"):
+        bench.run_grid(None, _settings(), "unused", stages="auto")
+
+    from spard.cli import main
+    assert main(["bench", "--world", "--stages", "apart", "--out", str(tmp_path / "o")]) == 2
+    assert "--stages: invalid choice: 'apart'" in capsys.readouterr().err

@@ -526,12 +526,12 @@ def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: boo
     from .claims import ClaimBoard
 
     settings.validate()
+    if stages not in ("separate", "together"):
+        raise ValueError(f"stages: expected separate or together, got {stages!r}")
     missing = [a for a in data.attacks if not data.attacks[a]]
     if missing:
         raise ValueError(f"attacks {missing} have no rows")
     out = Path(out_dir)
-    if stages not in ("separate", "together"):
-        raise ValueError(f"stages: expected separate or together, got {stages!r}")
     stage_runner = None
     if cell_runner is None and stages == "separate":
         from .eval.stages import StageRunner

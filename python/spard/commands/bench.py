@@ -111,6 +111,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "(default 600)")
     from spard.commands.generation import add_backend_arguments
     add_backend_arguments(parser)
+    parser.add_argument("--stages", choices=("auto", "separate", "together"), default="auto",
+                        help="separate: each cell's training, generation and judging in its own process, which "
+                             "returns its GPU memory as it ends; together: all in this one; auto (default): "
+                             "separate when a GPU is present")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="judge the answers kept under generations/<cell>/ again with --judges, without "
+                             "generating (cells without kept answers run in full)")
 
 
 def _csv(text, cast, arg: str):
@@ -252,6 +259,8 @@ def run(args) -> int:
     shard = parse_shard(args.shard)
     from spard.eval.serving import bench_serving
     serving = bench_serving(args, settings, source.get("model"), progress=progress)  # before any model loads
+    from spard.eval.stages import stages_mode
+    stages = stages_mode(args.stages)
     space = check_search(args, settings)  # checked before any model loads
     if not (args.claim_timeout > 0 and args.claim_timeout != float("inf")):
         raise ValueError(f"--claim-timeout: expected a finite number of seconds > 0, got {args.claim_timeout}")
@@ -286,12 +295,16 @@ def run(args) -> int:
                               claim_timeout_s=args.claim_timeout, progress=progress)
         print(open(f"{args.out}/tuning.md", encoding="utf-8").read())
         apply_tuned(settings, tuned)
+    if args.rejudge:
+        judged = bench.rejudge_grid(data, settings, args.out)
+        print(f"rejudged: {len(judged['rejudged'])} cells from their kept answers; "
+              f"{len(judged['missing'])} without answers made under these settings (they run in full)")
     status = bench.run_grid(data, settings, args.out, progress=progress, shard=shard, worker=args.worker_id,
-                            claim_timeout_s=args.claim_timeout, serving=serving)
+                            claim_timeout_s=args.claim_timeout, serving=serving, stages=stages)
     while space is not None and status["claimed_by_others"]:  # the attack needs the whole grid's results
         time.sleep(10)
         status = bench.run_grid(data, settings, args.out, progress=False, shard=shard, worker=args.worker_id,
-                                claim_timeout_s=args.claim_timeout, serving=serving)
+                                claim_timeout_s=args.claim_timeout, serving=serving, stages=stages)
     print(f"cells: {len(status['done'])} run, {len(status['skipped'])} already done, "
           f"{len(status['claimed_by_others'])} running elsewhere, {len(status['failed'])} failed")
     incomplete = incomplete_line(status)

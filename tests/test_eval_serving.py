@@ -329,6 +329,33 @@ def test_a_bench_cell_on_the_server_scores_as_the_hf_cell(world_files, server, t
     assert client.served_models() == ["world"]  # the cell's adapter was unloaded
 
 
+def test_a_bench_cell_on_the_server_in_separate_stages(world_files, server, tmp_path):
+    from spard import bench
+    from spard.config import LoraConfig, OptimConfig
+    from spard.eval.serving import CellServing
+
+    data = bench.world_data(n_task=40, n_eval=8, n_task_test=8, progress=False)
+    settings = bench.BenchSettings(defenses=["sft"], ratios=[0.1], max_length=96, max_new_tokens=16,
+                                   task_max_new_tokens=16, eval_batch_size=4, save_every=0,
+                                   optim=OptimConfig(lr=1e-2, epochs=1.0, batch_size=16, warmup_steps=0),
+                                   lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    cell = bench.grid(settings, ["world"])[0]
+    client = _client(server.url)
+    records = {}
+    for mode in ("together", "separate"):  # the client goes to the generation process as plain data
+        st = bench.run_grid(data, settings, tmp_path / mode, progress=False, stages=mode,
+                            serving=CellServing(client, base="world", check=False))
+        assert st["failed"] == [] and st["done"] == [cell.key]
+        records[mode] = json.loads(cell.path(tmp_path / mode).read_text())
+    assert records["separate"]["stages"] == "separate"
+    for r in records.values():  # the adapter's served name hashes its folder, which differs between the runs
+        assert r["evaluation"]["generation"].pop("adapter").startswith("spard-")
+    for k in ("asr", "accuracy", "evaluation"):
+        assert records["separate"][k] == records["together"][k]
+    assert records["separate"]["evaluation"]["generation"]["backend"] == "openai"
+    assert client.served_models() == ["world"]  # the generation process unloaded the cell's adapter
+
+
 def test_spard_bench_refuses_the_openai_backend_for_a_defense_that_changes_the_forward_pass(tmp_path, capsys):
     from spard.cli import main
 

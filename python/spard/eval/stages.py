@@ -79,7 +79,8 @@ class StageRunner:
         _cell_run_dir(cell, self.out, fingerprint)  # before the job is written there (stale runs are cleared)
         folder = cell.run_dir(self.out)
         torch.save({"cell": cell, "settings": settings, "out_dir": str(self.out), "fingerprint": fingerprint,
-                    "data": str(self._data_file()), "serving": self.serving, "threads": torch.get_num_threads()},
+                    "data": str(self._data_file()), "serving": _serving_spec(self.serving),
+                    "threads": torch.get_num_threads()},
                    folder / JOB)
         _stage("training", cell, folder)
         trained = torch.load(folder / "trained.pt", weights_only=False)
@@ -89,6 +90,24 @@ class StageRunner:
         result = json.loads((folder / "judged.json").read_text(encoding="utf-8"))
         return {**cell_result(cell, trained["manifest"], result, trained["run"], time.perf_counter() - t),
                 "stages": "separate"}
+
+
+def _serving_spec(serving) -> dict | None:
+    """The server as plain data (its client holds locks; its key stays in its variable)."""
+    if serving is None:
+        return None
+    c = serving.client
+    client = {k: getattr(c, k) for k in ("base_url", "api_key_env", "concurrency", "timeout", "max_retries",
+                                         "backoff", "max_backoff", "batch_size", "prompt_format")}
+    return {"client": client, "base": serving.base, "check": serving.check, "probes": serving.probes}
+
+
+def _serving_of(spec: dict | None):
+    if spec is None:
+        return None
+    from .serving import CellServing, OpenAIGenerator
+    return CellServing(OpenAIGenerator(**spec["client"], progress=False), base=spec["base"], check=spec["check"],
+                       probes=spec["probes"])
 
 
 def _stage(stage: str, cell, folder: Path) -> None:
@@ -127,7 +146,7 @@ def _generate(job, data) -> None:
 
     from .serving import served_cell
 
-    cell, settings, serving = job["cell"], job["settings"], job["serving"]
+    cell, settings, serving = job["cell"], job["settings"], _serving_of(job["serving"])
     folder = cell.run_dir(job["out_dir"])
     saved = torch.load(folder / "trained.pt", weights_only=False)["saved"]
     if saved == "model":

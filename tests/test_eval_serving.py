@@ -306,17 +306,24 @@ def test_spard_eval_with_the_openai_backend(world_files, server, tmp_path, capsy
     assert "--do-sample: the openai backend decodes greedily only" in capsys.readouterr().err
 
 
-def test_a_bench_cell_on_the_server_scores_as_the_hf_cell(world_files, server, tmp_path):
+def _one_sft_cell():
+    """A small world bench: its data, settings and its one SFT cell."""
     from spard import bench
     from spard.config import LoraConfig, OptimConfig
-    from spard.eval.serving import CellServing
 
     data = bench.world_data(n_task=40, n_eval=8, n_task_test=8, progress=False)
     settings = bench.BenchSettings(defenses=["sft"], ratios=[0.1], max_length=96, max_new_tokens=16,
                                    task_max_new_tokens=16, eval_batch_size=4, save_every=0,
                                    optim=OptimConfig(lr=1e-2, epochs=1.0, batch_size=16, warmup_steps=0),
                                    lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    cell = bench.grid(settings, ["world"])[0]
+    return data, settings, bench.grid(settings, ["world"])[0]
+
+
+def test_a_bench_cell_on_the_server_scores_as_the_hf_cell(world_files, server, tmp_path):
+    from spard import bench
+    from spard.eval.serving import CellServing
+
+    data, settings, cell = _one_sft_cell()
     client = _client(server.url)
     served = bench.run_cell(cell, data, settings, out_dir=tmp_path / "o", fingerprint="f",
                             serving=CellServing(client, base="world", check=False))
@@ -331,15 +338,9 @@ def test_a_bench_cell_on_the_server_scores_as_the_hf_cell(world_files, server, t
 
 def test_a_bench_cell_on_the_server_in_separate_stages(world_files, server, tmp_path):
     from spard import bench
-    from spard.config import LoraConfig, OptimConfig
     from spard.eval.serving import CellServing
 
-    data = bench.world_data(n_task=40, n_eval=8, n_task_test=8, progress=False)
-    settings = bench.BenchSettings(defenses=["sft"], ratios=[0.1], max_length=96, max_new_tokens=16,
-                                   task_max_new_tokens=16, eval_batch_size=4, save_every=0,
-                                   optim=OptimConfig(lr=1e-2, epochs=1.0, batch_size=16, warmup_steps=0),
-                                   lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    cell = bench.grid(settings, ["world"])[0]
+    data, settings, cell = _one_sft_cell()
     client = _client(server.url)
     records = {}
     for mode in ("together", "separate"):  # the client goes to the generation process as plain data

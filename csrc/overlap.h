@@ -30,6 +30,25 @@ struct Span {
   size_t index;
 };
 
+// The bytes x[i] spans from ``data`` (its mutable pointer; numel > 0): for a tensor that is not
+// contiguous, from its first to one past its last element, after refusing one whose own elements
+// share memory (an expanded view). The caller passes what it has already read of the tensor.
+inline Span writable_span(const Tensor& t, size_t i, ScalarType dtype, int64_t numel, bool contiguous, void* data,
+                          const char* op) {
+  int64_t extent = numel;  // a contiguous tensor has distinct elements
+  if (!contiguous) {
+    const auto sizes = t.sizes();
+    const auto strides = t.strides();
+    SPARD_CHECK(!has_internal_overlap(sizes, strides), op, ": x[", i,
+                "] has elements that share memory (an expanded or overlapping view), so it "
+                "cannot be updated in place; pass a tensor with distinct elements (e.g. .clone())");
+    extent = 1;
+    for (size_t d = 0; d < sizes.size(); ++d) extent += (sizes[d] - 1) * strides[d];
+  }
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  return {begin, begin + static_cast<uintptr_t>(extent) * element_size(dtype), i};
+}
+
 // Refuses two entries of x whose memory ranges meet, as native in-place foreach ops refuse
 // overlapping outputs: updated one after the other, they would read each other's half-written
 // values (the same tensor twice would take the step twice, torn across chunks or blocks). Views

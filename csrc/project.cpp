@@ -16,9 +16,8 @@
 namespace spard {
 
 using overlap::check_no_shared_memory;
-using overlap::element_size;
-using overlap::has_internal_overlap;
 using overlap::Span;
+using overlap::writable_span;
 
 void check_pair_lists(const std::vector<Tensor>& x, const std::vector<Tensor>& a, const char* op, bool writes_x,
                       std::vector<Meta>& x_meta, std::vector<Meta>& a_meta) {
@@ -51,17 +50,7 @@ void check_pair_lists(const std::vector<Tensor>& x, const std::vector<Tensor>& a
     void* x_data = nullptr;
     if (writes_x && numel > 0) {
       x_data = x[i].mutable_data_ptr();
-      int64_t extent = numel;  // elements from the first to one past the last
-      if (!x_contiguous) {  // a contiguous tensor has distinct elements
-        const auto x_strides = x[i].strides();
-        SPARD_CHECK(!has_internal_overlap(x_sizes, x_strides), op, ": x[", i,
-                    "] has elements that share memory (an expanded or overlapping view), so it "
-                    "cannot be updated in place; pass a tensor with distinct elements (e.g. .clone())");
-        extent = 1;
-        for (size_t d = 0; d < x_sizes.size(); ++d) extent += (x_sizes[d] - 1) * x_strides[d];
-      }
-      const auto begin = reinterpret_cast<uintptr_t>(x_data);
-      spans.push_back({begin, begin + static_cast<uintptr_t>(extent) * element_size(xt), i});
+      spans.push_back(writable_span(x[i], i, xt, numel, x_contiguous, x_data, op));
     } else {
       x_data = writes_x ? nullptr : const_cast<void*>(x[i].const_data_ptr());
     }

@@ -12,9 +12,8 @@
 namespace spard {
 
 using overlap::check_no_shared_memory;
-using overlap::element_size;
-using overlap::has_internal_overlap;
 using overlap::Span;
+using overlap::writable_span;
 
 void check_pair_lists(const std::vector<Tensor>& x, const std::vector<Tensor>& a, const char* op, bool writes_x) {
   SPARD_CHECK(x.size() == a.size(), op, ": x and a must have the same length, got ", x.size(), " and ", a.size());
@@ -37,18 +36,8 @@ void check_pair_lists(const std::vector<Tensor>& x, const std::vector<Tensor>& a
     int64_t numel = 1;
     for (const int64_t s : x_sizes) numel *= s;
     if (numel == 0) continue;
-    int64_t extent = numel;  // elements from the first to one past the last
-    if (!x[i].is_contiguous()) {  // a contiguous tensor has distinct elements
-      const auto x_strides = x[i].strides();
-      SPARD_CHECK(!has_internal_overlap(x_sizes, x_strides), op, ": x[", i,
-                  "] has elements that share memory (an expanded or overlapping view), so it "
-                  "cannot be updated in place; pass a tensor with distinct elements (e.g. .clone())");
-      extent = 1;
-      for (size_t d = 0; d < x_sizes.size(); ++d) extent += (x_sizes[d] - 1) * x_strides[d];
-    }
     // The mutable pointer, as the update takes it (it materialises a lazily cloned tensor).
-    const auto begin = reinterpret_cast<uintptr_t>(x[i].mutable_data_ptr());
-    spans.push_back({begin, begin + static_cast<uintptr_t>(extent) * element_size(xt), i});
+    spans.push_back(writable_span(x[i], i, xt, numel, x[i].is_contiguous(), x[i].mutable_data_ptr(), op));
   }
   if (writes_x) check_no_shared_memory(spans, op);
 }

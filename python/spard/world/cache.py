@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from spard.io import write_json_atomic
+from spard.io import atomic_path, write_json_atomic
 
 
 def cache_dir() -> Path:
@@ -74,15 +74,8 @@ def load_cached_base(folder: str | os.PathLike, key: str, config: LlamaConfig) -
 
 def save_cached_base(folder: str | os.PathLike, key: str, base) -> None:
     """Adds ``base.safetensors`` to an existing entry (atomically: temporary file + rename)."""
-    entry = Path(folder) / key
-    fd, tmp = tempfile.mkstemp(prefix=f".{BASE_FILE}.", dir=entry)
-    os.close(fd)
-    try:
-        save_file(_weights(base), tmp)
-        os.replace(tmp, entry / BASE_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(Path(folder) / key / BASE_FILE) as tmp:
+        save_file(_weights(base), str(tmp))
 
 
 BASE_FILE = "base.safetensors"

@@ -24,12 +24,15 @@ _C, CUDA_KERNELS, _NOTE = _load(__name__)
 
 from . import _autograd, _fake  # noqa: E402,F401
 from .dpp import DppResult, dpp_greedy  # noqa: E402
+from .flat import FlatLayout, StaleLayoutError  # noqa: E402
 from .project import ProjectionResult, project_, project_apply_, project_reduce  # noqa: E402
 
 __all__ = [
     "CUDA_KERNELS",
     "DppResult",
+    "FlatLayout",
     "ProjectionResult",
+    "StaleLayoutError",
     "dpp_greedy",
     "project_",
     "project_apply_",

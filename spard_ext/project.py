@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import inference_error, writable_b
+from .flat import FlatLayout
 
 TensorList = Sequence[Optional[Tensor]]
 _SEQUENCES = (list, tuple)
@@ -64,7 +65,16 @@ def _entries(seq, name: str, op: str) -> list:
     return entries
 
 
-def _pairs(x: TensorList, a: TensorList, op: str) -> tuple[list[Tensor], list[Tensor]]:
+def _pairs(x, a: TensorList, op: str) -> tuple[list[Tensor], list[Tensor]]:
+    if isinstance(x, FlatLayout):  # one flat buffer per group; a holds one tensor per group too
+        xs = x.checked_buffers(op)
+        if isinstance(a, FlatLayout):
+            a = a.checked_buffers(op)
+        if type(a) not in _SEQUENCES or len(a) != len(xs) or not all(map(isinstance, a, repeat(Tensor))):
+            raise ValueError(f"{op}: x is a FlatLayout of {len(xs)} buffer(s), so a must be a list of "
+                             f"{len(xs)} flat tensors shaped like them (layout.zeros()), got "
+                             f"{len(a) if type(a) in _SEQUENCES else type(a).__name__}")
+        return xs, a
     # The common call (two lists or tuples of tensors, no None) passes through untouched: on a few
     # hundred tensors, building new lists costs as much as the kernels' own checks.
     if (type(x) in _SEQUENCES and type(a) in _SEQUENCES and len(x) == len(a)
@@ -175,9 +185,20 @@ def _run(name: str, args: tuple, writes_x: bool):
         raise kind(str(e)) from None
 
 
+def _bump_layout(x) -> None:
+    # The tensors of a layout keep their own version counters (``t.data = segment`` does not
+    # share the buffer's): bump them as a write to each would.
+    if isinstance(x, FlatLayout) and not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(x.tensors)
+
+
 def project_(x: TensorList, a: TensorList, b=0.0, *, max_step: Optional[float] = None,
              use_dot: bool = False) -> ProjectionResult:
     """Project x in place onto the half-space {y : <a, y>·use_dot <= b}, capped at max_step.
+
+    ``x`` may be a :class:`spard_ext.FlatLayout` (its tensors are projected through its flat
+    buffers, one tensor per group: far less host time than the list) with ``a`` the matching
+    list of flat buffers (``layout.zeros()``); a layout whose tensors changed is refused.
 
     ``b`` may be a float or a one-element tensor: on the device (read there) or on the CPU
     (passed to the CUDA kernels by value). Neither copies to the device nor waits for it.
@@ -187,6 +208,7 @@ def project_(x: TensorList, a: TensorList, b=0.0, *, max_step: Optional[float] =
     bt = _scalar(b, "b", "project_")
     step = _max_step(max_step, "project_")
     coef, dot, sqnorm = _run("project_", (xs, as_, bt, step, bool(use_dot)), True)
+    _bump_layout(x)
     return ProjectionResult(coef, dot, sqnorm)
 
 
@@ -213,4 +235,6 @@ def project_apply_(x: TensorList, a: TensorList, dot: Tensor, sqnorm: Tensor, b=
     sq_t = _scalar(sqnorm, "sqnorm", "project_apply_")
     bt = _scalar(b, "b", "project_apply_")
     step = _max_step(max_step, "project_apply_")
-    return _run("project_apply_", (xs, as_, dot_t, sq_t, bt, step, bool(use_dot)), True)
+    coef = _run("project_apply_", (xs, as_, dot_t, sq_t, bt, step, bool(use_dot)), True)
+    _bump_layout(x)
+    return coef

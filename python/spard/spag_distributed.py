@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+import spard_ext
+
 from .checkpoint import ResumableOrder
 from .distributed import (all_reduce_sum, broadcast_object, get_rank, get_world_size, is_distributed, is_sharded,
                           project_across_ranks, rank_share, unwrap)
@@ -43,9 +45,9 @@ class DistributedSafetyProjector(SafetyProjector):
         return self._micro_batches(rank_share(self.order.take(self.batch_size), self.rank,
                                               self.world_size))
 
-    def loss_and_grads(self, micro_batches):
+    def loss_and_grads(self, micro_batches, *, flat: bool = False):
         if not self._distributed():
-            return super().loss_and_grads(micro_batches)
+            return super().loss_and_grads(micro_batches, flat=flat)
         total = self.reduce_count(sum(mb["n_tokens"] for mb in micro_batches)).clamp_min(1)
         loss = torch.zeros((), dtype=torch.float32, device=self.device)
         was_training = self._with_mode()
@@ -53,21 +55,27 @@ class DistributedSafetyProjector(SafetyProjector):
             if self.sharded:
                 grads = self._sharded_grads(micro_batches, total, loss)
             else:
-                grads = self._replicated_grads(micro_batches, total, loss)
+                grads = self._replicated_grads(micro_batches, total, loss, flat)
         finally:
             self.model.train(was_training)
         all_reduce_sum([loss], self.process_group)
         return loss, grads
 
-    def _replicated_grads(self, micro_batches, total, loss):
+    def _replicated_grads(self, micro_batches, total, loss, flat: bool = False):
         grads = [None] * len(self.params)
         with torch.enable_grad():
-            for mb in micro_batches:
+            for i, mb in enumerate(micro_batches):
                 part = self._loss_sum(mb) / total
                 g = torch.autograd.grad(part, self.params, allow_unused=True)
-                grads = [gi if acc is None else (acc if gi is None else acc.add_(gi))
-                         for acc, gi in zip(grads, g)]
+                if flat:
+                    self._accumulate_flat(g, first=i == 0)
+                else:
+                    grads = [gi if acc is None else (acc if gi is None else acc.add_(gi))
+                             for acc, gi in zip(grads, g)]
                 loss += part.detach()
+        if flat:  # the flat buffers already hold zeros for unused parameters: one collective each
+            all_reduce_sum(self._grad_buffers, self.process_group)
+            return self._grad_views
         # Every rank must all-reduce the same list: an unused parameter gets zeros. One packed
         # collective for all tensors (LoRA has hundreds of small ones).
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
@@ -99,8 +107,12 @@ class DistributedSafetyProjector(SafetyProjector):
         # non-finite everywhere, and b = +inf makes every rank step by 0.
         finite_loss = torch.isfinite(loss)
         b = torch.where(finite_loss, self.tau - loss, torch.full_like(loss, float("inf")))
-        coef, sqnorm = project_across_ranks(self.params, grads, b.float(),
-                                            max_step=self._cap(optimizer), group=self.process_group)
+        if self.flat_params and grads is self._grad_views:  # replicated: no sums to all-reduce
+            res = spard_ext.project_(self.layout, self._grad_buffers, b.float(), max_step=self._cap(optimizer))
+            coef, sqnorm = res.coef, res.sqnorm
+        else:
+            coef, sqnorm = project_across_ranks(self.params, grads, b.float(),
+                                                max_step=self._cap(optimizer), group=self.process_group)
         skipped = ~(finite_loss & torch.isfinite(sqnorm))
         return {"safety_loss": loss, "alpha": coef, "trigger": (coef > 0).float(),
                 "grad_sqnorm": sqnorm, "skipped": skipped.float(),

@@ -11,6 +11,11 @@ gives each call's time as a ratio to it. Tensors of 16 x 8 float32: the work is 
 is measured is the host's cost per call (Python wrapper, dispatcher, checks). One thread, timed
 in CPU time of the calling thread (time.thread_time): on a machine shared with other jobs, wall
 time mostly measures waiting for a core, CPU time the work of the call.
+
+A build with ``spard_ext.FlatLayout`` is also timed through it: x is a list of parameters laid out
+as one flat buffer, a the layout's gradient buffer; each call includes the layout's staleness
+check (the address and size of every parameter) and the version bump of every parameter, i.e.
+everything SPAG's step pays for its projection.
 """
 
 from __future__ import annotations
@@ -53,6 +58,20 @@ def _child(root: str, lengths, calls: int, repeats: int) -> dict:
 
         row = {}
         cases = {"foreach_add_": foreach, "project_": fused, "reduce+apply_": split}
+        if hasattr(spard_ext, "FlatLayout"):
+            params = [torch.nn.Parameter(t.clone()) for t in x]
+            layout = spard_ext.FlatLayout(params)
+            grads = layout.zeros()
+            torch._foreach_copy_(layout.views(grads), a)
+
+            def fused_flat():
+                spard_ext.project_(layout, grads, b, max_step=1e-9, use_dot=True)
+
+            def split_flat():
+                dot, sq = spard_ext.project_reduce(layout, grads, use_dot=True)
+                spard_ext.project_apply_(layout, grads, dot, sq, b, max_step=1e-9, use_dot=True)
+
+            cases.update({"project_ layout": fused_flat, "reduce+apply_ layout": split_flat})
         for name, fn in cases.items():  # warm up
             for _ in range(20):
                 fn()
@@ -97,18 +116,22 @@ def main(argv=None) -> int:
                 return 1
             runs[label].append(json.loads(res.stdout.strip().splitlines()[-1]))
     print(f"Host time per call (µs, median over {args.rounds} processes), and / foreach_add_ in the same process")
-    print("| build | tensors | foreach_add_ | project_ | reduce + apply_ | project_ / foreach | (reduce + apply_) / foreach |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| build | x | tensors | foreach_add_ | project_ | reduce + apply_ | project_ / foreach | (reduce + apply_) / foreach |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     summary = {}
     for label, rs in runs.items():
         for n in args.lengths:
             rows = [r[str(n)] for r in rs]
             med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-            ratio_f = statistics.median(r["project_"] / r["foreach_add_"] for r in rows)
-            ratio_s = statistics.median(r["reduce+apply_"] / r["foreach_add_"] for r in rows)
-            summary.setdefault(label, {})[n] = dict(med, fused_ratio=ratio_f, split_ratio=ratio_s)
-            print(f"| {label} | {n} | {med['foreach_add_']:.1f} | {med['project_']:.1f} | {med['reduce+apply_']:.1f} "
-                  f"| {ratio_f:.2f} | {ratio_s:.2f} |")
+            summary.setdefault(label, {})[n] = med
+            for kind, suffix in (("list", ""), ("FlatLayout", " layout")):
+                if "project_" + suffix not in rows[0]:
+                    continue
+                ratio_f = statistics.median(r["project_" + suffix] / r["foreach_add_"] for r in rows)
+                ratio_s = statistics.median(r["reduce+apply_" + suffix] / r["foreach_add_"] for r in rows)
+                med.update({f"fused_ratio{suffix}": ratio_f, f"split_ratio{suffix}": ratio_s})
+                print(f"| {label} | {kind} | {n} | {med['foreach_add_']:.1f} | {med['project_' + suffix]:.1f} "
+                      f"| {med['reduce+apply_' + suffix]:.1f} | {ratio_f:.2f} | {ratio_s:.2f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"runs": runs, "summary": summary}, f, indent=1)

@@ -73,7 +73,7 @@ def test_measure_and_write_on_tiny_sizes_with_a_fake_device(report_mod, tmp_path
     report["seconds_total"] = 3.0
     assert not report.get("errors"), report.get("errors")
     layouts = {(r["layout"], r["dtype"]) for r in report["project"]}
-    assert layouts == {(lay, dt) for lay in ("lora", "flat", "flat misaligned") for dt in ("float32", "bfloat16")}
+    assert layouts == {(lay, dt) for lay in ("lora", "lora layout", "flat", "flat misaligned") for dt in ("float32", "bfloat16")}
     for r in report["project"]:
         assert r["fused_ms"] > 0 and r["copy_floor_ms"] > 0 and r["bytes_moved"] == 5 * r["elements"] * (
             4 if r["dtype"] == "float32" else 2)
@@ -99,6 +99,7 @@ def test_measure_and_write_on_tiny_sizes_with_a_fake_device(report_mod, tmp_path
     assert "CUDA tests: 2 passed, 1 failed" in md and "`tests/test_x.py::test_y`" in md
     assert "| lora | float32 |" in md and "× copy bandwidth" in md
     assert "Targets (LoRA list)" in md and "## CPU-vs-CUDA parity" in md
+    assert "| lora layout | bfloat16 |" in md and "Target (eager call on the LoRA list laid out flat" in md
     assert "- training (fp32 SPARD, 6 steps, tiny Llama): same on the GPU and the CPU" in md
     assert "## One optimizer step per defense" in md and "| spard |" in md
     assert "## One optimizer step per defense at the paper's scale" in md and "micro-batch 8 x accumulation 1" in md

@@ -470,3 +470,37 @@ def test_x_entries_that_share_memory_are_refused_as_on_the_cpu():
             project_(x, [torch.ones_like(v) for v in x], -1.0)
     assert torch.equal(t, torch.zeros(8, device="cuda")) and torch.equal(base, torch.zeros(16, device="cuda"))
     project_([base[:8], base[8:]], [torch.ones(8, device="cuda")] * 2, -1.0)  # views that do not meet pass
+
+
+# ----------------------------------------------------------------------------------------------
+# FlatLayout on the device: what SPAG's step runs
+# ----------------------------------------------------------------------------------------------
+def test_flat_layout_on_cuda_equals_the_list_call_and_captures():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(16, 200), (200, 16), (7,), (0, 3)] * 8
+    dtypes = [torch.float32, torch.bfloat16]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g, device="cuda").to(dtypes[i % 2]))
+          for i, s in enumerate(shapes)]
+    qs = [p.detach().clone() for p in ps]
+    gs = [(torch.randn(p.shape, generator=g, device="cuda") * 1e-2).to(p.dtype) for p in ps]
+    layout = spard_ext.FlatLayout(ps)
+    assert len(layout.buffers) == 2 and all(b.is_cuda for b in layout.buffers)
+    a = layout.zeros()
+    torch._foreach_copy_(layout.views(a), gs)
+    res = project_(layout, a, -0.5, max_step=1e3, use_dot=True)
+    ref_res = project_(qs, gs, -0.5, max_step=1e3, use_dot=True)
+    torch.testing.assert_close(res.coef, ref_res.coef, rtol=1e-5, atol=0)
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p.detach(), q, **TOL[p.dtype])
+    # the layout call in a CUDA graph: the staleness check runs on the host at capture
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        project_(layout, a, -0.5, max_step=1e-6, use_dot=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        project_(layout, a, -0.5, max_step=1e-6, use_dot=True)
+    before = layout.buffers[0].clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(layout.buffers[0], before)

@@ -346,7 +346,7 @@ def test_nothing_was_written_where_outputs_were_refused(root):
 def test_a_cuda_device_on_a_machine_without_one_is_named(monkeypatch):
     import torch
 
-    from spard.preflight import check_device
+    from spard.training.preflight import check_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"^--device: 'cuda:1' asked for, but torch sees no CUDA device here"):

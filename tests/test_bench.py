@@ -225,7 +225,7 @@ def test_two_concurrent_workers_run_each_cell_once_and_give_the_same_summary(tmp
 
 def test_a_dead_workers_claim_is_taken_over_after_the_timeout(tmp_path):
     import time
-    from spard.claims import ClaimBoard
+    from spard.training.claims import ClaimBoard
 
     a = ClaimBoard(tmp_path, worker="a", timeout_s=0.5)
     b = ClaimBoard(tmp_path, worker="b", timeout_s=0.5)

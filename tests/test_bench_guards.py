@@ -192,9 +192,9 @@ def test_world_data_drops_duplicate_prompts(monkeypatch):
 # 5-6. Workers: a killed worker's claim, an incomplete grid, one claim timeout per grid
 # ----------------------------------------------------------------------------------------------
 def test_a_claim_of_a_worker_killed_with_sigkill_is_taken_over_at_once(tmp_path):
-    from spard.claims import ClaimBoard
+    from spard.training.claims import ClaimBoard
 
-    code = ("import sys, time\nfrom spard.claims import ClaimBoard\n"
+    code = ("import sys, time\nfrom spard.training.claims import ClaimBoard\n"
             "c = ClaimBoard(sys.argv[1], worker='victim', timeout_s=600).claim('a/ph0.1/seed0/sft')\n"
             "c.__enter__()\nprint('held', flush=True)\ntime.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -225,7 +225,7 @@ def fake_world(*a, **k):
 
 
 def test_a_worker_ending_with_cells_claimed_elsewhere_says_so_and_fails(tmp_path, monkeypatch, capsys, no_cells):
-    from spard.claims import ClaimBoard
+    from spard.training.claims import ClaimBoard
     from spard.cli import main
 
     monkeypatch.setattr(bench, "world_data", fake_world)
@@ -244,7 +244,7 @@ def test_a_worker_ending_with_cells_claimed_elsewhere_says_so_and_fails(tmp_path
 
 
 def test_cells_other_workers_finished_meanwhile_are_not_reported_unfinished(tmp_path):
-    from spard.claims import ClaimBoard
+    from spard.training.claims import ClaimBoard
     from spard.commands.bench import incomplete_line
 
     out = tmp_path / "out"

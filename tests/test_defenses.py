@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from spard.config import LoraConfig, OptimConfig
-from spard.batches import micro_batches
+from spard.training.batches import micro_batches
 from spard.defenses import (REGISTRY, STAGES, DATA_KINDS, DefenseData, make_defense)
 from spard.defenses.antibody import weighted_token_loss
 from spard.defenses.base import TrainContext, mean_token_loss, sample_losses

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from spard import trainer
-from spard.checkpoint import list_checkpoints
+from spard.training.checkpoint import list_checkpoints
 from spard.config import OptimConfig
-from spard.guards import NonFiniteLossError, check_dropped_rows
+from spard.training.guards import NonFiniteLossError, check_dropped_rows
 from spard.trainer import fit
 from test_spag import one_thread  # noqa: F401  (autouse fixture)
 from test_spag import task_rows, tiny_lora_model, tiny_tokenizer

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spard.checkpoint import checkpoint_problem, latest_checkpoint, list_checkpoints
+from spard.training.checkpoint import checkpoint_problem, latest_checkpoint, list_checkpoints
 from spard.cli import main
-from spard.runfolder import (LOCK_FILE, RUN_FILE, OutputLock, check_output_dir, claim_run_folder, identity_hash,
+from spard.training.runfolder import (LOCK_FILE, RUN_FILE, OutputLock, check_output_dir, claim_run_folder, identity_hash,
                              remove_stale_temps, run_identity)
 from test_spag import one_thread  # noqa: F401  (autouse fixture)
 from test_train_cli import workspace, write_config  # noqa: F401  (fixture)
@@ -134,7 +134,7 @@ def test_damaged_files_are_detected(tmp_path):
 def test_second_process_on_one_folder_is_detected(workspace, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    code = ("import sys, time; sys.path[:0] = sys.argv[2:]; from spard.runfolder import OutputLock; "
+    code = ("import sys, time; sys.path[:0] = sys.argv[2:]; from spard.training.runfolder import OutputLock; "
             "OutputLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out), *sys.path[:3]], stdout=subprocess.PIPE, text=True)
     try:
@@ -192,7 +192,7 @@ def test_claim_and_stale_temps(tmp_path):
 # Issue 24: checkpoint manifests, the umask, the data a run was started with
 # ----------------------------------------------------------------------------------------------
 def _tiny_checkpoint(directory, step):
-    from spard.checkpoint import save_checkpoint
+    from spard.training.checkpoint import save_checkpoint
 
     torch.manual_seed(step)
     model = torch.nn.Linear(3, 2)
@@ -255,7 +255,7 @@ def test_resume_skips_a_checkpoint_with_a_flipped_bit_or_a_missing_file(workspac
 def test_adapter_and_checkpoint_folders_follow_the_umask(workspace, tmp_path):
     import stat
 
-    from spard.checkpoint import atomic_dir
+    from spard.training.checkpoint import atomic_dir
 
     old = os.umask(0o022)
     try:

@@ -402,7 +402,7 @@ def test_cli_select_locks_its_folder_and_the_report_names_its_selection(tmp_path
     digest = hashlib.sha256((tmp_path / "out" / "selected.jsonl").read_bytes()).hexdigest()
     assert report["selected_sha256"] == digest
     # A second `spard select` into the folder while one writes it: refused, nothing touched.
-    code = ("import sys, time; sys.path[:0] = sys.argv[2:]; from spard.runfolder import OutputLock; "
+    code = ("import sys, time; sys.path[:0] = sys.argv[2:]; from spard.training.runfolder import OutputLock; "
             "OutputLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out"), *sys.path[:3]],
                               stdout=subprocess.PIPE, text=True)
@@ -429,7 +429,7 @@ def test_cli_select_checks_cache_dir_and_k_or_p_before_the_work(tmp_path, capsys
     monkeypatch.setattr(spard.embed, "resolve_embedder", never)
     (tmp_path / "a_file").write_text("x")
     args = _select_args(tmp_path, "--embedder", str(tmp_path), "--k", "3", "--cache-dir", str(tmp_path / "a_file"))
-    monkeypatch.setattr("spard.preflight.check_model_source", lambda *a: None)
+    monkeypatch.setattr("spard.training.preflight.check_model_source", lambda *a: None)
     assert main(args) == 2
     assert capsys.readouterr().err.strip() == f"spard select: error: --cache-dir: {tmp_path / 'a_file'} exists and is not a folder"
     assert main(_select_args(tmp_path, "--method", "random", "--k", "3", "--p", "0.1")) == 2

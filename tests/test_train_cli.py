@@ -282,7 +282,7 @@ def test_nonfinite_weights_are_never_saved(workspace, tmp_path, capsys, monkeypa
     assert all(_checkpoint_weights_finite(out))  # none written from non-finite weights
     if policy == "skip":  # without a checkpoint folder, fit checks them at the end (an adapter follows)
         from spard.config import OptimConfig
-        from spard.guards import NonFiniteLossError
+        from spard.training.guards import NonFiniteLossError
         from test_spag import tiny_lora_model
 
         with pytest.raises(NonFiniteLossError, match=r"^step 3: the trainable parameters are not finite"):

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from spard.checkpoint import latest_checkpoint, list_checkpoints
+from spard.training.checkpoint import latest_checkpoint, list_checkpoints
 from spard.config import OptimConfig
 from spard.spag import SafetyProjector
 from spard.trainer import StopTraining, fit
@@ -104,7 +104,7 @@ def test_spag_keeps_the_safety_loss_near_tau_while_sft_drifts():
 
 
 def test_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    import spard.checkpoint as ck
+    import spard.training.checkpoint as ck
 
     with pytest.raises(StopTraining):
         spag_run(tmp_path, stop_at=3)

@@ -16,7 +16,7 @@ import pytest
 
 from spard import bench, space, studies, tuning, worstcase
 from spard.bench import BenchData, BenchSettings
-from spard.claims import ClaimBoard
+from spard.training.claims import ClaimBoard
 
 optuna = pytest.importorskip("optuna", reason="optional dependency of the tuning and the attacker")
 
@@ -142,7 +142,7 @@ def test_a_failing_trial_is_kept_as_failed_and_retried_on_a_rerun(tmp_path):
 WORKER = textwrap.dedent("""
     import sys, time
     from spard import studies
-    from spard.claims import ClaimBoard
+    from spard.training.claims import ClaimBoard
     root, name, log, budget, pause = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
     study = studies.open_study("s", studies.storage_for(None, __import__("pathlib").Path(root), "s"),
                                direction="maximize", seed=0, startup_trials=2)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import worstcase
-from .claims import ClaimBoard
+from .training.claims import ClaimBoard
 from .io import write_json_atomic, write_text_atomic
 from .studies import once, open_study, require_optuna, run_slots, storage_for, trial_rows
 from .tuning import fixed_attack, format_settings, judge_asr

@@ -515,7 +515,7 @@ def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: boo
     returns {"done", "skipped", "failed", "claimed_by_others": [keys]}.
 
     Several workers may share ``out_dir`` (one per GPU, a Slurm array, local processes): a cell
-    is claimed atomically before it runs (spard.claims), so none runs twice, and a claim whose
+    is claimed atomically before it runs (spard.training.claims), so none runs twice, and a claim whose
     worker stopped sending heartbeats for ``claim_timeout_s`` (or died on this host) is taken over.
     The timeout belongs to the grid: the first worker stores it in bench.json, and a worker with
     another is refused (pin_claim_timeout). With the default runner, every attack is checked
@@ -523,7 +523,7 @@ def run_grid(data: BenchData, settings: BenchSettings, out_dir, *, progress: boo
     runner runs each cell's training, generation and judging in three processes
     (spard.eval.stages), each of which returns its GPU memory as it ends.
     """
-    from .claims import ClaimBoard
+    from .training.claims import ClaimBoard
 
     settings.validate()
     if stages not in ("separate", "together"):
@@ -1088,7 +1088,7 @@ def file_data(*, model: str, task: str, task_test: str, eval_prompts: str, safet
     model loads too."""
     from .data import ATTACK_FIELDS, POOL_FIELDS, load_safety, load_task
     from .eval import load_model
-    from .preflight import check_model_source, input_named, load_error
+    from .training.preflight import check_model_source, input_named, load_error
     check_counts(n_task=n_task, n_task_test=n_task_test, n_eval=n_eval)
     if duplicates not in DUPLICATES:
         raise ValueError(f"duplicates: expected {' | '.join(DUPLICATES)}, got {duplicates!r}")
@@ -1161,7 +1161,7 @@ def validation_rows(ev: list, test_rows: list, *, val_prompts=None, task_val=Non
     the files ``val_prompts`` and ``task_val`` (both or neither), or a seeded ``share`` of the
     test files set aside (the test split then shrinks), or none."""
     from .data import load_task
-    from .preflight import input_named
+    from .training.preflight import input_named
     if (val_prompts is None) != (task_val is None):
         raise ValueError("val_prompts / task_val: give both validation files or neither")
     if val_prompts is not None and share is not None:

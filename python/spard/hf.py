@@ -35,12 +35,12 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .batches import MicroBatch
+from .training.batches import MicroBatch
 from .callback import log_ahead_of_reporters
 from .defenses.base import Defense, DefenseData, TrainContext, has_post_training
 from .distributed import get_world_size
 from .formatting import collate, encode_row, label_token_count, pad_id_of, prompt_of
-from .precision import autocast_for
+from .training.precision import autocast_for
 from .spag import logs_to_floats
 
 STATE_FILE = "defense_state.pt"
@@ -134,7 +134,7 @@ class DefenseCallback(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if self.ready and os.path.isdir(folder) and state.is_world_process_zero:
-            from .checkpoint import _cpu
+            from .training.checkpoint import _cpu
             tmp = os.path.join(folder, STATE_FILE + ".tmp")
             streams = {k: st.state_dict() for k, st in self.defense.ctx.streams.items()}
             torch.save(_cpu({"name": self.defense.NAME, "state": self.defense.state_dict(), "streams": streams}), tmp)

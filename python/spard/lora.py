@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .precision import upcast_trainable
+from .training.precision import upcast_trainable
 
 DEFAULT_R = 32
 DEFAULT_ALPHA = 8
@@ -41,7 +41,7 @@ def apply_lora(model: torch.nn.Module, *, r: int = DEFAULT_R, alpha: float = DEF
     """Wraps ``model`` in a peft LoRA model (only the adapters are trainable).
 
     ``target_modules=None`` picks the model's attention projections (q, k, v, o). The adapter
-    weights are fp32 whatever the base model's dtype (spard.precision).
+    weights are fp32 whatever the base model's dtype (spard.training.precision).
     """
     from peft import LoraConfig, get_peft_model
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import spard_ext
 
-from .checkpoint import ResumableOrder
+from .training.checkpoint import ResumableOrder
 from .formatting import IGNORE_INDEX, EncodedExample, collate, encode_row, label_token_count, pad_id_of
 
 MODES = ("paper", "official")

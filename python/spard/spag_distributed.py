@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 import spard_ext
 
-from .checkpoint import ResumableOrder
+from .training.checkpoint import ResumableOrder
 from .distributed import (all_reduce_sum, broadcast_object, get_rank, get_world_size, is_distributed, is_sharded,
                           project_across_ranks, rank_share, unwrap)
 from .spag import SafetyProjector

@@ -1,6 +1,6 @@
 """Optuna studies that several workers share, with trials claimed like grid cells.
 
-A study of budget N has N slots. A worker claims a slot (spard.claims: an atomic file, a
+A study of budget N has N slots. A worker claims a slot (spard.training.claims: an atomic file, a
 heartbeat, taken over when its worker died), asks the study for a trial, runs it and tells the
 result with the slot number in the trial's user attributes. So two workers never run one slot
 twice, a killed worker's slot is run again by whoever takes its claim over (its dangling
@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from .claims import ClaimBoard
+from .training.claims import ClaimBoard
 
 
 def require_optuna(option: str = "--adaptive"):

@@ -19,17 +19,17 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .batches import BatchStream
-from .checkpoint import checkpoint_info, latest_checkpoint, load_checkpoint, load_objects, save_checkpoint
+from .training.batches import BatchStream
+from .training.checkpoint import checkpoint_info, latest_checkpoint, load_checkpoint, load_objects, save_checkpoint
 from .config import SPAG_DEFENSES, LoraConfig, OptimConfig, TrainConfig, save_config
 from .defenses.base import Defense, DefenseData, TrainContext, check_base_weights, has_post_training
 from .defenses.sft import SFT
 from .defenses.spard import SPARD
 from .distributed import all_reduce_sum, full_tensor, get_world_size, is_main_process, local_device
 from .formatting import pad_id_of, prompt_of
-from .guards import NonFiniteLossGuard, check_all_skipped, check_dropped_rows, check_finite_parameters
+from .training.guards import NonFiniteLossGuard, check_all_skipped, check_dropped_rows, check_finite_parameters
 from .io import write_json_atomic
-from .precision import autocast_for
+from .training.precision import autocast_for
 from .spag import SafetyProjector, encode_rows, trainable_parameters
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def fit(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, defense: Opt
     fails when more than ``max_dropped_share`` of them are (None: never). A non-finite loss
     stops the run (``on_nonfinite_loss="error"``) or skips that update ("skip"); non-finite
     trainable parameters (checked before each checkpoint and at the end), or a run whose every
-    step was skipped, end it with an error; see `spard.guards`.
+    step was skipped, end it with an error; see `spard.training.guards`.
     """
     optim = optim or OptimConfig()
     if defense is not None and projector is not None:
@@ -354,7 +354,7 @@ def _device(name: str) -> torch.device:
 def _load_model(config: TrainConfig, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .preflight import load_error
+    from .training.preflight import load_error
 
     m = config.model
     dtype = "auto" if m.dtype == "auto" else getattr(torch, m.dtype)
@@ -379,7 +379,7 @@ def load_base_weights(name_or_path: str, *, dtype: str = "float32", trust_remote
     from transformers import AutoModelForCausalLM
 
     from .defenses.base import base_weights_of
-    from .preflight import load_error
+    from .training.preflight import load_error
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -432,7 +432,7 @@ def _prepare_data(config: TrainConfig, defense: Defense, load_model=None) -> tup
     rank rows by the base model's loss (benign-outliers)."""
     from . import data as D
     from .attack import ATTACKS, make_attack
-    from .preflight import input_named
+    from .training.preflight import input_named
 
     with input_named("data.task"):
         clean = D.load_task(config.data.task, split=config.data.task_split, limit=config.data.task_limit)
@@ -483,7 +483,7 @@ def _other_attack(config: TrainConfig, kind, clean: list, pool: list, load_model
     """Every attack kind but the plain harmful mix, from the attack section's sources."""
     from . import data as D
     from .attack import make_attack, row_losses
-    from .preflight import input_named
+    from .training.preflight import input_named
 
     a = config.attack
     if "harmful" in kind.needs and not a.corpus:
@@ -522,24 +522,24 @@ def train(config: TrainConfig, *, strategy: Optional[str] = None) -> dict:
     docs/distributed.md; rank 0 writes the outputs.
     """
     from . import distributed
-    from .runfolder import open_run
+    from .training.runfolder import open_run
 
     config.validate()
     several_ranks = distributed.init_from_env()
     if strategy is not None and not several_ranks:
         log.warning("--strategy %s has no effect with one process: it applies under torchrun / accelerate launch "
                     "with several processes; training on this one", strategy)
-    # The output folder: writable, this run's own, one writer (spard.runfolder), for the whole run.
+    # The output folder: writable, this run's own, one writer (spard.training.runfolder), for the whole run.
     with open_run(config, main=distributed.is_main_process()) as claim:
         return _train(config, claim, several_ranks, strategy)
 
 
 def _train(config: TrainConfig, claim, several_ranks: bool, strategy: Optional[str]) -> dict:
     from . import distributed
-    from .checkpoint import atomic_dir
+    from .training.checkpoint import atomic_dir
     from .lora import apply_lora
-    from .preflight import check_device, check_model_source
-    from .runfolder import (DATA_FILE, check_data_unchanged, check_resume_identity, config_data_sources,
+    from .training.preflight import check_device, check_model_source
+    from .training.runfolder import (DATA_FILE, check_data_unchanged, check_resume_identity, config_data_sources,
                             data_fingerprint, read_data_fingerprint)
 
     check_model_source(config.model.name_or_path, "model.name_or_path")  # before data and selection

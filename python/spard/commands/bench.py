@@ -187,7 +187,7 @@ def _read_spec(path: str) -> dict:
 def run(args) -> int:
     from spard import bench
     from spard.defenses import defense_names
-    from spard.runfolder import check_output_dir
+    from spard.training.runfolder import check_output_dir
 
     check_output_dir(args.out, "--out", files=("summary.json", "table.md", "cells.csv", "bench.json"))
     if args.summarize_only:
@@ -270,7 +270,7 @@ def run(args) -> int:
               "(the weights before safety alignment) in the bench file", file=sys.stderr)
     if args.config:  # the pool alone first: a defense it cannot serve is named before the model loads
         from spard.data import POOL_FIELDS, load_safety
-        from spard.preflight import input_named
+        from spard.training.preflight import input_named
         with input_named("safety_pool"):
             bench.check_defense_data(settings, load_safety(source["safety_pool"], fields=POOL_FIELDS))
         bench.check_base_model(settings, bool(source.get("base_model")))

@@ -234,7 +234,7 @@ def run(args) -> int:
     from spard.select import select_safe_data
     from spard.world import WorldSettings, build_world
 
-    from spard.runfolder import check_output_dir
+    from spard.training.runfolder import check_output_dir
 
     _check_args(args)
     max_step = parse_max_step(args.max_step)

@@ -130,8 +130,8 @@ def run(args) -> int:
     from spard.eval import evaluate, load_generations, load_model, markdown_table
     from spard.eval.evaluate import check_task_rows
     from spard.io import write_json_atomic, write_text_atomic
-    from spard.preflight import check_device, check_model_source, input_named
-    from spard.runfolder import check_output_dir
+    from spard.training.preflight import check_device, check_model_source, input_named
+    from spard.training.runfolder import check_output_dir
 
     out = Path(args.out)
     if not args.safety_data and not args.task_data:

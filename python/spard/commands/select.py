@@ -5,7 +5,7 @@ Writes ``<out>/selected.jsonl`` (the picked pool rows, unchanged, in pick order)
 picked indices, and ``selected_sha256``, the hash of the selected.jsonl it goes with), and prints
 the report as a table.
 
-The output folder is locked for the run (``spard.runfolder.OutputLock``, as `spard train` does),
+The output folder is locked for the run (``spard.training.runfolder.OutputLock``, as `spard train` does),
 so a second `spard select` into it is refused; the pair is written report last (the old report
 removed first, each file atomically), so a report always describes the selected.jsonl beside it.
 The options (``--k`` or ``--p``, ``--cache-dir``) are checked before any pool row is embedded.
@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _select(args: argparse.Namespace, embedder) -> int:
     from spard.embed import MINILM
-    from spard.preflight import check_device, check_model_source
-    from spard.runfolder import check_output_dir
+    from spard.training.preflight import check_device, check_model_source
+    from spard.training.runfolder import check_output_dir
 
     out = check_output_dir(args.out, "--out", files=("selected.jsonl", "select_report.json"))
     for name in ("limit_pool", "limit_reference", "k"):
@@ -140,7 +140,7 @@ def _select(args: argparse.Namespace, embedder) -> int:
 def _locked(out: Path):
     """Holds ``out``'s OutputLock (created for it when missing) and removes a killed run's temporary
     files. A run that fails leaves the folders it created as they were: absent."""
-    from spard.runfolder import LOCK_FILE, OutputLock, remove_stale_temps
+    from spard.training.runfolder import LOCK_FILE, OutputLock, remove_stale_temps
 
     created = [d for d in (out, *out.parents) if not d.exists()]  # the deepest first
     lock = OutputLock(out, "--out").acquire()
@@ -163,7 +163,7 @@ def _select_into(args: argparse.Namespace, embedder, out: Path, p: float) -> int
 
     from spard.data import POOL_FIELDS, load_safety, load_task
     from spard.io import write_json_atomic, write_jsonl_atomic
-    from spard.preflight import input_named
+    from spard.training.preflight import input_named
     from spard.select import select_safe_data
 
     with input_named("--pool"):  # the safe set is the pool's refusals: every row needs one

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spard.batches import micro_batches
+from spard.training.batches import micro_batches
 from spard.distributed import full_tensor, is_sharded, local_tensor, unwrap
 from spard.formatting import pad_id_of
 from spard.spag import encode_rows

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spard.batches import BatchStream, MicroBatch
+from spard.training.batches import BatchStream, MicroBatch
 from spard.distributed import all_reduce_sum, get_rank, get_world_size, global_count
 from spard.formatting import IGNORE_INDEX, conversation_of, pad_id_of, prompt_of, response_of, split_conversation
 from spard.spag import encode_rows, trainable_parameters

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from spard.batches import MicroBatch
+from spard.training.batches import MicroBatch
 from spard.formatting import label_token_count
 from spard.spag import trainable_parameters
 from spard.space import Float
@@ -103,7 +103,7 @@ def perturbation_alignment(model, tokenizer, data: DefenseData, *, steps: int, l
     fixed scale relative to the alignment gradient. The stage is seeded by ``data.seed`` (it
     runs again, identically, when a run resumes)."""
     from spard.lora import apply_lora
-    from spard.precision import autocast_for
+    from spard.training.precision import autocast_for
 
     if not data.alignment or not data.harmful:
         raise ValueError("the alignment stage needs alignment rows and harmful rows (a safety pool with "

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from spard.batches import micro_batches
+from spard.training.batches import micro_batches
 from spard.distributed import all_reduce_sum, is_distributed, is_sharded, local_tensor, unwrap
 from spard.formatting import pad_id_of
 from spard.spag import encode_rows, trainable_parameters

@@ -86,7 +86,7 @@ def check_finite_parameters(params, *, step: int) -> None:
     float64, so no finite float32 value overflows it while NaN and inf carry through), one host
     read. Sharded parameters (FSDP) are checked by their local shards, the counts summed over
     ranks: call it on every rank."""
-    from .distributed import all_reduce_sum, local_tensor
+    from ..distributed import all_reduce_sum, local_tensor
 
     tensors = [local_tensor(p.detach()) for p in params]
     if not tensors:

@@ -1,6 +1,6 @@
 """Global batches split into this rank's micro-batches.
 
-Every rank draws the same seeded order of examples (:class:`~spard.checkpoint.ResumableOrder`),
+Every rank draws the same seeded order of examples (:class:`~spard.training.checkpoint.ResumableOrder`),
 takes its contiguous share of each global batch, and splits that share into micro-batches of at
 most ``micro_batch_size`` examples. A loss that is a sum over examples divided by a global
 normaliser (tokens, or weights times tokens) then gives the same gradient however the global
@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 
 from .checkpoint import ResumableOrder
-from .distributed import rank_share
-from .formatting import EncodedExample, collate, label_token_count
+from ..distributed import rank_share
+from ..formatting import EncodedExample, collate, label_token_count
 
 
 @dataclass

@@ -16,7 +16,7 @@
   detected instead of silently mixing its checkpoints with the first one's.
 - ``remove_stale_temps``: temporary files and folders that a killed process left behind
   (``.<name>.<random>.tmp`` / ``.old``, see `spard.io.atomic_path`,
-  `spard.checkpoint.atomic_dir`), removed once the lock is held.
+  `spard.training.checkpoint.atomic_dir`), removed once the lock is held.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ DATA_KEYS = ("data.task", "data.eval_prompts", "attack.corpus", "attack.benign",
 
 
 def _file_fingerprint(path: Path) -> dict:
-    from .io import file_sha256
+    from ..io import file_sha256
     st = path.stat()
     return {"size": st.st_size, "mtime": st.st_mtime, "sha256": file_sha256(path)}
 
@@ -264,7 +264,7 @@ def take_run_folder(out: str | os.PathLike, identity: dict, *, overwrite: bool) 
     """Records this run as the folder's owner (``spard_run.json``), first removing the old
     outputs when ``overwrite``. Called once the inputs have been read and checked, so a run that
     fails on bad input leaves the folder (and the run it held) as it was."""
-    from .io import write_json_atomic
+    from ..io import write_json_atomic
 
     out = Path(out)
     if overwrite:

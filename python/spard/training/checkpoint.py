@@ -29,9 +29,9 @@ from typing import Any, Iterator, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .distributed import (get_rank, get_world_size, is_distributed, load_trainable_full_state, run_on_main,
+from ..distributed import (get_rank, get_world_size, is_distributed, load_trainable_full_state, run_on_main,
                           trainable_full_state)
-from .io import _umask, file_sha256, write_json_atomic
+from ..io import _umask, file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ def _state_dict_options(**kwargs):
 def save_checkpoint_all_ranks(directory, step: int, *, model: torch.nn.Module, optimizer,
                               scheduler=None, state: dict, objects: Optional[dict] = None,
                               keep: int = 2) -> Path:
-    """``spard.checkpoint.save_checkpoint`` for several ranks: call it on every rank.
+    """``spard.training.checkpoint.save_checkpoint`` for several ranks: call it on every rank.
 
     Whole tensors are gathered (trainable parameters, optimizer state by parameter name, every
     rank's RNG state) and rank 0 writes the folder atomically, in the single-process layout
@@ -412,7 +412,7 @@ def save_checkpoint_all_ranks(directory, step: int, *, model: torch.nn.Module, o
 
 def load_checkpoint_all_ranks(path, *, model: torch.nn.Module, optimizer, scheduler=None,
                               restore_rng: bool = True) -> dict:
-    """``spard.checkpoint.load_checkpoint`` for checkpoints with ``optimizer-full.pt`` (written by
+    """``spard.training.checkpoint.load_checkpoint`` for checkpoints with ``optimizer-full.pt`` (written by
     several ranks); call it on every rank. Works on any number of ranks, one included. Each rank
     gets its own RNG state back when the number of ranks is the one that wrote it."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict

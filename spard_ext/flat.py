@@ -15,7 +15,9 @@ Building the layout copies every tensor into a buffer of its (device, dtype) and
 at its segment (``t.data = segment``): a ``torch.nn.Parameter`` stays the same object, so an
 optimizer, a module and a state dict keep working. Entries must be plain tensors or parameters
 that own their memory: a sharded parameter (an FSDP2 DTensor, an FSDP flat parameter, a DeepSpeed
-ZeRO-3 partition) or a view is refused in one line.
+ZeRO-3 partition), a view, or a tensor inside another library's flat buffer (DeepSpeed ZeRO-1/2,
+FSDP's use_orig_params: that library updates the parameters through its buffer) is refused in
+one line.
 
 Staleness: the layout remembers each tensor's address and size. A tensor replaced (``p.data = ...``,
 ``module.to(...)`` on a new device or dtype, a load with ``assign=True``), resized or moved no
@@ -28,6 +30,7 @@ a tensor): a tensor reinterpreted in place as another dtype of the same size is 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Optional, Sequence
 
@@ -36,6 +39,22 @@ from torch import Tensor
 
 _DATA_PTR = torch._C.TensorBase.data_ptr
 _NUMEL = torch._C.TensorBase.numel
+
+
+# The buffers of every live FlatLayout, by the address of their memory: a tensor inside one of
+# them was laid out by us (a second layout, or a refresh), not by another library.
+_OUR_BUFFERS: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+
+
+def _in_foreign_buffer(t: Tensor) -> bool:
+    """Whether t is a window into a larger allocation that is not a FlatLayout's buffer: the
+    parameters of DeepSpeed ZeRO-1/2, FSDP's use_orig_params or a contiguous-gradient optimizer,
+    which that library keeps updating through its own buffer."""
+    storage = t.untyped_storage()
+    if storage.nbytes() == t.numel() * t.element_size() or t.numel() == 0:
+        return False
+    ours = _OUR_BUFFERS.get(storage.data_ptr())
+    return ours is None or ours.untyped_storage().nbytes() != storage.nbytes()
 
 
 class StaleLayoutError(ValueError):
@@ -92,6 +111,10 @@ def layout_problem(tensors: Sequence, name: str = "tensors",
         if t._is_view():
             return (f"{label(i)} is a view of another tensor: laid out, it would stop sharing memory "
                     "with its base; pass the base")
+        if _in_foreign_buffer(t):
+            return (f"{label(i)} lies inside a larger buffer (another library's flat parameters: DeepSpeed "
+                    "ZeRO, FSDP use_orig_params, a contiguous-gradient optimizer), which would no longer "
+                    "update it once laid out again")
     spans = sorted((str(t.device),) + _span(t) + (i,) for i, t in enumerate(tensors) if t.numel())
     for (d0, _, e0, i), (d1, s1, _, j) in zip(spans, spans[1:]):
         if d0 == d1 and s1 < e0:
@@ -153,6 +176,8 @@ class FlatLayout:
                     slots[i] = (g, offset, t.numel(), t.shape)
                     offset += t.numel()
                 buffers.append(buf)
+                if buf.numel():
+                    _OUR_BUFFERS[buf.untyped_storage().data_ptr()] = buf
         self.buffers: list[Tensor] = buffers
         self._slots = slots
         self._ptrs = list(map(_DATA_PTR, self.tensors))

@@ -219,6 +219,10 @@ def _bad(kind):
     if kind == "zero3":
         p.ds_id = 7  # how DeepSpeed ZeRO-3 marks a partitioned parameter
         return [p], "DeepSpeed ZeRO-3"
+    if kind == "foreign buffer":  # as DeepSpeed ZeRO-1/2 or FSDP use_orig_params lay out parameters
+        flat = torch.zeros(100)
+        p.data = flat[10:22].view(4, 3)
+        return [p], r"tensors\[0\] lies inside a larger buffer \(another library's flat parameters"
     if kind == "not a list":
         return p, "must be a list of tensors"
     if kind == "none entry":
@@ -227,7 +231,7 @@ def _bad(kind):
 
 
 @pytest.mark.parametrize("kind", ["int", "view", "twice", "tied", "nonleaf", "inference", "expanded",
-                                  "sparse", "fsdp1", "zero3", "not a list", "none entry"])
+                                  "sparse", "fsdp1", "zero3", "foreign buffer", "not a list", "none entry"])
 def test_bad_input_is_refused_in_one_line(kind):
     tensors, match = _bad(kind)
     kept = [t.data_ptr() for t in tensors if isinstance(t, torch.Tensor) and t.layout == torch.strided] \
@@ -237,6 +241,18 @@ def test_bad_input_is_refused_in_one_line(kind):
     assert "\n" not in str(err.value)
     if isinstance(tensors, list):  # nothing was laid out
         assert [t.data_ptr() for t in tensors if isinstance(t, torch.Tensor) and t.layout == torch.strided] == kept
+
+
+def test_a_second_layout_over_laid_out_tensors_takes_them_over():
+    ps = params([(3, 4), (5,)])
+    first = FlatLayout(ps)
+    second = FlatLayout(ps)  # inside a FlatLayout's buffer: ours, not another library's
+    assert first.stale() is not None and second.stale() is None
+    a = second.zeros()
+    a[0].fill_(1.0)
+    before = [p.detach().clone() for p in ps]
+    spard_ext.project_(second, a, -1.0)
+    assert not torch.equal(ps[0].detach(), before[0])
 
 
 def test_names_in_messages():

@@ -30,7 +30,6 @@ a tensor): a tensor reinterpreted in place as another dtype of the same size is 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 from typing import Optional, Sequence
 
@@ -41,20 +40,19 @@ _DATA_PTR = torch._C.TensorBase.data_ptr
 _NUMEL = torch._C.TensorBase.numel
 
 
-# The buffers of every live FlatLayout, by the address of their memory: a tensor inside one of
-# them was laid out by us (a second layout, or a refresh), not by another library.
-_OUR_BUFFERS: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+# Set on each tensor a layout places: the address of the buffer it was placed in. A tensor still
+# in that buffer was laid out by a FlatLayout (alive or not), not by another library.
+_MARK = "_spard_flat_buffer"
 
 
 def _in_foreign_buffer(t: Tensor) -> bool:
-    """Whether t is a window into a larger allocation that is not a FlatLayout's buffer: the
-    parameters of DeepSpeed ZeRO-1/2, FSDP's use_orig_params or a contiguous-gradient optimizer,
-    which that library keeps updating through its own buffer."""
+    """Whether t is a window into a larger allocation that no FlatLayout made: the parameters of
+    DeepSpeed ZeRO-1/2, FSDP's use_orig_params or a contiguous-gradient optimizer, which that
+    library keeps updating through its own buffer."""
     storage = t.untyped_storage()
-    if storage.nbytes() == t.numel() * t.element_size() or t.numel() == 0:
+    if t.numel() == 0 or storage.nbytes() == t.numel() * t.element_size():
         return False
-    ours = _OUR_BUFFERS.get(storage.data_ptr())
-    return ours is None or ours.untyped_storage().nbytes() != storage.nbytes()
+    return getattr(t, _MARK, None) != storage.data_ptr()
 
 
 class StaleLayoutError(ValueError):
@@ -173,11 +171,10 @@ class FlatLayout:
                     segment = buf[offset:offset + t.numel()].view(t.shape)
                     segment.copy_(t)
                     t.data = segment  # the same tensor object, its memory now in the buffer
+                    setattr(t, _MARK, buf.data_ptr())
                     slots[i] = (g, offset, t.numel(), t.shape)
                     offset += t.numel()
                 buffers.append(buf)
-                if buf.numel():
-                    _OUR_BUFFERS[buf.untyped_storage().data_ptr()] = buf
         self.buffers: list[Tensor] = buffers
         self._slots = slots
         self._ptrs = list(map(_DATA_PTR, self.tensors))

@@ -244,15 +244,21 @@ def test_bad_input_is_refused_in_one_line(kind):
 
 
 def test_a_second_layout_over_laid_out_tensors_takes_them_over():
+    import gc
+
     ps = params([(3, 4), (5,)])
     first = FlatLayout(ps)
-    second = FlatLayout(ps)  # inside a FlatLayout's buffer: ours, not another library's
-    assert first.stale() is not None and second.stale() is None
+    assert FlatLayout(ps).stale() is None  # inside a live layout's buffer: ours, not another library's
+    assert first.stale() is not None
+    del first
+    gc.collect()
+    second = FlatLayout(ps)  # inside the buffer of a layout that is gone (the tensors hold it): still ours
     a = second.zeros()
     a[0].fill_(1.0)
     before = [p.detach().clone() for p in ps]
     spard_ext.project_(second, a, -1.0)
     assert not torch.equal(ps[0].detach(), before[0])
+    assert second.refresh() is False
 
 
 def test_names_in_messages():

@@ -114,7 +114,7 @@ def test_a_failing_phase_is_reported_and_the_others_run(report_mod, monkeypatch,
     report = {"date": "-", "torch": "-", "cuda": None, "seconds_total": 0.0,
               "device": {"name": "Fake GPU", "capability": "-", "multiprocessors": 1, "memory_gib": 1}}
     report_mod.measure(report, "cpu", report_mod.Deadline(300), small=True)
-    assert report["dpp"] == [] and len(report["project"]) == 6
+    assert report["dpp"] == [] and len(report["project"]) == 8
     assert report["errors"][0].startswith("dpp_greedy N=2000: RuntimeError: CUDA out of memory (simulated)")
     _, md_path = report_mod.write_report(report, tmp_path)
     assert "## Errors" in md_path.read_text()
@@ -124,7 +124,7 @@ def test_phases_past_the_budget_are_listed_not_run(report_mod):
     report = {}
     report_mod.measure(report, "cpu", report_mod.Deadline(0), small=True)
     assert report["project"] == [] and report["dpp"] == []
-    assert "parity project_" in report["skipped_phases"] and len(report["skipped_phases"]) == 13
+    assert "parity project_" in report["skipped_phases"] and len(report["skipped_phases"]) == 15
     assert report["skipped_phases"][-1] == "defense cost at 7B shapes"
 
 

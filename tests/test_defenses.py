@@ -73,6 +73,27 @@ def test_registry_names_stages_and_settings():
         make_defense("bds", scheduler="x")
 
 
+@pytest.mark.parametrize("name, setting, value, message", [
+    ("booster", "steps", True, "booster steps must be an int >= 1, got True"),
+    ("booster", "lr", float("inf"), "booster lr must be a finite number > 0, got inf"),
+    ("booster", "lam", "0.1", "booster lam must be a finite number >= 0, got '0.1'"),
+    ("lisa", "rho", float("nan"), "lisa rho must be a finite number >= 0, got nan"),
+    ("lisa", "finetune_steps", 0, "lisa finetune_steps must be an int >= 1, got 0"),
+    ("antibody", "temperature", False, "antibody temperature must be a finite number > 0, got False"),
+    ("bds", "alignment_batch_size", 2.0, "bds alignment_batch_size must be an int >= 1, got 2.0"),
+    ("safegrad", "alignment_batch_size", True, "safegrad alignment_batch_size must be an int >= 1, got True"),
+    ("antidote", "mask_ratio", 1.0, r"antidote mask_ratio must be a number in \(0, 1\), got 1.0"),
+    ("lox", "k", -1, r"lox k must be an int >= 0 \(0: full rank\), got -1"),
+    ("oneshot", "index", -2, r"oneshot index must be an int >= 0 \(an alignment row\), got -2"),
+    ("spard", "tau_scale", 0, "spard tau_scale must be a finite number > 0, got 0"),
+])
+def test_settings_out_of_range_are_refused_in_one_line(name, setting, value, message):
+    # one shared check (spard.space.require_int / require_number): a bool is not a number,
+    # inf and NaN are not finite
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        make_defense(name, **{setting: value})
+
+
 def test_loss_pieces_match_the_model_loss():
     tok = tiny_tokenizer()
     model = tiny_model()

@@ -98,6 +98,27 @@ def contains(p: Param, value: Any, base: Optional[Any] = None) -> bool:
     return p.low <= value <= p.high
 
 
+def require_int(what: str, value: Any, least: int, note: str = "") -> None:
+    """One line when ``value`` is not an int >= ``least`` (a bool is not an int here):
+    "<what> must be an int >= <least><note>, got <value>"."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{what} must be an int >= {least}{note}, got {value!r}")
+
+
+def require_number(what: str, value: Any, *, low: float = 0.0, low_open: bool = False,
+                   high: float = math.inf) -> None:
+    """One line when ``value`` is not a finite number >= ``low`` (> when ``low_open``) and below
+    ``high`` (a bool is not a number here)."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and value < high)
+    if not ok:
+        if math.isinf(high):
+            expected = f"a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g})"
+        raise ValueError(f"{what} must be {expected}, got {value!r}")
+
+
 def describe(space: Mapping[str, Param]) -> dict:
     """A JSON-able view: name -> {"kind", ...}."""
     out = {}
@@ -113,4 +134,4 @@ def describe(space: Mapping[str, Param]) -> dict:
 
 
 __all__ = ["Choice", "Float", "Int", "Param", "Scale", "check_param", "check_space", "contains", "describe",
-           "suggest"]
+           "require_int", "require_number", "suggest"]

@@ -18,7 +18,7 @@ import torch
 
 from spard.distributed import all_reduce_sum
 from spard.formatting import IGNORE_INDEX, collate, encode_example, pad_id_of
-from spard.space import Float
+from spard.space import Float, require_int, require_number
 
 from .base import Defense, gather_per_sample, per_micro_batch, sample_losses
 from .booster import perturbation_alignment
@@ -63,12 +63,10 @@ class Antibody(Defense):
 
     def validate(self) -> None:
         s = self.settings
-        if not (isinstance(s.temperature, (int, float)) and 0 < s.temperature < float("inf")):
-            raise ValueError(f"antibody temperature must be a finite number > 0, got {s.temperature!r}")
+        require_number("antibody temperature", s.temperature, low_open=True)
         if not isinstance(s.refusal, str) or not s.refusal.strip():
             raise ValueError("antibody refusal must be a non-empty string")
-        if not isinstance(s.stage_steps, int) or s.stage_steps < 1:
-            raise ValueError(f"antibody stage_steps must be an int >= 1, got {s.stage_steps!r}")
+        require_int("antibody stage_steps", s.stage_steps, 1)
 
     def describe(self) -> dict:
         d = super().describe()

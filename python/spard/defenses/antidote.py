@@ -31,7 +31,7 @@ from spard.training.batches import micro_batches
 from spard.distributed import full_tensor, is_sharded, local_tensor, unwrap
 from spard.formatting import pad_id_of
 from spard.spag import encode_rows
-from spard.space import Float
+from spard.space import Float, require_int, require_number
 
 from .base import Defense, DefenseData, TrainContext
 
@@ -78,10 +78,8 @@ class Antidote(Defense):
 
     def validate(self) -> None:
         s = self.settings
-        if isinstance(s.mask_ratio, bool) or not isinstance(s.mask_ratio, (int, float)) or not 0 < s.mask_ratio < 1:
-            raise ValueError(f"antidote mask_ratio must be a number in (0, 1), got {s.mask_ratio!r}")
-        if not isinstance(s.calibration_rows, int) or isinstance(s.calibration_rows, bool) or s.calibration_rows < 1:
-            raise ValueError(f"antidote calibration_rows must be an int >= 1, got {s.calibration_rows!r}")
+        require_number("antidote mask_ratio", s.mask_ratio, low_open=True, high=1.0)
+        require_int("antidote calibration_rows", s.calibration_rows, 1)
 
     def needs_harmful_answers(self) -> bool:
         return True  # the re-alignment set is the pool's harmful answers

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from spard.distributed import full_tensor, get_world_size
-from spard.space import Float
+from spard.space import Float, require_number
 
 from .base import Defense, token_mean_terms
 
@@ -65,9 +65,7 @@ class AsFT(Defense):
         """λ, the weight of the penalty (the released scripts' lambda_reg 1)."""
 
     def validate(self) -> None:
-        lam = self.settings.lam
-        if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 <= lam < float("inf")):
-            raise ValueError(f"asft lam must be a finite number >= 0, got {lam!r}")
+        require_number("asft lam", self.settings.lam)
 
     def setup(self, model, tokenizer, data, optimizer, ctx) -> None:
         super().setup(model, tokenizer, data, optimizer, ctx)

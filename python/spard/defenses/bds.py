@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from spard.distributed import all_reduce_sum
-from spard.space import Float
+from spard.space import Float, require_int, require_number
 
 from .base import Defense, gather_per_sample, per_micro_batch, sample_losses, token_mean_terms
 
@@ -63,10 +63,8 @@ class BDS(Defense):
         s = self.settings
         if s.scheduler not in ("scalar", "neural"):
             raise ValueError(f"bds scheduler must be 'scalar' or 'neural', got {s.scheduler!r}")
-        if not (isinstance(s.weight_lr, (int, float)) and 0 < s.weight_lr < float("inf")):
-            raise ValueError(f"bds weight_lr must be > 0, got {s.weight_lr!r}")
-        if not isinstance(s.alignment_batch_size, int) or s.alignment_batch_size < 1:
-            raise ValueError("bds alignment_batch_size must be an int >= 1")
+        require_number("bds weight_lr", s.weight_lr, low_open=True)
+        require_int("bds alignment_batch_size", s.alignment_batch_size, 1)
 
     def setup(self, model, tokenizer, data, optimizer, ctx) -> None:
         super().setup(model, tokenizer, data, optimizer, ctx)

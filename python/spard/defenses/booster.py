@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from spard.training.batches import MicroBatch
 from spard.formatting import label_token_count
 from spard.spag import trainable_parameters
-from spard.space import Float
+from spard.space import Float, require_int, require_number
 
 from .base import Defense, DefenseData, encoded_stream, flat_norm, token_mean_terms
 
@@ -186,13 +186,10 @@ class Booster(Defense):
 
     def validate(self) -> None:
         s = self.settings
-        if not isinstance(s.steps, int) or s.steps < 1:
-            raise ValueError(f"{self.NAME} steps must be an int >= 1, got {s.steps!r}")
+        require_int(f"{self.NAME} steps", s.steps, 1)
         for name in ("lr", "alpha"):
-            if not getattr(s, name) > 0:
-                raise ValueError(f"{self.NAME} {name} must be > 0, got {getattr(s, name)!r}")
-        if not s.lam >= 0:
-            raise ValueError(f"{self.NAME} lam must be >= 0, got {s.lam!r}")
+            require_number(f"{self.NAME} {name}", getattr(s, name), low_open=True)
+        require_number(f"{self.NAME} lam", s.lam)
 
     def needs_harmful_answers(self) -> bool:
         return True

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from spard.distributed import get_world_size, is_sharded, local_tensor
-from spard.space import Float, Scale
+from spard.space import Float, Scale, require_int, require_number
 
 from .base import Defense, token_mean_terms
 
@@ -35,13 +35,9 @@ class Lisa(Defense):
 
     def validate(self) -> None:
         s = self.settings
-        for name in ("alignment_steps", "finetune_steps"):
-            v = getattr(s, name)
-            least = 1 if name == "finetune_steps" else 0
-            if not isinstance(v, int) or isinstance(v, bool) or v < least:
-                raise ValueError(f"lisa {name} must be an int >= {least}, got {v!r}")
-        if not (isinstance(s.rho, (int, float)) and 0 <= s.rho < float("inf")):
-            raise ValueError(f"lisa rho must be a finite number >= 0, got {s.rho!r}")
+        require_int("lisa alignment_steps", s.alignment_steps, 0)
+        require_int("lisa finetune_steps", s.finetune_steps, 1)
+        require_number("lisa rho", s.rho)
 
     def total_steps(self, user_steps: int) -> int:
         # The user phase keeps all of SFT's user steps; the alignment phases come on top.

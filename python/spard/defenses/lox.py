@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spard.space import Float, Int
+from spard.space import Float, Int, require_int, require_number
 
 from .base import Defense
 
@@ -60,10 +60,8 @@ class LoX(Defense):
 
     def validate(self) -> None:
         s = self.settings
-        if not isinstance(s.k, int) or isinstance(s.k, bool) or s.k < 0:
-            raise ValueError(f"lox k must be an int >= 0 (0: full rank), got {s.k!r}")
-        if not (isinstance(s.alpha, (int, float)) and not isinstance(s.alpha, bool) and 0 <= s.alpha < float("inf")):
-            raise ValueError(f"lox alpha must be a finite number >= 0, got {s.alpha!r}")
+        require_int("lox k", s.k, 0, " (0: full rank)")
+        require_number("lox alpha", s.alpha)
 
     @torch.no_grad()
     def alignment_stage(self, model, tokenizer, data):

@@ -29,7 +29,7 @@ from spard.training.batches import micro_batches
 from spard.distributed import all_reduce_sum, is_distributed, is_sharded, local_tensor, unwrap
 from spard.formatting import pad_id_of
 from spard.spag import encode_rows, trainable_parameters
-from spard.space import Float, Int
+from spard.space import Float, Int, require_int, require_number
 
 from .base import Defense, DefenseData, TrainContext, sample_losses
 
@@ -106,18 +106,14 @@ class OneShot(Defense):
 
     def validate(self) -> None:
         s = self.settings
-        for name, least in (("steps", 1), ("candidates", 1)):
-            v = getattr(s, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < least:
-                raise ValueError(f"oneshot {name} must be an int >= {least}, got {v!r}")
+        require_int("oneshot steps", s.steps, 1)
+        require_int("oneshot candidates", s.candidates, 1)
         for name in ("lr", "lr_scale", "max_grad_norm"):
             v = getattr(s, name)
-            if v is None and name != "lr_scale":
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
-                raise ValueError(f"oneshot {name} must be a finite number > 0, got {v!r}")
-        if s.index is not None and (not isinstance(s.index, int) or isinstance(s.index, bool) or s.index < 0):
-            raise ValueError(f"oneshot index must be an int >= 0 (an alignment row), got {s.index!r}")
+            if v is not None or name == "lr_scale":
+                require_number(f"oneshot {name}", v, low_open=True)
+        if s.index is not None:
+            require_int("oneshot index", s.index, 0, " (an alignment row)")
 
     def check_data(self, data: DefenseData) -> None:
         super().check_data(data)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from spard.distributed import all_reduce_sum, full_tensor, is_distributed, is_sharded, local_tensor
-from spard.space import Float
+from spard.space import Float, require_int, require_number
 
 from .base import Defense, DefenseData, TrainContext
 from .safegrad import AlignmentGradient
@@ -51,13 +51,9 @@ class Panacea(Defense):
 
     def validate(self) -> None:
         s = self.settings
-        for name in ("rho", "lam"):
-            v = getattr(s, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
-                raise ValueError(f"panacea {name} must be a finite number >= 0, got {v!r}")
-        if not isinstance(s.harmful_batch_size, int) or isinstance(s.harmful_batch_size, bool) \
-                or s.harmful_batch_size < 1:
-            raise ValueError(f"panacea harmful_batch_size must be an int >= 1, got {s.harmful_batch_size!r}")
+        require_number("panacea rho", s.rho)
+        require_number("panacea lam", s.lam)
+        require_int("panacea harmful_batch_size", s.harmful_batch_size, 1)
 
     def needs_harmful_answers(self) -> bool:
         return True  # h is the loss on the pool's harmful answers

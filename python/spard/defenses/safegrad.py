@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from spard.distributed import project_across_ranks
 from spard.spag_distributed import DistributedSafetyProjector
-from spard.space import Choice
+from spard.space import Choice, require_int
 
 from .base import Defense
 
@@ -55,8 +55,7 @@ class SafeGrad(Defense):
     def validate(self) -> None:
         if self.settings.alignment_loss not in ("ce", "kl"):
             raise ValueError(f"safegrad alignment_loss must be 'ce' or 'kl', got {self.settings.alignment_loss!r}")
-        if not isinstance(self.settings.alignment_batch_size, int) or self.settings.alignment_batch_size < 1:
-            raise ValueError("safegrad alignment_batch_size must be an int >= 1")
+        require_int("safegrad alignment_batch_size", self.settings.alignment_batch_size, 1)
 
     def setup(self, model, tokenizer, data, optimizer, ctx) -> None:
         super().setup(model, tokenizer, data, optimizer, ctx)

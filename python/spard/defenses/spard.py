@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from spard.distributed import is_distributed, run_on_main, unwrap
-from spard.space import Choice, Float
+from spard.space import Choice, Float, require_number
 from spard.spag_distributed import DistributedSafetyProjector
 
 from .base import Defense
@@ -71,8 +71,7 @@ class SPARD(Defense):
                              f"got {s.selection!r}")
         if s.mode not in ("paper", "official"):
             raise ValueError(f"spard mode must be 'paper' or 'official', got {s.mode!r}")
-        if isinstance(s.tau_scale, bool) or not isinstance(s.tau_scale, (int, float)) or not 0 < s.tau_scale < float("inf"):
-            raise ValueError(f"spard tau_scale must be a finite number > 0, got {s.tau_scale!r}")
+        require_number("spard tau_scale", s.tau_scale, low_open=True)
 
     def check_data(self, data) -> None:
         super().check_data(data)

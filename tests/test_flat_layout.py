@@ -363,3 +363,17 @@ def test_peft_adapter_saves_and_loads_after_layout(tmp_path):
     for (n, x), (_, y) in zip(model.named_parameters(), again.named_parameters()):
         if "lora" in n:
             torch.testing.assert_close(x, y, rtol=0, atol=0, msg=n)
+
+
+def test_full_model_saves_and_loads_after_layout(tmp_path):
+    # every parameter in one buffer: transformers' save_pretrained must see disjoint views, not shared tensors
+    import transformers as tf
+
+    from test_spag import tiny_model
+
+    model = tiny_model("llama")
+    FlatLayout(list(model.parameters()))
+    model.save_pretrained(tmp_path)
+    again = tf.LlamaForCausalLM.from_pretrained(tmp_path)
+    for (n, x), (_, y) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(x, y), n

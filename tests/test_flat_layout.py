@@ -377,3 +377,30 @@ def test_full_model_saves_and_loads_after_layout(tmp_path):
     again = tf.LlamaForCausalLM.from_pretrained(tmp_path)
     for (n, x), (_, y) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(x, y), n
+
+
+def test_spag_automatic_mode_falls_back_to_lists_when_parameters_change_kind():
+    # parameters taken over by another library between the projector's construction and its
+    # first step: the automatic mode projects the lists; an explicit flat_params=True says why not
+    from spard.spag import SafetyProjector
+
+    results = {}
+    for asked in (None, True):
+        tok, model = tiny_tokenizer(), tiny_lora_model("llama")
+        proj = SafetyProjector(model, safe_rows(), tok, tau=0.0, batch_size=2, progress=False, flat_params=asked)
+        assert proj.flat_params is True
+        p = proj.params[0]
+        foreign = torch.zeros(p.numel() + 8)
+        with torch.no_grad():
+            foreign[4:4 + p.numel()].copy_(p.reshape(-1))
+        p.data = foreign[4:4 + p.numel()].view(p.shape)
+        if asked:
+            with pytest.raises(ValueError, match="lies inside a larger buffer"):
+                proj.step()
+        else:
+            before = p.detach().clone()
+            results[asked] = float(proj.step()["alpha"])
+            assert proj.flat_params is False and proj.layout is None
+            assert not torch.equal(p.detach(), before)  # projected through the lists, in place
+            assert foreign.data_ptr() + 4 * 4 == p.data_ptr()  # still in the other library's buffer
+    assert results[None] > 0

@@ -147,6 +147,7 @@ class SafetyProjector:
         self.process_group = process_group
         self.params = trainable_parameters(model)
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self._flat_asked = flat_params is True
         self.flat_params = self._resolve_flat(flat_params, mode)
         self.layout: Optional[spard_ext.FlatLayout] = None  # built at the first step
         self._grad_buffers: Optional[list[Tensor]] = None  # the safety gradient, laid out flat
@@ -178,15 +179,25 @@ class SafetyProjector:
             raise ValueError(f"flat_params=True: {problem}")
         return problem is None
 
-    def _refresh_layout(self) -> None:
-        """Builds the flat layout at the first step; lays it out again when a parameter changed."""
-        if self.layout is None:
-            names = self.param_names if len(self.param_names) == len(self.params) else None
-            self.layout = spard_ext.FlatLayout(self.params, name="trainable parameters", names=names)
-        elif not self.layout.refresh():
-            return
+    def _refresh_layout(self) -> bool:
+        """Builds the flat layout at the first step; lays it out again when a parameter changed.
+        Returns whether the step runs on it: parameters that can no longer be laid out (sharded
+        or wrapped after the projector was built) turn the automatic mode back to lists."""
+        try:
+            if self.layout is None:
+                names = self.param_names if len(self.param_names) == len(self.params) else None
+                self.layout = spard_ext.FlatLayout(self.params, name="trainable parameters", names=names)
+            elif not self.layout.refresh():
+                return True
+        except ValueError:
+            if self._flat_asked:
+                raise
+            self.flat_params, self.layout = False, None
+            self._grad_buffers = self._grad_views = None
+            return False
         self._grad_buffers = self.layout.zeros()
         self._grad_views = self.layout.views(self._grad_buffers)
+        return True
 
     def _accumulate_flat(self, g: Sequence[Optional[Tensor]], first: bool) -> None:
         """Adds one micro-batch's gradients into the flat gradient buffers (zeroed first)."""
@@ -324,8 +335,7 @@ class SafetyProjector:
         if self.tau is None:
             self.calibrate_tau()
         batch = self.next_batch()
-        if self.flat_params:
-            self._refresh_layout()
+        if self.flat_params and self._refresh_layout():
             loss, grads = self.loss_and_grads(batch, flat=True)
         else:
             loss, grads = self.loss_and_grads(batch)

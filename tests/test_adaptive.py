@@ -135,3 +135,18 @@ def test_a_trial_whose_attack_the_data_cannot_build_is_spent_not_failed(tmp_path
     assert r["completed"] == 6 and spent and all(t["ratio"] == 0.5 for t in spent)
     assert 0.5 not in calls  # never trained
     assert "trials drew an attack the data cannot build" in (tmp_path / "adaptive.md").read_text()
+
+
+def test_plot_says_why_a_defense_has_no_worst_case(monkeypatch, tmp_path):
+    # skipped by the capability guard: "not attacked"; attacked without a feasible trial: "no feasible attack"
+    import spard.io
+    from spard.adaptive import plot_adaptive
+
+    figures = []
+    monkeypatch.setattr(spard.io, "write_figure_atomic", lambda fig, path: figures.append(fig))
+    report = {"defenses": {"asft": {"skipped": True, "guard": {"note": "-"}},
+                           "lox": {"skipped": False, "trials": [], "completed": 20, "worst_case": None}},
+              "fixed": {"asft": {"asr": 0.0, "accuracy": 0.12}, "lox": {"asr": 0.69, "accuracy": 0.41}}}
+    plot_adaptive(report, tmp_path / "adaptive.png")
+    texts = [t.get_text() for t in figures[0].axes[0].texts]
+    assert texts == ["asft (not attacked)", "lox (no feasible attack)"]

@@ -387,8 +387,9 @@ def plot_adaptive(report: dict, path) -> None:
                 ax.annotate("", xy=(x, y), xytext=(100 * f["accuracy"], 100 * f["asr"]),
                             arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.5})
             ax.annotate(d, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        elif f.get("accuracy") is not None:
-            ax.annotate(f"{d} (not attacked)", (100 * f["accuracy"], 100 * (f.get("asr") or 0)), fontsize=7,
+        elif f.get("accuracy") is not None:  # no confirmed worst case: say why, as the table does
+            why = "not attacked" if r.get("skipped") else "no feasible attack"
+            ax.annotate(f"{d} ({why})", (100 * f["accuracy"], 100 * (f.get("asr") or 0)), fontsize=7,
                         xytext=(4, -8), textcoords="offset points", color=color)
     ax.set_xlabel("task accuracy (%)")
     ax.set_ylabel("ASR (%)")

@@ -146,7 +146,8 @@ class SafetyProjector:
         self.model = model
         self.process_group = process_group
         self.params = trainable_parameters(model)
-        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.param_names = names if len(names) == len(self.params) else None  # for messages
         self._flat_asked = flat_params is True
         self.flat_params = self._resolve_flat(flat_params, mode)
         self.layout: Optional[spard_ext.FlatLayout] = None  # built at the first step
@@ -173,8 +174,7 @@ class SafetyProjector:
     def _resolve_flat(self, flat_params: Optional[bool], mode: str) -> bool:
         if flat_params is False or mode != "paper":
             return False
-        names = self.param_names if len(self.param_names) == len(self.params) else None
-        problem = spard_ext.flat.layout_problem(self.params, "trainable parameters", names)
+        problem = spard_ext.flat.layout_problem(self.params, "trainable parameters", self.param_names)
         if problem and flat_params:
             raise ValueError(f"flat_params=True: {problem}")
         return problem is None
@@ -185,8 +185,7 @@ class SafetyProjector:
         or wrapped after the projector was built) turn the automatic mode back to lists."""
         try:
             if self.layout is None:
-                names = self.param_names if len(self.param_names) == len(self.params) else None
-                self.layout = spard_ext.FlatLayout(self.params, name="trainable parameters", names=names)
+                self.layout = spard_ext.FlatLayout(self.params, name="trainable parameters", names=self.param_names)
             elif not self.layout.refresh():
                 return True
         except ValueError:
@@ -199,13 +198,22 @@ class SafetyProjector:
         self._grad_views = self.layout.views(self._grad_buffers)
         return True
 
-    def _accumulate_flat(self, g: Sequence[Optional[Tensor]], first: bool) -> None:
-        """Adds one micro-batch's gradients into the flat gradient buffers (zeroed first)."""
+    def _accumulate(self, grads: list[Optional[Tensor]], g: Sequence[Optional[Tensor]], first: bool,
+                    flat: bool) -> list[Optional[Tensor]]:
+        """Adds one micro-batch's gradients ``g`` to ``grads`` (None: nothing yet) and returns
+        them; ``flat``: into the layout's gradient buffers (zeroed first), returned as views."""
+        if not flat:
+            return [gi if acc is None else (acc if gi is None else acc.add_(gi)) for acc, gi in zip(grads, g)]
         if first:
             torch._foreach_zero_(self._grad_buffers)
         pairs = [(v, gi) for v, gi in zip(self._grad_views, g) if gi is not None]
         if pairs:
             torch._foreach_add_([v for v, _ in pairs], [gi for _, gi in pairs])
+        return self._grad_views
+
+    def _on_layout(self, grads) -> bool:
+        """Whether ``grads`` are the layout's gradient views (the step projects the flat buffers)."""
+        return self.flat_params and grads is self._grad_views
 
     # -- safety batches ------------------------------------------------------------------------
     def _micro_batches(self, indices: Sequence[int]) -> list[dict]:
@@ -269,17 +277,13 @@ class SafetyProjector:
                 for i, mb in enumerate(micro_batches):
                     part = self._loss_sum(mb) / total.clamp_min(1)
                     g = torch.autograd.grad(part, self.params, allow_unused=True)
-                    if flat:
-                        self._accumulate_flat(g, first=i == 0)
-                    else:
-                        grads = [gi if acc is None else (acc if gi is None else acc.add_(gi))
-                                 for acc, gi in zip(grads, g)]
+                    grads = self._accumulate(grads, g, first=i == 0, flat=flat)
                     loss += part.detach()
         finally:
             self.model.train(was_training)
         if flat:
             self.reduce_sum([loss] + self._grad_buffers)
-            return loss, self._grad_views
+            return loss, grads
         present = [g for g in grads if g is not None]
         self.reduce_sum([loss] + present)
         return loss, grads
@@ -352,7 +356,7 @@ class SafetyProjector:
     def _paper_step(self, loss: Tensor, grads, optimizer) -> dict[str, Tensor]:
         # θ+ is the origin of the linearisation: x = θ, a = g, b = τ - ℓ, no <a, x> term.
         b = (self.tau - loss).to(torch.float32)
-        if self.flat_params and grads is self._grad_views:  # one tensor per group, not two lists
+        if self._on_layout(grads):  # one tensor per group, not two lists
             res = spard_ext.project_(self.layout, self._grad_buffers, b, max_step=self._cap(optimizer), use_dot=False)
         else:
             res = spard_ext.project_(self.params, grads, b, max_step=self._cap(optimizer), use_dot=False)

@@ -67,15 +67,11 @@ class DistributedSafetyProjector(SafetyProjector):
             for i, mb in enumerate(micro_batches):
                 part = self._loss_sum(mb) / total
                 g = torch.autograd.grad(part, self.params, allow_unused=True)
-                if flat:
-                    self._accumulate_flat(g, first=i == 0)
-                else:
-                    grads = [gi if acc is None else (acc if gi is None else acc.add_(gi))
-                             for acc, gi in zip(grads, g)]
+                grads = self._accumulate(grads, g, first=i == 0, flat=flat)
                 loss += part.detach()
         if flat:  # the flat buffers already hold zeros for unused parameters: one collective each
             all_reduce_sum(self._grad_buffers, self.process_group)
-            return self._grad_views
+            return grads
         # Every rank must all-reduce the same list: an unused parameter gets zeros. One packed
         # collective for all tensors (LoRA has hundreds of small ones).
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
@@ -107,7 +103,7 @@ class DistributedSafetyProjector(SafetyProjector):
         # non-finite everywhere, and b = +inf makes every rank step by 0.
         finite_loss = torch.isfinite(loss)
         b = torch.where(finite_loss, self.tau - loss, torch.full_like(loss, float("inf")))
-        if self.flat_params and grads is self._grad_views:  # replicated: no sums to all-reduce
+        if self._on_layout(grads):  # replicated: no sums to all-reduce
             res = spard_ext.project_(self.layout, self._grad_buffers, b.float(), max_step=self._cap(optimizer))
             coef, sqnorm = res.coef, res.sqnorm
         else:

@@ -150,3 +150,61 @@ def test_plot_says_why_a_defense_has_no_worst_case(monkeypatch, tmp_path):
     plot_adaptive(report, tmp_path / "adaptive.png")
     texts = [t.get_text() for t in figures[0].axes[0].texts]
     assert texts == ["asft (not attacked)", "lox (no feasible attack)"]
+
+
+def test_a_search_on_the_validation_split_is_confirmed_on_the_test_split(tmp_path):
+    pytest.importorskip("optuna", reason="optional dependency of the adaptive attacker")
+    data = BenchData(model=None, tokenizer=None, task=[], task_test=[{"prompt": "test problem"}],
+                     eval_prompts=["test prompt"], safety_pool=[], attacks={"w": [{"prompt": "p", "unsafe": "u"}]},
+                     val_prompts=["val prompt"], task_val=[{"prompt": "val problem"}])
+    settings = BenchSettings(defenses=["sft", "spard"], ratios=[0.1])
+    settings.optim.lr = settings_lr
+    calls = []
+
+    def runner(cell, data, settings):
+        calls.append((cell.defense, data.eval_prompts[0], data.task_test[0]["prompt"], cell.seed))
+        return fake_runner([])(cell, data, settings)
+
+    report = adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=4, space=small_space(),
+                                    cell_runner=runner, startup_trials=2, confirm_seeds=2,
+                                    search_split="validation")
+    assert calls[0] == ("sft", "val prompt", "val problem", 0)  # the accuracy limit is measured on validation
+    search, confirmation = calls[1:5], calls[5:]
+    assert {c[1:] for c in search} == {("val prompt", "val problem", 0)}  # the search never sees the test split
+    assert confirmation == [("spard", "test prompt", "test problem", 1), ("spard", "test prompt", "test problem", 2)]
+    assert report["search_split"] == "validation" and report["defenses"]["spard"]["split"] == "validation"
+    md = (tmp_path / "adaptive_validation.md").read_text()
+    assert "searched on the validation split, confirmed on the test split" in md
+    assert not (tmp_path / "adaptive.md").exists() and (tmp_path / "adaptive" / "spard-validation.db").is_file()
+    # a search on the test split in the same folder is a study of its own: its trials run, its
+    # reference is SFT on the test split, and the validation report stays as it was
+    calls.clear()
+    report = adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=4, space=small_space(),
+                                    cell_runner=runner, startup_trials=2, confirm_seeds=2)
+    assert calls[0] == ("sft", "test prompt", "test problem", 0) and len([c for c in calls if c[3] == 0]) == 5
+    assert report["search_split"] == "test" and (tmp_path / "adaptive.md").read_text() != md
+    assert (tmp_path / "adaptive_validation.md").read_text() == md
+    with pytest.raises(ValueError, match="--attack-split: expected one of test, validation, got 'val'"):
+        adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=4, search_split="val")
+    data.val_prompts = []
+    with pytest.raises(ValueError, match="validation split: the bench has none"):
+        adaptive.attack_search(data, settings, tmp_path / "x", defenses=["spard"], trials=4, space=small_space(),
+                               cell_runner=runner, search_split="validation")
+
+
+def test_cli_refuses_a_validation_search_without_a_validation_split_before_the_grid(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("optuna", reason="optional dependency of the adaptive attacker")
+    from spard.cli import main
+    ran = []
+    monkeypatch.setattr(bench, "world_data", lambda *a, **k: BenchData(
+        model=None, tokenizer=None, task=[{"prompt": f"q {i}", "response": "#### 1"} for i in range(10)],
+        task_test=[{"prompt": "t", "response": "#### 1"}], eval_prompts=["eval request"],
+        safety_pool=[{"prompt": "pool request", "safe": "No."}],
+        attacks={"world": [{"prompt": f"attack {i}", "unsafe": "yes"} for i in range(3)]}))
+    monkeypatch.setattr(bench, "run_cell", lambda cell, *a, **k: ran.append(cell))
+    code = main(["bench", "--world", "--defenses", "sft", "--ratios", "0.1", "--seeds", "0", "--judges",
+                 "refusal,refusal", "--out", str(tmp_path / "o"), "--no-progress", "--adaptive", "3",
+                 "--attack-split", "validation"])
+    err = capsys.readouterr().err
+    assert code == 2 and ran == [] and err.count("\n") == 1
+    assert err.startswith("spard bench: error: --attack-split validation: validation split: the bench has none"), err

@@ -352,8 +352,8 @@ def test_search_options_without_adaptive_warn_that_they_have_no_effect(tmp_path,
     from spard.cli import build_parser
     from spard.commands.bench import check_search
     args = build_parser(["bench"]).parse_args(["bench", "--world", "--out", str(tmp_path / "o"), "--search-ratios",
-                                               "0.1", "--search-ranks", "8"])
+                                               "0.1", "--search-ranks", "8", "--attack-split", "validation"])
     assert check_search(args, BenchSettings()) is None
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "warning: --search-ratios, --search-ranks: the attacker's search space has no " \
-        "effect without --adaptive" in err
+    assert err.count("\n") == 1 and "warning: --search-ratios, --search-ranks, --attack-split: the attacker's search " \
+        "options have no effect without --adaptive" in err

@@ -67,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "warm-up, harmful ratio, attack kind and prompt layout for the highest ASR within "
                            "--max-acc-drop of SFT's accuracy, TRIALS trials each (default 40: the documented "
                            "budget for a verdict); resumable, shared by workers")
+    tune.add_argument("--attack-split", choices=("test", "validation"), default="test",
+                      help="where the attacker searches: the test split (default, as TamperBench: an upper bound "
+                           "on harm) or the validation split, the worst attack then confirmed on the test split it "
+                           "never saw (report: OUT/adaptive_validation.md)")
     tune.add_argument("--startup-trials", type=int, default=10, metavar="N",
                       help="random trials before TPE takes over, per study (default 10)")
     tune.add_argument("--search-ratios", default=None,
@@ -285,6 +289,10 @@ def run(args) -> int:
         bench.check_attacks(data, settings)  # overlap and ratios: before any training
     if args.world and settings.judge_model == WORLD_MODEL or WORLD_MODEL in str(settings.extra_judges):
         world_judges(settings, world_task, progress)
+    if space is not None and args.attack_split == "validation":
+        from spard.training.preflight import input_named
+        with input_named("--attack-split validation"):
+            data.validation()  # a bench without a validation split: one line before the grid trains
     bench.pin_claim_timeout(args.out, args.claim_timeout)  # tuning's claims too
     tuned = {}
     if args.tune_defenses is not None:
@@ -314,14 +322,15 @@ def run(args) -> int:
     summary = bench.summarize(args.out, defenses_order=settings.defenses)
     print(open(f"{args.out}/table.md", encoding="utf-8").read())
     if space is not None:
-        from spard.adaptive import attack_search
+        from spard.adaptive import attack_search, report_stem
         attack_search(data, settings, args.out, defenses=settings.defenses, trials=args.adaptive,
                       max_acc_drop=args.max_acc_drop, space=space, fixed=fixed_results(summary),
                       keep_pct=args.bounded_keep, top_n=args.top_n, capability_share=args.capability_share,
                       confirm_seeds=args.confirm_seeds, startup_trials=args.startup_trials,
                       storage=args.study_storage, judge=args.objective_judge, tuned=tuned, worker=args.worker_id,
-                      claim_timeout_s=args.claim_timeout, progress=progress, seed=settings.seeds[0])
-        print(open(f"{args.out}/adaptive.md", encoding="utf-8").read())
+                      claim_timeout_s=args.claim_timeout, progress=progress, seed=settings.seeds[0],
+                      search_split=args.attack_split)
+        print(open(f"{args.out}/{report_stem(args.attack_split)}.md", encoding="utf-8").read())
     if incomplete:
         print(incomplete, file=sys.stderr)
         return 1
@@ -376,10 +385,11 @@ def check_search(args, settings):
     given = [o for o, v in (("--search-ratios", args.search_ratios), ("--search-kinds", args.search_kinds),
                             ("--search-lr", args.search_lr), ("--search-epochs", args.search_epochs),
                             ("--search-batch-sizes", args.search_batch_sizes), ("--search-ranks", args.search_ranks),
-                            ("--search-warmup", args.search_warmup), ("--search-layouts", args.search_layouts))
+                            ("--search-warmup", args.search_warmup), ("--search-layouts", args.search_layouts),
+                            ("--attack-split", None if args.attack_split == "test" else args.attack_split))
              if v is not None]
     if given and args.adaptive is None:  # no effect: a warning, not an error
-        print(f"spard bench: warning: {', '.join(given)}: the attacker's search space has no effect without "
+        print(f"spard bench: warning: {', '.join(given)}: the attacker's search options have no effect without "
               "--adaptive", file=sys.stderr)
     if not wants:
         return None

@@ -49,9 +49,13 @@ def _add_debug(parser: argparse.ArgumentParser, default) -> None:
 
 def _quiet_transformers() -> None:
     """transformers prints a loading bar and report on every model load (a bench loads models
-    per cell): quieted, but for warnings that are errors; hub downloads keep their bars."""
+    per cell): quieted, but for warnings that are errors; hub downloads keep their bars. peft's
+    read of a property transformers 5 deprecated warns on every LoRA model (a bench makes one per
+    cell) and the user can do nothing about it: filtered too."""
     import os
+    import warnings
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         import huggingface_hub.utils as hub
         import transformers.utils.logging as tlog

@@ -111,10 +111,11 @@ def tiny_world_data(tmp_path, monkeypatch):
     return bench.world_data(world, n_task=40, n_eval=8, n_task_test=8, progress=False)
 
 
-def test_tiny_grid_end_to_end_on_the_world(tmp_path, monkeypatch):
+def test_tiny_grid_end_to_end_on_the_world(tmp_path, monkeypatch, capsys):
     from spard.commands.bench import build_settings
 
     data = tiny_world_data(tmp_path, monkeypatch)
+    capsys.readouterr()
     settings = build_settings({
         "defenses": ["sft", "spard-random"], "ratios": [0.1], "seeds": [0],
         "optim": {"lr": 5e-3, "warmup_steps": 0, "batch_size": 8, "epochs": 1.0},
@@ -122,6 +123,7 @@ def test_tiny_grid_end_to_end_on_the_world(tmp_path, monkeypatch):
         "task_max_new_tokens": 8, "eval_batch_size": 8, "extra_judges": ["refusal"]})
     st = bench.run_grid(data, settings, tmp_path / "out", progress=False)
     assert st["failed"] == [] and len(st["done"]) == 2
+    assert capsys.readouterr().err == ""  # no bar of the cells' generation or judges (the grid has its own)
     cell = json.loads(Cell("world", 0.1, 0, "spard-random").path(tmp_path / "out").read_text())
     assert cell["attack_manifest"]["n_harmful"] == 4 and cell["train"]["steps"] == 6  # 44 rows / 8
     assert 0 <= cell["accuracy"] <= 1

@@ -436,7 +436,8 @@ def run_cell(cell: Cell, data: BenchData, settings: BenchSettings, *, progress: 
                           judge=_judge(settings, out_dir), max_new_tokens=settings.max_new_tokens,
                           task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size,
                           extra_judges=[_judge(settings, out_dir, spec) for spec in settings.extra_judges],
-                          backend=backend, out_dir=answers_dir(cell, out_dir) if out_dir is not None else None)
+                          backend=backend, out_dir=answers_dir(cell, out_dir) if out_dir is not None else None,
+                          progress=progress)
     return {**cell_result(cell, manifest, result, run, time.perf_counter() - t), "stages": "together"}
 
 
@@ -491,7 +492,9 @@ def _judge(settings: BenchSettings, out_dir, spec: Optional[str] = None):
         model = model or None
     if name == "rubric" and out_dir is not None:
         return make_judge("rubric", model=model, cache_path=Path(out_dir) / "judge_cache.jsonl", progress=False)
-    return make_judge(name, model=model)
+    judge = make_judge(name, model=model)
+    judge.progress = False  # the grid's own bar is the progress; a bar per cell would bury it
+    return judge
 
 
 def _cell_run_dir(cell: Cell, out_dir, fingerprint: Optional[str]) -> str:
@@ -965,7 +968,11 @@ def plot_summary(summary: dict, out_dir) -> list[Path]:
     ax.set_xlabel("harmful ratio p_h")
     ax.set_ylabel("ASR (%)")
     ax.set_title("ASR against harmful ratio")
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    else:  # every cell's answers empty or degenerate: no ASR to draw
+        ax.text(0.5, 0.5, "no ASR: every answer empty or degenerate", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9)
     ax.grid(alpha=0.3)
     write_figure_atomic(fig, out / "asr_vs_ratio.png")
     paths.append(out / "asr_vs_ratio.png")

@@ -103,7 +103,7 @@ def generation_key(model_id: str | None, max_new_tokens: int, do_sample: bool, e
 
 def _generate_part(model, tokenizer, ids: list[list[int]], truncated: list[int], *, max_new_tokens: int,
                    batch_size: int, do_sample: bool, long_prompts: str, cache: ReplyCache | None,
-                   model_id: str | None, what: str, backend=None) -> tuple[list[str], dict]:
+                   model_id: str | None, what: str, backend=None, progress: bool = True) -> tuple[list[str], dict]:
     """Responses to the prompts' ``ids`` (``fit_prompt_ids``) and the settings they were
     generated with. With ``cache`` (append-only, spard.eval.reply_cache) every response is stored
     the moment its batch is generated and reused when the same model, settings and prompt come
@@ -128,7 +128,8 @@ def _generate_part(model, tokenizer, ids: list[list[int]], truncated: list[int],
                          desc=f"{what} prompts", on_batch=keep)
     elif todo:
         generate_from_ids(model, tokenizer, [ids[i] for i in todo], max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, do_sample=do_sample, desc=f"{what} prompts", on_batch=keep)
+                          batch_size=batch_size, do_sample=do_sample, desc=f"{what} prompts", on_batch=keep,
+                          progress=progress)
     settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "batch_size": batch_size,
                 "long_prompts": long_prompts, "context_tokens": context_length(model),
                 "truncated_prompts": len(truncated), "reused": len(ids) - len(todo)}
@@ -180,7 +181,7 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
              task_max_new_tokens: int = 512, batch_size: int = 8, do_sample: bool = False,
              out_dir: str | Path | None = None, safety_responses: Sequence[str] | None = None,
              task_responses: Sequence[str] | None = None, extra_judges: Sequence[Judge] = (),
-             long_prompts: str = "truncate", backend=None) -> dict:
+             long_prompts: str = "truncate", backend=None, progress: bool = True) -> dict:
     """Generates (unless responses are given), judges and scores.
 
     Prompts beyond the model's context less the new tokens are left-truncated (their end kept)
@@ -202,7 +203,8 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
     ``backend`` (a ``spard.eval.serving.Served``) generates on an OpenAI-compatible server
     instead of ``model`` (which then only lends its config and generation config: the context
     and the stop ids); greedy only. The adapter check runs on the first safety prompts (else
-    the task's) before anything else is generated, and ``result["generation"]`` records it."""
+    the task's) before anything else is generated, and ``result["generation"]`` records it.
+    ``progress``: generation bars (a server backend keeps its own setting)."""
     if not safety_prompts and not task_rows:
         raise ValueError("nothing to evaluate: give safety_prompts and/or task_rows")
     if long_prompts not in LONG_PROMPTS:
@@ -250,7 +252,7 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
             safety_responses, parts["safety"] = _generate_part(
                 model, tokenizer, *fitted["safety"], max_new_tokens=max_new_tokens, batch_size=batch_size,
                 do_sample=do_sample, long_prompts=long_prompts, cache=cache, model_id=model_id, what="safety",
-                backend=backend)
+                backend=backend, progress=progress)
             if out is not None:  # saved before judging: a judge failure does not cost the generations
                 _write_record(out, "safety", parts["safety"])
                 save_generations(out / "safety_generations.jsonl", prompts, safety_responses)
@@ -289,7 +291,7 @@ def evaluate(model, tokenizer, *, safety_prompts: Sequence[str] | None = None, t
             task_responses, parts["task"] = _generate_part(
                 model, tokenizer, *fitted["task"], max_new_tokens=task_max_new_tokens, batch_size=batch_size,
                 do_sample=do_sample, long_prompts=long_prompts, cache=cache, model_id=model_id, what=task,
-                backend=backend)
+                backend=backend, progress=progress)
             if out is not None:
                 _write_record(out, "task", parts["task"])
         elif len(task_responses) != len(prompts):

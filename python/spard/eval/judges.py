@@ -53,6 +53,7 @@ class Verdict:
 class Judge:
     name = "judge"
     hs_kind: str | None = None  # "mean_score", "percent_flagged" or None (see safety_metrics)
+    progress = True  # a bar while judging, where a judge has one (a bench grid turns it off per cell)
 
     def check(self) -> None:
         """Raises when the judge cannot work; called before generation starts."""
@@ -204,7 +205,8 @@ class ModerationJudge(Judge):
         if getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = tok.pad_token_id  # classifiers pool at the last non-pad token
         probs: list[float] = []
-        for start in tqdm(range(0, len(texts), self.batch_size), desc="moderation", unit="batch"):
+        for start in tqdm(range(0, len(texts), self.batch_size), desc="moderation", unit="batch",
+                          disable=not self.progress):
             batch = tok(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
                         truncation=True, max_length=self.max_length).to(device)
             with torch.no_grad():

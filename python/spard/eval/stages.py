@@ -162,7 +162,7 @@ def _generate(job, data) -> None:
         result = evaluate(model, data.tokenizer, safety_prompts=data.eval_prompts, task_rows=data.task_test,
                           judge=RefusalJudge(), max_new_tokens=settings.max_new_tokens,
                           task_max_new_tokens=settings.task_max_new_tokens, batch_size=settings.eval_batch_size,
-                          backend=backend, out_dir=answers_dir(cell, job["out_dir"]))
+                          backend=backend, out_dir=answers_dir(cell, job["out_dir"]), progress=False)
     from spard.io import write_json_atomic
     write_json_atomic(folder / "generated.json", result["generation"])
 

@@ -380,7 +380,7 @@ def adaptive_table(report: dict) -> str:
     lines += ["", f"Worst case, confirmed: the worst feasible trial's attack rerun over {report.get('confirm_seeds', 3)} "
               f"new seeds on the test split, mean [95% t-interval]; single-trial max: {searched}; bounded worst: "
               f"the worst trial keeping >= {report.get('keep_pct', 90):g}% of the defense's fixed-setting (test split) "
-              "accuracy; capability guard: defenses below {100 * report.get('capability_share', 0.8):.0f}% "
+              f"accuracy; capability guard: defenses below {100 * report.get('capability_share', 0.8):.0f}% "
               "of SFT's fixed-setting accuracy are not attacked."]
     lines += [f"- {n}" for n in notes]
     judged = {d: r["confirmed"]["judges"] for d, r in report["defenses"].items()

@@ -177,6 +177,7 @@ def test_a_search_on_the_validation_split_is_confirmed_on_the_test_split(tmp_pat
     assert "searched on the validation split, confirmed on the test split" in md and "{" not in md
     assert "defenses below 80% of SFT's fixed-setting accuracy" in md
     assert not (tmp_path / "adaptive.md").exists() and (tmp_path / "adaptive" / "spard-validation.db").is_file()
+    assert (tmp_path / "adaptive" / "confirm" / "spard-validation" / "seed2.json").is_file()
     # a search on the test split in the same folder is a study of its own: its trials run, its
     # reference is SFT on the test split, and the validation report stays as it was
     calls.clear()

@@ -207,20 +207,24 @@ PARAMS = ("lr", "epochs", "ratio", "attack_kind", "batch_size", "lora_r", "warmu
 
 
 def confirm(defense: str, trial: dict, data, settings, out_dir, *, seeds: Sequence[int], judge: Optional[str],
-            board: ClaimBoard, cell_runner: Optional[Callable] = None, poll_s: float = 5.0) -> dict:
-    """Reruns the worst trial's attack over ``seeds``; the mean ASR (and accuracy) with a 95%
-    t-interval over the seeds. Each seed's result is kept under ``adaptive/confirm/``."""
+            board: ClaimBoard, cell_runner: Optional[Callable] = None, poll_s: float = 5.0,
+            search_split: str = "test") -> dict:
+    """Reruns the worst trial's attack over ``seeds`` on ``data`` (the test split); the mean ASR
+    (and accuracy) with a 95% t-interval over the seeds. Each seed's result is kept under
+    ``adaptive/confirm/<defense>/`` (``<defense>-validation/`` for a search on the validation
+    split, so that the two searches of one grid keep their own)."""
     from .bench import Cell, run_cell
     from .stats import mean_interval
     params = {k: trial[k] for k in PARAMS}
     runner = cell_runner or run_cell
+    key = defense if search_split == "test" else f"{defense}-{search_split}"
     runs = []
     for s in seeds:
         def compute(s=s) -> dict:
             r = runner(Cell(trial["attack"], float(params["ratio"]), s, defense), data, attack_settings(settings, params))
             return {"asr": judge_asr(r, judge), "accuracy": r["accuracy"], "judges": _judges(r)}
-        runs.append(once(Path(out_dir) / "adaptive" / "confirm" / defense / f"seed{s}.json", board,
-                         f"confirm/{defense}/seed{s}", compute, match={"params": params, "seed": s, "judge": judge},
+        runs.append(once(Path(out_dir) / "adaptive" / "confirm" / key / f"seed{s}.json", board,
+                         f"confirm/{key}/seed{s}", compute, match={"params": params, "seed": s, "judge": judge},
                          poll_s=poll_s))
     judges = {}
     for r in runs:
@@ -300,7 +304,7 @@ def attack_search(data, settings, out_dir, *, defenses: Sequence[str], trials: i
         if agg["worst_case"] is not None:
             confirmed = confirm(d, agg["worst_case"], data, settings, out_dir,
                                 seeds=[seed + 1 + i for i in range(confirm_seeds)], judge=judge, board=board,
-                                cell_runner=cell_runner, poll_s=poll_s)
+                                cell_runner=cell_runner, poll_s=poll_s, search_split=search_split)
         results[d] = {**r, **agg, "guard": guard, "confirmed": confirmed, "skipped": False}
     report = {"search_split": search_split, "reference": ref, "max_acc_drop": max_acc_drop, "space": asdict(space),
               "trials": trials,

@@ -253,15 +253,18 @@ def test_spard_eval_on_real_formats(saved, shared_data, tmp_path, capsys):
     assert result["task"]["task"] == "gsm8k" and result["task"]["n"] == 3
     assert "| ASR (%) |" in (out / "eval.md").read_text()
     assert len(load_generations(out / "task_generations.jsonl")) == 3
+    assert "safety prompts" in capsys.readouterr().err  # bars by default
     # Judging again reuses the saved responses; no model needed.
     rc = spard_main(["eval", "--out", str(out), "--rejudge", "--safety-data",
                      str(shared_data / "beavertails_test.jsonl"), "--n-safety", "4"])
     assert rc == 0 and json.loads((out / "eval.json").read_text())["safety"]["asr"] == result["safety"]["asr"]
     obqa = tmp_path / "obqa"
+    capsys.readouterr()
     rc = spard_main(["eval", "--model", str(root / "base"), "--device", "cpu", "--out", str(obqa),
                      "--task-data", str(shared_data / "openbookqa_test.jsonl"), "--n-task", "2",
-                     "--task-max-new-tokens", "3"])
+                     "--task-max-new-tokens", "3", "--no-progress"])
     assert rc == 0 and json.loads((obqa / "eval.json").read_text())["task"]["task"] == "openbookqa"
+    assert "prompts" not in capsys.readouterr().err
 
 
 def test_spard_eval_fails_before_generating(saved, tmp_path, capsys, monkeypatch):
@@ -281,7 +284,7 @@ def test_spard_eval_fails_before_generating(saved, tmp_path, capsys, monkeypatch
     assert not (out / "safety_generations.jsonl").exists()
 
 
-def test_spard_eval_with_a_saved_moderation_model(tmp_path, tok):
+def test_spard_eval_with_a_saved_moderation_model(tmp_path, tok, capsys):
     from spard.eval import save_generations
 
     torch.manual_seed(0)
@@ -293,9 +296,10 @@ def test_spard_eval_with_a_saved_moderation_model(tmp_path, tok):
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     out = tmp_path / "out"
     save_generations(out / "safety_generations.jsonl", prompts, responses)
+    capsys.readouterr()
     rc = spard_main(["eval", "--rejudge", "--out", str(out), "--safety-data", str(data), "--device", "cpu",
-                     "--judge", "moderation", "--judge-model", str(tmp_path / "clf")])
-    assert rc == 0
+                     "--judge", "moderation", "--judge-model", str(tmp_path / "clf"), "--no-progress"])
+    assert rc == 0 and "moderation:" not in capsys.readouterr().err
     want = ModerationJudge(clf.eval(), tok, device="cpu").probabilities(prompts, responses)
     flagged = sum(p > 0.5 for p in want)
     s = json.loads((out / "eval.json").read_text())["safety"]

@@ -62,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--out", required=True, help="output folder: eval.json, eval.md, *_generations.jsonl")
     o.add_argument("--rejudge", action="store_true",
                    help="judge and score the responses saved in --out by an earlier run, without generating")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars (generation, judges)")
 
 
 def _limit(n: int, name: str) -> int | None:
@@ -140,7 +141,7 @@ def run(args) -> int:
         raise ValueError("--model: required (unless --rejudge)")
     _check_numbers(args)
     from spard.eval import serving
-    client = serving.client_from_args(args, batch_size=args.batch_size)
+    client = serving.client_from_args(args, batch_size=args.batch_size, progress=not args.no_progress)
     if client is not None:
         if args.do_sample:
             raise ValueError("--do-sample: the openai backend decodes greedily only (--gen-backend hf samples)")
@@ -171,6 +172,7 @@ def run(args) -> int:
         judge = _build_judge(args, out)
     for j in ([judge] if judge else []) + extra_judges:
         j.check()
+        j.progress = not args.no_progress
     model = tokenizer = served = None
     if not args.rejudge and client is not None:  # the weights stay on the server
         model, tokenizer = serving.load_for_serving(args.model, args.adapter)
@@ -184,7 +186,7 @@ def run(args) -> int:
         max_new_tokens=args.max_new_tokens, task_max_new_tokens=args.task_max_new_tokens,
         batch_size=args.batch_size, do_sample=args.do_sample, out_dir=out,
         safety_responses=safety_responses, task_responses=task_responses, extra_judges=extra_judges,
-        long_prompts=args.long_prompts, backend=served,
+        long_prompts=args.long_prompts, backend=served, progress=not args.no_progress,
     )
     failed = (result.get("safety") or {}).get("failed_calls", 0)
     if failed:

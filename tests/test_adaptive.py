@@ -169,21 +169,23 @@ def test_a_search_on_the_validation_split_is_confirmed_on_the_test_split(tmp_pat
                                     cell_runner=runner, startup_trials=2, confirm_seeds=2,
                                     search_split="validation")
     assert calls[0] == ("sft", "val prompt", "val problem", 0)  # the accuracy limit is measured on validation
-    search, confirmation = calls[1:5], calls[5:]
+    assert calls[1] == ("sft", "test prompt", "test problem", 0)  # and on test, for the confirmation's
+    search, confirmation = calls[2:6], calls[6:]
     assert {c[1:] for c in search} == {("val prompt", "val problem", 0)}  # the search never sees the test split
     assert confirmation == [("spard", "test prompt", "test problem", 1), ("spard", "test prompt", "test problem", 2)]
     assert report["search_split"] == "validation" and report["defenses"]["spard"]["split"] == "validation"
+    assert report["defenses"]["spard"]["confirmed"]["within_limit"] is True
     md = (tmp_path / "adaptive_validation.md").read_text()
     assert "searched on the validation split, confirmed on the test split" in md and "{" not in md
     assert "defenses below 80% of SFT's fixed-setting accuracy" in md
     assert not (tmp_path / "adaptive.md").exists() and (tmp_path / "adaptive" / "spard-validation.db").is_file()
     assert (tmp_path / "adaptive" / "confirm" / "spard-validation" / "seed2.json").is_file()
     # a search on the test split in the same folder is a study of its own: its trials run, its
-    # reference is SFT on the test split, and the validation report stays as it was
+    # reference (SFT on the test split) is the one already made, and the validation report stays
     calls.clear()
     report = adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=4, space=small_space(),
                                     cell_runner=runner, startup_trials=2, confirm_seeds=2)
-    assert calls[0] == ("sft", "test prompt", "test problem", 0) and len([c for c in calls if c[3] == 0]) == 5
+    assert [c for c in calls if c[3] == 0] == [("spard", "test prompt", "test problem", 0)] * 4
     assert report["search_split"] == "test" and (tmp_path / "adaptive.md").read_text() != md
     assert (tmp_path / "adaptive_validation.md").read_text() == md
     with pytest.raises(ValueError, match="--attack-split: expected one of test, validation, got 'val'"):
@@ -210,3 +212,21 @@ def test_cli_refuses_a_validation_search_without_a_validation_split_before_the_g
     err = capsys.readouterr().err
     assert code == 2 and ran == [] and err.count("\n") == 1
     assert err.startswith("spard bench: error: --attack-split validation: validation split: the bench has none"), err
+
+
+def test_a_confirmed_worst_case_below_the_accuracy_limit_is_marked(tmp_path):
+    pytest.importorskip("optuna", reason="optional dependency of the adaptive attacker")
+    data = BenchData(model=None, tokenizer=None, task=[], task_test=[], eval_prompts=[], safety_pool=[],
+                     attacks={"w": [{"prompt": "p", "unsafe": "u"}]})
+    settings = BenchSettings(defenses=["sft", "spard"], ratios=[0.1])
+
+    def runner(cell, data, settings):  # the search's seed keeps accuracy; new seeds lose it
+        acc = 0.4 if cell.defense == "sft" or cell.seed == 0 else 0.3
+        return {"asr": 0.5, "accuracy": acc}
+
+    report = adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=2, space=small_space(),
+                                    cell_runner=runner, startup_trials=2, confirm_seeds=2)
+    c = report["defenses"]["spard"]["confirmed"]
+    assert c["accuracy_limit"] == pytest.approx(0.35) and c["within_limit"] is False
+    md = (tmp_path / "adaptive.md").read_text()
+    assert "30.0 [30.0, 30.0] ‡" in md and "spard: ‡ the confirmed attack's mean accuracy 30.0% is below" in md

@@ -279,6 +279,11 @@ def attack_search(data, settings, out_dir, *, defenses: Sequence[str], trials: i
                         poll_s=poll_s)
     if ref["accuracy"] is None:
         raise ValueError("adaptive: SFT's reference accuracy is missing (no task answers scored)")
+    # The confirmation runs on the test split: its accuracy is held to SFT's there (the same cell
+    # as a test-split search's reference, so the two searches share it).
+    test_ref = ref if search_split == "test" else sft_reference(
+        data, settings, out_dir, seed=seed, cell_runner=cell_runner, judge=judge, board=board, poll_s=poll_s)
+    test_limit = None if test_ref["accuracy"] is None else test_ref["accuracy"] - max_acc_drop
     # The guard compares grid (test split) accuracies; the search's reference stands in without SFT in the grid.
     sft_acc = fixed.get("sft", {}).get("accuracy", ref["accuracy"])
     results, guards = {}, {}
@@ -305,9 +310,13 @@ def attack_search(data, settings, out_dir, *, defenses: Sequence[str], trials: i
             confirmed = confirm(d, agg["worst_case"], data, settings, out_dir,
                                 seeds=[seed + 1 + i for i in range(confirm_seeds)], judge=judge, board=board,
                                 cell_runner=cell_runner, poll_s=poll_s, search_split=search_split)
+            acc = confirmed["accuracy"]["mean"]
+            # Found under the utility limit on the search's seed; over new seeds it may fall below it.
+            confirmed["accuracy_limit"] = test_limit
+            confirmed["within_limit"] = None if acc is None or test_limit is None else acc >= test_limit - 1e-12
         results[d] = {**r, **agg, "guard": guard, "confirmed": confirmed, "skipped": False}
-    report = {"search_split": search_split, "reference": ref, "max_acc_drop": max_acc_drop, "space": asdict(space),
-              "trials": trials,
+    report = {"search_split": search_split, "reference": ref, "test_reference": test_ref, "max_acc_drop": max_acc_drop,
+              "space": asdict(space), "trials": trials,
               "startup_trials": startup_trials, "judge": judge, "keep_pct": keep_pct, "top_n": top_n,
               "capability_share": capability_share, "confirm_seeds": confirm_seeds, "defenses": results,
               "fixed": fixed, "tuned": tuned or {}}
@@ -375,8 +384,14 @@ def adaptive_table(report: dict) -> str:
         b = r.get("bounded_worst_case")
         attack = (f"{w['attack']} p={w['ratio']:g} lr={w['lr']:.2g} ep={w['epochs']:.1f} bs={w['batch_size']} "
                   f"r={w['lora_r']} wu={w['warmup_steps']} {w['layout']}")
+        below = ""
+        if c and c.get("within_limit") is False:
+            below = " ‡"
+            notes.append(f"{d}: ‡ the confirmed attack's mean accuracy {_pct(c['accuracy']['mean'])}% is below the "
+                         f"accuracy limit on the test split ({_pct(c['accuracy_limit'])}%): over new seeds it no "
+                         "longer keeps the utility it was found under")
         lines.append(f"{head} {format_interval(c['asr']) if c else '-'} | "
-                     f"{format_interval(c['accuracy']) if c else '-'} | {_pct(w['asr'])} | "
+                     f"{format_interval(c['accuracy']) if c else '-'}{below} | {_pct(w['asr'])} | "
                      f"{_pct(b['asr']) if b else '-'} | {_pct(r.get('top_n_mean'))} | {attack} | "
                      f"{r['feasible']} / {r['completed']} |")
     searched = ("the search's own highest feasible ASR (biased upward)" if split == "test" else
@@ -422,7 +437,8 @@ def plot_adaptive(report: dict, path) -> None:
             if f.get("asr") is not None and f.get("accuracy") is not None:
                 ax.annotate("", xy=(x, y), xytext=(100 * f["accuracy"], 100 * f["asr"]),
                             arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.5})
-            ax.annotate(d, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            below = " ‡ (accuracy below the limit)" if c.get("within_limit") is False else ""
+            ax.annotate(d + below, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
         elif f.get("accuracy") is not None:  # no confirmed worst case: say why, as the table does
             why = "not attacked" if r.get("skipped") else "no feasible attack"
             ax.annotate(f"{d} ({why})", (100 * f["accuracy"], 100 * (f.get("asr") or 0)), fontsize=7,

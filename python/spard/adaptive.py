@@ -43,6 +43,12 @@ DEFAULT_TRIALS = 40
 SPLITS = ("test", "validation")
 
 
+def _split_key(defense: str, split: str) -> str:
+    """A defense's study, claims and confirmations: ``<defense>`` for the test split (as before
+    the split was an option), ``<defense>-validation`` for the other."""
+    return defense if split == "test" else f"{defense}-{split}"
+
+
 def _ints(values, least: int) -> bool:
     return bool(values) and all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values)
 
@@ -145,7 +151,7 @@ def search_defense(defense: str, data, settings, out_dir, *, trials: int, max_ac
     require_optuna()
     root = Path(out_dir) / "adaptive"
     board = board or ClaimBoard(root / "claims")
-    key = defense if split == "test" else f"{defense}-{split}"
+    key = _split_key(defense, split)
     study = open_study(f"attack-{key}", storage_for(storage, root, key), direction="maximize", seed=seed,
                        startup_trials=min(startup_trials, trials))
     runner = cell_runner or run_cell
@@ -217,7 +223,7 @@ def confirm(defense: str, trial: dict, data, settings, out_dir, *, seeds: Sequen
     from .stats import mean_interval
     params = {k: trial[k] for k in PARAMS}
     runner = cell_runner or run_cell
-    key = defense if search_split == "test" else f"{defense}-{search_split}"
+    key = _split_key(defense, search_split)
     runs = []
     for s in seeds:
         def compute(s=s) -> dict:
@@ -261,8 +267,9 @@ def attack_search(data, settings, out_dir, *, defenses: Sequence[str], trials: i
                   worker: Optional[str] = None, claim_timeout_s: float = 600.0, progress: bool = False,
                   poll_s: float = 5.0, search_split: str = "test") -> dict:
     """The search for every defense; writes ``adaptive.json``, ``adaptive.md`` and
-    ``adaptive.png`` (``adaptive_validation.*`` for a search on the validation split). ``fixed``: per defense the grid's fixed-setting results, {"asr",
-    "accuracy", "judges": {name: asr}} (or a bare ASR number); ``tuned``: the tuned settings
+    ``adaptive.png`` (``adaptive_validation.*`` for a search on the validation split).
+    ``fixed``: per defense the grid's fixed-setting results, {"asr", "accuracy", "judges":
+    {name: asr}} (or a bare ASR number); ``tuned``: the tuned settings
     shown in the table; ``search_split``: where the attacker searches ("test" or "validation";
     the confirmation is always on the test split)."""
     check_options(trials=trials, max_acc_drop=max_acc_drop, keep_pct=keep_pct, top_n=top_n,

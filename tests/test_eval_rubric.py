@@ -387,7 +387,7 @@ def test_ctrl_c_cancels_queued_requests_and_keeps_every_answered_reply(server, t
     import signal
 
     cache = tmp_path / "cache.jsonl"
-    server.delay = 0.15
+    server.delay = 0.4  # slow enough that a loaded machine still signals before 12 requests
     responses = [f"c{i} [score=1]" for i in range(40)]
     proc = _spawn(server, cache, responses, concurrency=2)
     _until(lambda: sum(server.answered.values()) >= 4)
@@ -442,7 +442,7 @@ def test_sigterm_stops_spard_eval_like_ctrl_c(server, tmp_path):
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     out = tmp_path / "out"
     save_generations(out / "safety_generations.jsonl", prompts, [f"t{i} [score=2]" for i in range(40)])
-    server.delay = 0.15
+    server.delay = 0.4  # slow enough that a loaded machine still signals before 12 requests
     env = {**os.environ, "PYTHONPATH": f"{root / 'python'}:{root}"}
     proc = subprocess.Popen([sys.executable, "-m", "spard", "eval", "--rejudge", "--out", str(out), "--safety-data",
                              str(data), "--judge", "rubric", "--judge-model", "judge-model", "--judge-base-url",

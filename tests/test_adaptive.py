@@ -230,3 +230,26 @@ def test_a_confirmed_worst_case_below_the_accuracy_limit_is_marked(tmp_path):
     assert c["accuracy_limit"] == pytest.approx(0.35) and c["within_limit"] is False
     md = (tmp_path / "adaptive.md").read_text()
     assert "30.0 [30.0, 30.0] ‡" in md and "spard: ‡ the confirmed attack's mean accuracy 30.0% is below" in md
+
+
+def test_a_rerun_after_the_settings_changed_never_counts_the_old_trials(tmp_path):
+    pytest.importorskip("optuna", reason="optional dependency of the adaptive attacker")
+    data = BenchData(model=None, tokenizer=None, task=[], task_test=[], eval_prompts=[], safety_pool=[],
+                     attacks={"w": [{"prompt": "p", "unsafe": "u"}]})
+    settings = BenchSettings(defenses=["sft", "spard"], ratios=[0.1])
+    settings.optim.lr = settings_lr
+    calls = []
+    run = lambda: adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=3, space=small_space(),
+                                         cell_runner=fake_runner(calls), startup_trials=3, confirm_seeds=1)
+    run()
+    calls.clear()
+    run()
+    assert calls == []  # the same settings: resumed, nothing new
+    settings.defense_settings = {"spard": {"p": 0.1}}  # the defense tuned, say: its old trials are stale
+    report = run()
+    assert [c[0] for c in calls] == ["spard"] * 4  # 3 new trials and a confirmation; SFT's reference kept
+    assert report["defenses"]["spard"]["completed"] == 3
+    calls.clear()
+    settings.max_length = 256  # a bench setting every cell uses: SFT's reference is stale too
+    run()
+    assert [c[0] for c in calls] == ["sft"] + ["spard"] * 4

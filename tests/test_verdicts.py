@@ -357,3 +357,22 @@ def test_search_options_without_adaptive_warn_that_they_have_no_effect(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "warning: --search-ratios, --search-ranks, --attack-split: the attacker's search " \
         "options have no effect without --adaptive" in err
+
+
+def test_tuning_after_the_defense_settings_changed_runs_a_study_of_its_own(tmp_path):
+    calls = []
+
+    def runner(cell, data, settings):
+        calls.append(cell.defense)
+        return {"asr": 0.5, "accuracy": 0.4}
+
+    settings = BenchSettings(defenses=["sft", "safeinstr"], ratios=[0.1])
+    tune = lambda: tuning.tune_defenses(_data(), settings, tmp_path, defenses=["safeinstr"], trials=3,
+                                        startup_trials=3, cell_runner=runner, progress=False)
+    tune()
+    calls.clear()
+    tune()
+    assert calls == []  # resumed
+    settings.defense_settings = {"safeinstr": {"share": 0.05}}  # another start: the old trials are stale
+    tune()
+    assert calls == ["safeinstr"] * 3  # SFT's validation reference does not depend on it

@@ -36,7 +36,7 @@ from typing import Callable, Optional, Sequence
 from . import worstcase
 from .training.claims import ClaimBoard
 from .io import write_json_atomic, write_text_atomic
-from .studies import once, open_study, require_optuna, run_slots, storage_for, trial_rows
+from .studies import once, open_study, require_optuna, run_slots, storage_for, study_name, trial_rows
 from .tuning import fixed_attack, format_settings, judge_asr
 
 DEFAULT_TRIALS = 40
@@ -92,10 +92,11 @@ def sft_reference(data, settings, out_dir, *, seed: int = 0, cell_runner: Option
                   judge: Optional[str] = None, board: Optional[ClaimBoard] = None, poll_s: float = 5.0) -> dict:
     """SFT's accuracy and ASR under the grid's fixed settings (the first attack label at the
     first ratio), computed once and kept in ``adaptive/sft_reference.json``."""
-    from .bench import Cell, run_cell
+    from .bench import Cell, cell_fingerprint, run_cell
     root = Path(out_dir) / "adaptive"
     label, ratio, _ = fixed_attack(data, settings)
     cell = Cell(label, ratio, seed, "sft")
+    made_under = cell_fingerprint(cell, settings, getattr(data, "description", {}))  # stale after a change
     split = (getattr(data, "description", None) or {}).get("split", "test")
 
     def compute() -> dict:
@@ -105,8 +106,8 @@ def sft_reference(data, settings, out_dir, *, seed: int = 0, cell_runner: Option
     board = board or ClaimBoard(root / "claims")
     name = "sft_reference" if split == "test" else f"sft_reference_{split}"
     return once(root / f"{name}.json", board, name, compute,
-                match={"cell": asdict(cell), "judge": judge, **({"split": split} if split != "test" else {})},
-                poll_s=poll_s)
+                match={"cell": asdict(cell), "judge": judge, "fingerprint": made_under,
+                       **({"split": split} if split != "test" else {})}, poll_s=poll_s)
 
 
 def fixed_trial(settings, space: SearchSpace) -> Optional[dict]:
@@ -147,15 +148,23 @@ def search_defense(defense: str, data, settings, out_dir, *, trials: int, max_ac
     (resuming its storage) and returns every trial; ``wait``: also wait for the trials other
     workers are running. ``split`` names the split ``data`` evaluates on: a search on the
     validation split is a study of its own (``attack-<defense>-validation``)."""
-    from .bench import Cell, run_cell
+    from .bench import Cell, cell_fingerprint, run_cell
     require_optuna()
     root = Path(out_dir) / "adaptive"
     board = board or ClaimBoard(root / "claims")
     key = _split_key(defense, split)
-    study = open_study(f"attack-{key}", storage_for(storage, root, key), direction="maximize", seed=seed,
-                       startup_trials=min(startup_trials, trials))
-    runner = cell_runner or run_cell
     limit = reference_accuracy - max_acc_drop
+    fixed = fixed_trial(settings, space)
+    # What every trial depends on besides its own parameters: the bench's other settings (the
+    # searched ones neutralised), the defense's settings, the data, the space, the judge and the
+    # accuracy limit. A change starts another study in the same storage.
+    neutral = attack_settings(settings, dict.fromkeys(("lr", "epochs", "batch_size", "warmup_steps", "lora_r"), 0)
+                              | {"layout": "chat"})
+    depends_on = {"bench": cell_fingerprint(Cell("*", 0.0, seed, defense), neutral, getattr(data, "description", {})),
+                  "space": asdict(space), "fixed": fixed, "judge": judge, "limit": round(limit, 9)}
+    study = open_study(study_name("attack", key, depends_on), storage_for(storage, root, key), direction="maximize",
+                       seed=seed, startup_trials=min(startup_trials, trials))
+    runner = cell_runner or run_cell
 
     def objective(trial):
         params = {"lr": trial.suggest_float("lr", space.lr[0], space.lr[1], log=True),
@@ -181,8 +190,7 @@ def search_defense(defense: str, data, settings, out_dir, *, trials: int, max_ac
             trial.set_user_attr(k, v)
         return (asr if asr is not None else 0.0) - (0.0 if feasible else 1.0)
 
-    fixed = fixed_trial(settings, space)
-    status = run_slots(study, trials, objective, board=board, key=key, enqueue=[fixed] if fixed else [],
+    status = run_slots(study, trials, objective, board=board, key=study.study_name, enqueue=[fixed] if fixed else [],
                        progress=progress, desc=f"attack {defense}" + ("" if split == "test" else f" ({split})"),
                        poll_s=poll_s, wait=wait)
     rows = trial_rows(study, trials)
@@ -219,19 +227,22 @@ def confirm(defense: str, trial: dict, data, settings, out_dir, *, seeds: Sequen
     (and accuracy) with a 95% t-interval over the seeds. Each seed's result is kept under
     ``adaptive/confirm/<defense>/`` (``<defense>-validation/`` for a search on the validation
     split, so that the two searches of one grid keep their own)."""
-    from .bench import Cell, run_cell
+    from .bench import Cell, cell_fingerprint, run_cell
     from .stats import mean_interval
     params = {k: trial[k] for k in PARAMS}
     runner = cell_runner or run_cell
     key = _split_key(defense, search_split)
     runs = []
     for s in seeds:
-        def compute(s=s) -> dict:
-            r = runner(Cell(trial["attack"], float(params["ratio"]), s, defense), data, attack_settings(settings, params))
+        cell, cell_settings = Cell(trial["attack"], float(params["ratio"]), s, defense), attack_settings(settings, params)
+
+        def compute(cell=cell, cell_settings=cell_settings) -> dict:
+            r = runner(cell, data, cell_settings)
             return {"asr": judge_asr(r, judge), "accuracy": r["accuracy"], "judges": _judges(r)}
+        made_under = cell_fingerprint(cell, cell_settings, getattr(data, "description", {}))
         runs.append(once(Path(out_dir) / "adaptive" / "confirm" / key / f"seed{s}.json", board,
-                         f"confirm/{key}/seed{s}", compute, match={"params": params, "seed": s, "judge": judge},
-                         poll_s=poll_s))
+                         f"confirm/{key}/seed{s}", compute,
+                         match={"params": params, "seed": s, "judge": judge, "fingerprint": made_under}, poll_s=poll_s))
     judges = {}
     for r in runs:
         for n, v in (r.get("judges") or {}).items():

@@ -108,6 +108,17 @@ class _file_lock:
             os.close(self.fd)  # closing releases the lock
 
 
+def study_name(prefix: str, key: str, depends_on: dict) -> str:
+    """``<prefix>-<key>-<hash>``: a study per state of what its trials depend on (the bench's
+    settings and data, the space, the judge, the accuracy limit), so a rerun after a change
+    starts a study of its own instead of counting trials made under other settings (as a
+    stale grid cell runs again). The budget is not part of it: a larger one resumes."""
+    import hashlib
+    import json
+    digest = hashlib.sha256(json.dumps(depends_on, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{prefix}-{key}-{digest}"
+
+
 def finished(study) -> list:
     """The study's completed trials, one per slot (the first completed one)."""
     optuna = require_optuna()
@@ -233,4 +244,4 @@ def once(path: Path, board: ClaimBoard, key: str, compute: Callable[[], dict], *
 
 
 __all__ = ["done_slots", "finished", "once", "open_study", "require_optuna", "run_slots", "storage_for",
-           "trial_rows"]
+           "study_name", "trial_rows"]

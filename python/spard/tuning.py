@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 from . import space as sp
 from .training.claims import ClaimBoard
 from .io import write_json_atomic, write_text_atomic
-from .studies import once, open_study, require_optuna, run_slots, storage_for, trial_rows
+from .studies import once, open_study, require_optuna, run_slots, storage_for, study_name, trial_rows
 
 
 def defense_space(name: str) -> dict:
@@ -68,7 +68,7 @@ def tune_defenses(data, settings, out_dir, *, defenses: Sequence[str], trials: i
                   cell_runner: Optional[Callable] = None, progress: bool = True, poll_s: float = 5.0) -> dict:
     """Tunes every defense of ``defenses`` that has a search space; returns {defense: the
     chosen settings} and writes ``tuned/<defense>.json``, ``tuning.json`` and ``tuning.md``."""
-    from .bench import Cell, run_cell
+    from .bench import Cell, cell_fingerprint, run_cell
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"--tune-defenses: expected a number of trials >= 1, got {trials!r}")
     if not (isinstance(max_acc_drop, (int, float)) and 0 <= max_acc_drop <= 1):
@@ -86,18 +86,28 @@ def tune_defenses(data, settings, out_dir, *, defenses: Sequence[str], trials: i
         return {"asr": judge_asr(r, judge), "accuracy": r.get("accuracy")}
 
     # SFT under the fixed attack on validation: the accuracy every tuned defense must keep.
+    made_under = cell_fingerprint(Cell(label, ratio, cell_seed, "sft"), settings, val.description)
     ref = once(root / "sft_reference.json", board, "sft_reference", lambda: measure("sft", settings),
-               match={"attack": label, "ratio": ratio, "seed": cell_seed, "judge": judge}, poll_s=poll_s)
+               match={"attack": label, "ratio": ratio, "seed": cell_seed, "judge": judge, "fingerprint": made_under},
+               poll_s=poll_s)
     if ref["accuracy"] is None:
         raise ValueError("--tune-defenses: SFT's validation accuracy is missing (no task answers scored)")
     limit = ref["accuracy"] - max_acc_drop
     chosen, report = {}, {}
     for d in defenses:
         sp.check_space(defense_space(d), f"{d} search space")
+
+    def study_of(d: str):
+        # What every trial depends on besides its own values: the bench's settings and this
+        # defense's (the start), the validation data, the space, the judge and the limit.
+        depends_on = {"bench": cell_fingerprint(Cell(label, ratio, cell_seed, d), settings, val.description),
+                      "space": sp.describe(defense_space(d)), "judge": judge, "limit": round(limit, 9)}
+        return open_study(study_name("tune", d, depends_on), storage_for(storage, root, d), direction="minimize",
+                          seed=seed, startup_trials=min(startup_trials, trials))
     for wait in (False, True):  # first every study's free slots, then wait for the ones others hold
         for d in defenses:
             if defense_space(d):
-                _tune_one(d, settings, root, trials, startup_trials, storage, seed, limit, measure,
+                _tune_one(d, study_of(d), settings, trials, limit, measure,
                           cell_seed, board, progress, poll_s, wait)
     for d in defenses:
         space = defense_space(d)
@@ -106,8 +116,7 @@ def tune_defenses(data, settings, out_dir, *, defenses: Sequence[str], trials: i
             write_json_atomic(out / "tuned" / f"{d}.json", entry)
             chosen[d], report[d] = {}, entry
             continue
-        study = open_study(f"tune-{d}", storage_for(storage, root, d), direction="minimize", seed=seed,
-                           startup_trials=min(startup_trials, trials))
+        study = study_of(d)
         rows = trial_rows(study, trials)
         ok = [r for r in rows if r.get("feasible")]
         best = min(ok, key=lambda r: (r["asr"], -r["accuracy"], r["number"])) if ok else None
@@ -129,13 +138,10 @@ def tune_defenses(data, settings, out_dir, *, defenses: Sequence[str], trials: i
     return chosen
 
 
-def _tune_one(d, settings, root, trials, startup_trials, storage, seed, limit, measure, cell_seed, board, progress,
-             poll_s, wait) -> dict:
+def _tune_one(d, study, settings, trials, limit, measure, cell_seed, board, progress, poll_s, wait) -> dict:
     """This worker's share of defense ``d``'s tuning study."""
     space = defense_space(d)
     base = base_settings(d, settings)
-    study = open_study(f"tune-{d}", storage_for(storage, root, d), direction="minimize", seed=seed,
-                       startup_trials=min(startup_trials, trials))
 
     def objective(trial, d=d, space=space, base=base):
         values = {name: sp.suggest(trial, name, p, base.get(name)) for name, p in space.items()}
@@ -152,7 +158,7 @@ def _tune_one(d, settings, root, trials, startup_trials, storage, seed, limit, m
              for n, p in space.items()}
     in_space = all(p.low <= 1.0 <= p.high if isinstance(p, sp.Scale) else sp.contains(p, base.get(n))
                    for n, p in space.items())
-    return run_slots(study, trials, objective, board=board, key=d, enqueue=[start] if in_space else [],
+    return run_slots(study, trials, objective, board=board, key=study.study_name, enqueue=[start] if in_space else [],
                      progress=progress, desc=f"tune {d}", poll_s=poll_s, wait=wait)
 
 

@@ -38,6 +38,15 @@ def fake_runner(calls):
 settings_lr = 5e-3
 
 
+def bare_bench():
+    """A bench without a model (the cell runners are fakes) and its settings at the fixed lr."""
+    data = BenchData(model=None, tokenizer=None, task=[], task_test=[], eval_prompts=[], safety_pool=[],
+                     attacks={"w": [{"prompt": "p", "unsafe": "u"}]})
+    settings = BenchSettings(defenses=["sft", "spard"], ratios=[0.1])
+    settings.optim.lr = settings_lr
+    return data, settings
+
+
 def small_space(**kw):
     return adaptive.SearchSpace(lr=(1e-3, 3e-2), epochs=(1.0, 2.0), ratios=[0.1, 0.2], batch_sizes=[8],
                                 lora_ranks=[32], warmup_steps=[100], layouts=["chat", "none"], **kw)
@@ -45,10 +54,7 @@ def small_space(**kw):
 
 def test_search_keeps_the_utility_limit_and_resumes(tmp_path):
     pytest.importorskip("optuna", reason="optional dependency of the adaptive attacker")
-    data = BenchData(model=None, tokenizer=None, task=[], task_test=[], eval_prompts=[], safety_pool=[],
-                     attacks={"w": [{"prompt": "p", "unsafe": "u"}]})
-    settings = BenchSettings(defenses=["sft", "spard"], ratios=[0.1])
-    settings.optim.lr = settings_lr
+    data, settings = bare_bench()
     calls = []
     space = small_space()
     report = adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=6, max_acc_drop=0.05,
@@ -216,9 +222,7 @@ def test_cli_refuses_a_validation_search_without_a_validation_split_before_the_g
 
 def test_a_confirmed_worst_case_below_the_accuracy_limit_is_marked(tmp_path):
     pytest.importorskip("optuna", reason="optional dependency of the adaptive attacker")
-    data = BenchData(model=None, tokenizer=None, task=[], task_test=[], eval_prompts=[], safety_pool=[],
-                     attacks={"w": [{"prompt": "p", "unsafe": "u"}]})
-    settings = BenchSettings(defenses=["sft", "spard"], ratios=[0.1])
+    data, settings = bare_bench()
 
     def runner(cell, data, settings):  # the search's seed keeps accuracy; new seeds lose it
         acc = 0.4 if cell.defense == "sft" or cell.seed == 0 else 0.3
@@ -234,10 +238,7 @@ def test_a_confirmed_worst_case_below_the_accuracy_limit_is_marked(tmp_path):
 
 def test_a_rerun_after_the_settings_changed_never_counts_the_old_trials(tmp_path):
     pytest.importorskip("optuna", reason="optional dependency of the adaptive attacker")
-    data = BenchData(model=None, tokenizer=None, task=[], task_test=[], eval_prompts=[], safety_pool=[],
-                     attacks={"w": [{"prompt": "p", "unsafe": "u"}]})
-    settings = BenchSettings(defenses=["sft", "spard"], ratios=[0.1])
-    settings.optim.lr = settings_lr
+    data, settings = bare_bench()
     calls = []
     run = lambda: adaptive.attack_search(data, settings, tmp_path, defenses=["spard"], trials=3, space=small_space(),
                                          cell_runner=fake_runner(calls), startup_trials=3, confirm_seeds=1)

@@ -96,7 +96,8 @@ def sft_reference(data, settings, out_dir, *, seed: int = 0, cell_runner: Option
     root = Path(out_dir) / "adaptive"
     label, ratio, _ = fixed_attack(data, settings)
     cell = Cell(label, ratio, seed, "sft")
-    made_under = cell_fingerprint(cell, settings, getattr(data, "description", {}))  # stale after a change
+    # The fingerprint holds the data's description, so its split too: made again after a change.
+    made_under = cell_fingerprint(cell, settings, getattr(data, "description", {}))
     split = (getattr(data, "description", None) or {}).get("split", "test")
 
     def compute() -> dict:
@@ -106,8 +107,7 @@ def sft_reference(data, settings, out_dir, *, seed: int = 0, cell_runner: Option
     board = board or ClaimBoard(root / "claims")
     name = "sft_reference" if split == "test" else f"sft_reference_{split}"
     return once(root / f"{name}.json", board, name, compute,
-                match={"cell": asdict(cell), "judge": judge, "fingerprint": made_under,
-                       **({"split": split} if split != "test" else {})}, poll_s=poll_s)
+                match={"cell": asdict(cell), "judge": judge, "fingerprint": made_under}, poll_s=poll_s)
 
 
 def fixed_trial(settings, space: SearchSpace) -> Optional[dict]:
@@ -158,8 +158,7 @@ def search_defense(defense: str, data, settings, out_dir, *, trials: int, max_ac
     # What every trial depends on besides its own parameters: the bench's other settings (the
     # searched ones neutralised), the defense's settings, the data, the space, the judge and the
     # accuracy limit. A change starts another study in the same storage.
-    neutral = attack_settings(settings, dict.fromkeys(("lr", "epochs", "batch_size", "warmup_steps", "lora_r"), 0)
-                              | {"layout": "chat"})
+    neutral = attack_settings(settings, dict.fromkeys(PARAMS, 0) | {"layout": "chat"})
     depends_on = {"bench": cell_fingerprint(Cell("*", 0.0, seed, defense), neutral, getattr(data, "description", {})),
                   "space": asdict(space), "fixed": fixed, "judge": judge, "limit": round(limit, 9)}
     study = open_study(study_name("attack", key, depends_on), storage_for(storage, root, key), direction="maximize",

@@ -113,8 +113,9 @@ def _judge(settings: BenchSettings, out_dir, spec: Optional[str] = None):
         name, _, model = spec.partition("=")
         model = model or None
     if name == "rubric" and out_dir is not None:
-        return make_judge("rubric", model=model, cache_path=Path(out_dir) / "judge_cache.jsonl", progress=False)
-    judge = make_judge(name, model=model)
+        judge = make_judge("rubric", model=model, cache_path=Path(out_dir) / "judge_cache.jsonl")
+    else:
+        judge = make_judge(name, model=model)
     judge.progress = False  # the grid's own bar is the progress; a bar per cell would bury it
     return judge
 
